@@ -1,0 +1,1 @@
+"""Prefect flows (the DAGs) and the command line."""

@@ -1,0 +1,79 @@
+"""The ``multianimate`` command line: one verb per flow.
+
+Prefect is imported only inside the commands, after ``use_workspace`` has pointed its
+home at the workspace.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.runtime import use_workspace
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="MultiAnimate: raw videos -> training data -> model -> videos.")
+console = Console()
+
+WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="folder that holds every product")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="profile YAML (default: built-in defaults)")]
+
+
+def _print_summary(summary) -> None:
+    table = Table(title="ingest")
+    for column in ("files", "ok", "failed", "duplicates", "clips"):
+        table.add_column(column, justify="right")
+    table.add_row(*(str(v) for v in (summary.num_files, summary.num_ok, summary.num_failed, summary.num_duplicates, summary.num_clips)))
+    console.print(table)
+    console.print(f"videos manifest: {summary.videos_manifest}\nclips manifest:  {summary.clips_manifest}")
+
+
+@app.command()
+def ingest(
+    folder: Annotated[Path, typer.Argument(help="folder of raw videos, walked recursively")],
+    workspace: WorkspaceOpt = Path("workspace"),
+    config: ConfigOpt = None,
+    dask_address: Annotated[Optional[str], typer.Option(help="run tasks on a Dask cluster, e.g. tcp://127.0.0.1:8786")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="local worker threads (default: CPU count)")] = None,
+) -> None:
+    """Validate, deduplicate and cut a folder of raw videos into normalised clips."""
+    workspace = use_workspace(workspace)
+    from data_schemas import load_config
+    from flows.ingest import ingest as ingest_flow
+    from flows.runtime import make_task_runner
+
+    try:
+        cfg = load_config(config)
+        runner = make_task_runner(dask_address, workers)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if not folder.is_dir():
+        raise typer.BadParameter(f"{folder}: not a folder")
+    summary = ingest_flow.with_options(task_runner=runner)(folder, workspace, cfg.ingest)
+    _print_summary(summary)
+
+
+@app.command()
+def demo(
+    workspace: WorkspaceOpt = Path("workspace"),
+    num_videos: Annotated[int, typer.Option(help="synthetic sample videos to generate")] = 4,
+    seed: Annotated[int, typer.Option(help="seed of the sample videos")] = 0,
+) -> None:
+    """The whole pipeline on generated sample videos with tiny models on the CPU."""
+    workspace = use_workspace(workspace)
+    from flows.demo import demo as demo_flow
+
+    summary = demo_flow(workspace, num_videos=num_videos, seed=seed)
+    _print_summary(summary)
+    console.print(f"workspace: {workspace}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

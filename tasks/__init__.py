@@ -1,0 +1,1 @@
+"""Thin Prefect tasks over the library stages: retries, cache keys, tags, logs, artifacts."""

@@ -1,0 +1,63 @@
+"""Prefect tasks of the ingest stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.context import TaskRunContext
+from prefect.logging import get_run_logger
+
+import data_schemas.video
+from data_schemas.config import IngestConfig
+from data_schemas.video import VideoRecord
+from preprocess import media, video
+from preprocess.video import FoundFile, IngestResult
+from tasks.common import code_version, retry_transient
+
+INGEST_CODE = code_version(video, media, data_schemas.video)
+
+
+@task(name="hash-file", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_transient)
+def hash_file(path: Path) -> str:
+    """sha256 of a file's content. Never cached: the content is what we do not know yet."""
+    return video.sha256_file(path)
+
+
+def _ingest_cache_key(context: TaskRunContext, parameters: dict) -> str:
+    # Content, not path: a renamed file hits the cache, a file changed in place does not.
+    return f"ingest-{parameters['sha256']}-{parameters['config'].digest()}-{INGEST_CODE}"
+
+
+@task(
+    name="ingest-video",
+    task_run_name="ingest {path.name}",
+    tags=["ingest"],
+    cache_key_fn=_ingest_cache_key,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient,
+)
+def ingest_video(path: Path, sha256: str, config: IngestConfig, workspace: Path) -> IngestResult:
+    """Probe, validate and normalise one file into clips (see preprocess.video)."""
+    result = video.ingest_video(path, sha256, config, workspace)
+    logger = get_run_logger()
+    if result.status == "ok":
+        logger.info("%s: %d clip(s)", path, len(result.clips))
+    else:
+        logger.warning("%s rejected (%s)", result.error, result.reason.value if result.reason else "?")
+    return result
+
+
+def publish_summary(records: list[VideoRecord], num_clips: int) -> str:
+    """A table artifact of counts by status and reason; returns its markdown-free summary line."""
+    counts: dict[tuple[str, str], int] = {}
+    for record in records:
+        key = (record.status.value, record.reason.value if record.reason else "")
+        counts[key] = counts.get(key, 0) + 1
+    rows = [{"status": s, "reason": r, "files": n} for (s, r), n in sorted(counts.items())]
+    rows.append({"status": "clips", "reason": "", "files": num_clips})
+    create_table_artifact(key="ingest-summary", table=rows, description="Ingest: input files by status and reason")
+    return ", ".join(f"{n} {s}{' (' + r + ')' if r else ''}" for (s, r), n in sorted(counts.items()))
