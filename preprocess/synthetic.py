@@ -44,6 +44,8 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
+from data_schemas.atomic import atomic_path
+
 OPENPOSE_18: tuple[str, ...] = (
     "nose", "neck",
     "r_shoulder", "r_elbow", "r_wrist",
@@ -515,11 +517,6 @@ def render_clip(spec: SyntheticSpec) -> SyntheticClip:
 # ------------------------------------------------------------------------------- I/O
 
 
-def _temp_sibling(path: Path, suffix: str) -> Path:
-    """Hidden temp name in the target folder, so os.replace is an atomic rename."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
-
-
 def _ffmpeg_exe() -> str:
     exe = shutil.which("ffmpeg")
     if exe is None:
@@ -547,40 +544,35 @@ def write_video(frames: np.ndarray, path: Path, fps: float, crf: int = 12) -> Pa
         raise ValueError(f"crf must be in 0..51, got {crf}")
     ffmpeg = _ffmpeg_exe()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path, ".mp4")
     cmd = [
         ffmpeg, "-hide_banner", "-loglevel", "error", "-y",
         "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", repr(float(fps)),
         "-i", "pipe:0",
         "-an", "-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p",
-        "-movflags", "+faststart", "-f", "mp4", str(tmp),
+        "-movflags", "+faststart", "-f", "mp4",
     ]  # fmt: skip
-    try:
+    with atomic_path(path) as tmp, tempfile.TemporaryFile() as err:
         # stderr goes to a file: a full, unread stderr pipe could deadlock the writer.
-        with tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
-            assert proc.stdin is not None
+        proc = subprocess.Popen([*cmd, str(tmp)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+        assert proc.stdin is not None
+        try:
+            for frame in frames:
+                proc.stdin.write(np.ascontiguousarray(frame).tobytes())
+        except BrokenPipeError:
+            pass  # ffmpeg died early; its exit code and stderr say why
+        except BaseException:
+            proc.kill()  # e.g. KeyboardInterrupt: don't let ffmpeg finish a half clip
+            raise
+        finally:
             try:
-                for frame in frames:
-                    proc.stdin.write(np.ascontiguousarray(frame).tobytes())
+                proc.stdin.close()
             except BrokenPipeError:
-                pass  # ffmpeg died early; its exit code and stderr say why
-            except BaseException:
-                proc.kill()  # e.g. KeyboardInterrupt: don't let ffmpeg finish a half clip
-                raise
-            finally:
-                try:
-                    proc.stdin.close()
-                except BrokenPipeError:
-                    pass
-                rc = proc.wait()
-            if rc != 0:
-                err.seek(0)
-                tail = err.read()[-2000:].decode(errors="replace")
-                raise RuntimeError(f"ffmpeg failed (exit {rc}) writing {path}: {tail}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+                pass
+            rc = proc.wait()
+        if rc != 0:
+            err.seek(0)
+            tail = err.read()[-2000:].decode(errors="replace")
+            raise RuntimeError(f"ffmpeg failed (exit {rc}) writing {path}: {tail}")
     return path
 
 
@@ -591,10 +583,8 @@ def save_ground_truth(clip: SyntheticClip, path: Path) -> Path:
     them back with :func:`load_ground_truth`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path, ".npz")
     spec = clip.spec
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:  # a file object stops numpy from appending ".npz"
             np.savez_compressed(
                 fh,
@@ -609,9 +599,6 @@ def save_ground_truth(clip: SyntheticClip, path: Path) -> Path:
                 keypoint_names=np.array(OPENPOSE_18),
                 spec_json=np.array(spec.model_dump_json()),
             )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

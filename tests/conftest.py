@@ -1,0 +1,43 @@
+"""Shared fixtures: Prefect on a throw-away home, media files made with ffmpeg."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports prefect: a private home, no analytics, no server of the user's.
+_HOME = tempfile.mkdtemp(prefix="prefect-home-")
+os.environ["PREFECT_HOME"] = _HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A temporary Prefect API for the session; yields its URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+def ffmpeg(*args: str) -> None:
+    """Run ffmpeg quietly with an argument list; fail the test with its message."""
+    done = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *args], capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+
+
+def make_test_video(path: Path, *, size: str = "160x120", rate: int = 25, seconds: float = 2.0, faststart=True, extra=()):
+    """A busy test-pattern H.264 video."""
+    args = ["-f", "lavfi", "-i", f"testsrc2=size={size}:rate={rate}:duration={seconds}"]
+    args += ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", *extra]
+    if faststart:
+        args += ["-movflags", "+faststart"]
+    ffmpeg(*args, str(path))
+    return path
