@@ -457,12 +457,13 @@ def _keypoint_visibility(kp: np.ndarray, labels: np.ndarray, label: int) -> np.n
 
 def _scenes(spec: SyntheticSpec) -> list[_Scene]:
     bounds = [0, *spec.scene_cut_frames, spec.num_frames]
-    # Consecutive scenes differ in mean brightness by 35 levels so every cut is unambiguous.
-    level0 = float(np.random.default_rng([spec.seed, 2]).uniform(0, 1))
+    # Consecutive scenes alternate dark and bright backgrounds (90 levels apart), so every
+    # cut scores well above ffmpeg's usual scene thresholds, as real hard cuts do.
+    first_bright = int(np.random.default_rng([spec.seed, 2]).integers(0, 2))
     scenes = []
     for s, (start, stop) in enumerate(zip(bounds, bounds[1:])):
         rng = np.random.default_rng([spec.seed, 100 + s])  # independent stream per scene
-        texture = _background_texture(rng, spec.height, spec.width, 95 + 70 * ((level0 + 0.5 * s) % 1.0))
+        texture = _background_texture(rng, spec.height, spec.width, 75.0 + 90.0 * ((first_bright + s) % 2))
         amp = (float(rng.uniform(3, _BG_PAD - 1)), float(rng.uniform(2, _BG_PAD - 1)))
         scenes.append(
             _Scene(

@@ -95,6 +95,8 @@ def _check_file(path: Path) -> FoundFile:
         return FoundFile(path, None, FailureReason.not_a_video, f"{path}: a folder, not a video")
     if not stat.S_ISREG(st.st_mode):
         return FoundFile(path, None, FailureReason.not_a_video, f"{path}: not a regular file")
+    if st.st_size == 0:
+        return FoundFile(path, 0, FailureReason.not_a_video, f"{path}: empty file (0 bytes)")
     if not os.access(path, os.R_OK):
         return FoundFile(path, st.st_size, FailureReason.unreadable, f"{path}: permission denied")
     return FoundFile(path, st.st_size)

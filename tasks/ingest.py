@@ -47,7 +47,7 @@ def ingest_video(path: Path, sha256: str, config: IngestConfig, workspace: Path)
     if result.status == "ok":
         logger.info("%s: %d clip(s)", path, len(result.clips))
     else:
-        logger.warning("%s rejected (%s)", result.error, result.reason.value if result.reason else "?")
+        logger.warning("rejected (%s): %s", result.reason.value if result.reason else "?", result.error)
     return result
 
 
