@@ -40,6 +40,8 @@ def ingest(
     workers: Annotated[Optional[int], typer.Option(help="local worker threads (default: CPU count)")] = None,
 ) -> None:
     """Validate, deduplicate and cut a folder of raw videos into normalised clips."""
+    if not folder.is_dir():
+        raise typer.BadParameter(f"{folder}: not a folder", param_hint="FOLDER")
     workspace = use_workspace(workspace)
     from data_schemas import load_config
     from flows.ingest import ingest as ingest_flow
@@ -50,8 +52,6 @@ def ingest(
         runner = make_task_runner(dask_address, workers)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    if not folder.is_dir():
-        raise typer.BadParameter(f"{folder}: not a folder")
     summary = ingest_flow.with_options(task_runner=runner)(folder, workspace, cfg.ingest)
     _print_summary(summary)
 

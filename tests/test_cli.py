@@ -1,0 +1,83 @@
+"""The command line as users run it: separate processes, their own Prefect home."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data_schemas import ClipRecord, VideoRecord, read_records
+from preprocess import media
+from preprocess.synthetic import SyntheticSpec, make_synthetic_video
+from tests.test_ingest_flow import temp_files
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "flows.cli"]
+
+
+def cli_env() -> dict[str, str]:
+    """The user's environment: no test Prefect home or API, so the CLI uses the workspace's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PYTHONPATH"] = str(Path(__file__).parents[1])
+    env["COLUMNS"] = "400"  # rich wraps error boxes at the terminal width
+    return env
+
+
+def test_sigkill_mid_run_then_rerun_completes_cleanly(tmp_path):
+    folder, workspace = tmp_path / "in", tmp_path / "ws"
+    for i in range(6):
+        make_synthetic_video(SyntheticSpec(width=320, height=240, num_frames=100, num_persons=2, seed=i), folder, f"v{i}")
+    args = [*CLI, "ingest", str(folder), "--workspace", str(workspace), "--workers", "2"]
+    proc = subprocess.Popen(args, env=cli_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    clips_dir = workspace / "clips"
+    deadline = time.monotonic() + 120
+    while not (clips_dir.exists() and any(clips_dir.iterdir())):  # first staging dir or clip
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "ingest never started writing clips"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its ffmpeg children, mid-write
+    proc.wait()
+    assert not (workspace / "manifests" / "videos.parquet").exists(), "the run finished before the kill"
+
+    done = subprocess.run(args, env=cli_env(), capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert temp_files(workspace) == []
+    videos = read_records(workspace / "manifests/videos.parquet", VideoRecord)
+    clips = read_records(workspace / "manifests/clips.parquet", ClipRecord)
+    assert [v.status.value for v in videos] == ["ok"] * 6 and len(clips) == 6
+    for clip in clips:
+        assert media.count_and_check_frames(workspace / clip.path) == (clip.num_frames, clip.width, clip.height)
+        assert clip.num_frames == 100
+    assert sorted(p.name for p in clips_dir.iterdir()) == sorted(Path(c.path).name for c in clips)
+    for result in (workspace / ".prefect" / "results").iterdir():
+        json.loads(result.read_bytes())  # Prefect's own result files are whole too
+
+
+def test_demo_produces_the_documented_files(tmp_path):
+    workspace = tmp_path / "ws"
+    done = subprocess.run([*CLI, "demo", "--workspace", str(workspace)], env=cli_env(), capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    produced = {p.relative_to(workspace).as_posix() for p in workspace.rglob("*") if p.is_file() and ".prefect" not in p.parts}
+    clips = read_records(workspace / "manifests/clips.parquet", ClipRecord)
+    samples = {f"samples/raw/sample_{i:02d}.{ext}" for i in range(4) for ext in ("mp4", "gt.npz")}
+    expected = {"manifests/videos.parquet", "manifests/clips.parquet"} | samples | {c.path for c in clips}
+    assert produced == expected
+    # Sample 2 has a scene cut: four videos give five clips.
+    assert len(clips) == 5 and all(v.status == "ok" for v in read_records(workspace / "manifests/videos.parquet", VideoRecord))
+    for clip in clips:
+        assert media.count_and_check_frames(workspace / clip.path)[0] == clip.num_frames > 0
+    assert str(workspace) in done.stdout.decode()
+
+
+def test_bad_arguments_get_clear_errors(tmp_path):
+    done = subprocess.run([*CLI, "ingest", str(tmp_path / "nowhere"), "-w", str(tmp_path / "ws")], env=cli_env(), capture_output=True)
+    assert done.returncode != 0 and "nowhere" in done.stderr.decode() and "not a folder" in done.stderr.decode()
+    (tmp_path / "bad.yaml").write_text("ingest:\n  fps: -3\n")
+    done = subprocess.run([*CLI, "ingest", str(tmp_path), "-w", str(tmp_path / "ws"), "-c", str(tmp_path / "bad.yaml")], env=cli_env(), capture_output=True)
+    assert done.returncode != 0 and "fps" in done.stderr.decode()
