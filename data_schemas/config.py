@@ -44,6 +44,9 @@ class IngestConfig(_Config):
     max_file_bytes: int = Field(20 * 2**30, gt=0, description="larger files are rejected as too large")
     max_pixels: int = Field(4096 * 4096, gt=0, description="frames with more pixels are rejected as too large")
     max_duration_s: float = Field(4 * 3600.0, gt=0, description="longer videos are rejected as too large")
+    keyframe_interval_s: float = Field(
+        1.0, gt=0, description="longest gap between keyframes: short GOPs make random access and cutting cheap"
+    )
     crf: int = Field(18, ge=0, le=51, description="x264 constant rate factor of the clips")
     preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"] = Field(
         "fast", description="x264 preset of the clips"

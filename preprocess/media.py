@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -139,107 +140,120 @@ def _unopenable_reason(path: Path) -> str:
     return "not_a_video"
 
 
-def scan_scenes(path: Path, timeout: float) -> tuple[np.ndarray, np.ndarray, str]:
-    """Decode every frame once: (frame times from 0 in s, scene scores, decoder errors).
-
-    This full decode is also the validation of an untrusted file. Frames are scaled to a
-    thumbnail first, so the scene score costs little beside the decoding itself.
-    """
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="scan-") as tmp:
-        scores_file = Path(tmp) / "scores.txt"
-        # Escape ':' and '\\' for the filter graph parser.
-        escaped = os.fspath(scores_file).replace("\\", "\\\\").replace(":", "\\:")
-        stream = (
-            ffmpeg.input(input_url(path))
-            .video.filter("setpts", "PTS-STARTPTS")
-            .filter("scale", 64, -2)
-            .filter("select", "gte(scene,0)")
-            .filter("metadata", "print", key="lavfi.scene_score", file=escaped)
-        )
-        args = stream.output("-", format="null").global_args("-nostdin", "-v", "error").compile()
-        done = run_tool(args, timeout, f"decoding {path}")
-        text = scores_file.read_text() if scores_file.exists() else ""
-    times, scores = _parse_scores(text)
-    errors = done.stderr.decode("utf-8", "replace").strip()
-    if done.returncode != 0 and not errors:
-        errors = f"ffmpeg exited with status {done.returncode}"
-    return times, scores, errors
-
-
-def _parse_scores(text: str) -> tuple[np.ndarray, np.ndarray]:
-    times: list[float] = []
-    scores: list[float] = []
-    for line in text.splitlines():
-        if line.startswith("frame:"):
-            field = line.split("pts_time:")[-1].strip()
-            times.append(_float(field) if _float(field) is not None else (times[-1] if times else 0.0))
-            scores.append(0.0)
-        elif line.startswith("lavfi.scene_score=") and scores:
-            scores[-1] = _float(line.split("=", 1)[1]) or 0.0
-    return np.asarray(times, dtype=np.float64), np.asarray(scores, dtype=np.float64)
-
-
-def normalise_segments(
+def normalise(
     path: Path,
-    out_pattern: Path,
-    cut_times: list[float],
+    out: Path,
     *,
     fps: float,
     size: tuple[int, int],
     crf: int,
     preset: str,
+    gop: int,
     timeout: float,
-) -> None:
-    """Encode a whole file once into segments split exactly at ``cut_times`` (seconds from 0).
+) -> tuple[np.ndarray, str]:
+    """Decode an untrusted file ONCE into a normalised H.264 mp4 plus per-frame scene scores.
 
-    Keyframes are forced at the cuts so the segment muxer splits on the right frame. ffmpeg
-    applies the rotation (autorotate) before our filters; audio and metadata are dropped.
+    One filter graph: timestamps from 0 -> fixed fps -> scaled -> split into the encoder and
+    a 64 px thumbnail branch that scores scene changes. ffmpeg applies the rotation first
+    (autorotate). x264 places an IDR frame at every scene change it sees (min-keyint 1) and
+    at least every ``gop`` frames, so clips can later be cut without re-encoding.
+    Returns (scene score of each output frame, decoder error text).
     """
+
     width, height = size
-    video = (
-        ffmpeg.input(input_url(path))
-        .video.filter("setpts", "PTS-STARTPTS")
-        .filter("fps", fps=fps)
-        .filter("scale", width, height, flags="bicubic")
-        .filter("setsar", 1)
-    )
-    times = ",".join(f"{t:.6f}" for t in cut_times)
-    options = dict(
-        vcodec="libx264",
-        pix_fmt="yuv420p",
-        crf=crf,
-        preset=preset,
-        format="segment",
-        reset_timestamps=1,
-        segment_format="mp4",
-        map_metadata=-1,
-        segment_format_options="movflags=+faststart",
-    )
-    if cut_times:
-        options.update(force_key_frames=times, segment_times=times)
-    else:
-        options.update(segment_time=10**9)  # one segment
-    args = video.output(os.fspath(out_pattern), **options).global_args("-nostdin", "-v", "error", "-y").compile()
-    done = run_tool(args, timeout, f"normalising {path}")
+    with tempfile.TemporaryDirectory(prefix="scan-") as tmp:
+        scores_file = Path(tmp) / "scores.txt"
+        frames = (
+            ffmpeg.input(input_url(path))
+            .video.filter("setpts", "PTS-STARTPTS")
+            .filter("fps", fps=fps)
+            .filter("scale", width, height, flags="bicubic")
+            .filter("setsar", 1)
+            .split()
+        )
+        scores = (
+            frames[1]
+            .filter("scale", 64, -2)
+            .filter("select", "gte(scene,0)")
+            .filter("metadata", "print", key="lavfi.scene_score", file=os.fspath(scores_file))
+        )
+        encoded = frames[0].output(
+            os.fspath(out),
+            vcodec="libx264",
+            pix_fmt="yuv420p",
+            crf=crf,
+            preset=preset,
+            g=gop,
+            keyint_min=1,
+            movflags="+faststart",
+            map_metadata=-1,
+        )
+        graph = ffmpeg.merge_outputs(encoded, scores.output("-", format="null"))
+        args = graph.global_args("-nostdin", "-v", "error", "-y").compile()
+        done = run_tool(args, timeout, f"normalising {path}")
+        text = scores_file.read_text() if scores_file.exists() else ""
+    errors = done.stderr.decode("utf-8", "replace").strip()
+    if done.returncode != 0 and not errors:
+        errors = f"ffmpeg exited with status {done.returncode}"
+    return _parse_scores(text), errors
+
+
+def _parse_scores(text: str) -> np.ndarray:
+    scores: list[float] = []
+    for line in text.splitlines():
+        if line.startswith("frame:"):
+            scores.append(0.0)
+        elif line.startswith("lavfi.scene_score=") and scores:
+            scores[-1] = _float(line.split("=", 1)[1]) or 0.0
+    return np.asarray(scores, dtype=np.float64)
+
+
+def keyframes(clip: Path, fps: float, timeout: float = 60.0) -> set[int]:
+    """Frame indices of the keyframes of one of OUR constant-rate clips (packets only, no decoding)."""
+    args = ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pts_time,flags",
+            "-of", "csv=p=0", input_url(clip)]  # fmt: skip
+    done = run_tool(args, timeout, f"listing keyframes of {clip}")
     if done.returncode != 0:
-        raise MediaError("undecodable", f"{path}: ffmpeg could not normalise it ({last_error_line(done.stderr)})")
+        raise MediaError("undecodable", f"{clip}: {last_error_line(done.stderr)}")
+    found = set()
+    for line in done.stdout.decode().splitlines():
+        pts, _, flags = line.partition(",")
+        if "K" in flags and _float(pts) is not None:
+            found.add(round(float(pts) * fps))
+    return found
 
 
-def count_and_check_frames(clip: Path, num_samples: int = 3) -> tuple[int, int, int]:
-    """Open one of OUR clips with decord: (frames, width, height), reading a few frames."""
+def split(clip: Path, out_pattern: Path, cut_frames: list[int], fps: float, *, reencode: dict | None, timeout: float):
+    """Split one of OUR clips at frame indices: by stream copy when every cut is a keyframe,
+    else (``reencode`` = encoder options) by encoding again with keyframes forced at the cuts."""
+    # Half a frame early: the segment muxer cuts at the first keyframe at or after the time.
+    times = ",".join(f"{(f - 0.5) / fps:.6f}" for f in cut_frames)
+    codec = dict(vcodec="copy") if reencode is None else dict(reencode, force_key_frames=times)
+    args = (
+        ffmpeg.input(input_url(clip))
+        .output(
+            os.fspath(out_pattern), format="segment", segment_times=times, reset_timestamps=1,
+            segment_format="mp4", segment_format_options="movflags=+faststart", map_metadata=-1, **codec,
+        )
+        .global_args("-nostdin", "-v", "error", "-y")
+        .compile()
+    )  # fmt: skip
+    done = run_tool(args, timeout, f"splitting {clip}")
+    if done.returncode != 0:
+        raise MediaError("undecodable", f"{clip}: could not split ({last_error_line(done.stderr)})")
+
+
+def count_and_check_frames(clip: Path) -> tuple[int, int, int]:
+    """Open one of OUR clips with decord: (frames, width, height). The first and last frames
+    are decoded, so a container that over-reports its length is caught here, not in training."""
     import decord
 
     reader = decord.VideoReader(os.fspath(clip), num_threads=1)
     n = len(reader)
-    if n:
-        picks = np.unique(np.linspace(0, n - 1, num=min(num_samples, n)).round().astype(int))
-        frames = reader.get_batch(picks.tolist()).asnumpy()
-        height, width = frames.shape[1:3]
-    else:
-        width = height = 0
-    return n, width, height
+    if not n:
+        return 0, 0, 0
+    frames = reader.get_batch(sorted({0, n - 1})).asnumpy()
+    return n, frames.shape[2], frames.shape[1]
 
 
 def read_frames(clip: Path, indices: list[int] | None = None) -> np.ndarray:

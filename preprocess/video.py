@@ -117,50 +117,40 @@ def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2)
 
 
-def plan_clips(times_s, scores, duration_s: float, cfg: IngestConfig) -> tuple[list[float], list[bool]]:
-    """Split a video into clips: (cut times, keep flag of each interval between cuts).
+Interval = tuple[int, int, bool]  # [start frame, end frame), keep?
 
-    Scenes start at frames whose scene score exceeds the threshold; scenes shorter than
-    ``min_clip_s`` are dropped, longer than ``max_clip_s`` split evenly. Cut times sit half
-    an output frame before the scene's first frame, so the nearest output frame starts it.
+
+def plan_clips(scores, fps: float, cfg: IngestConfig, keyframes: set[int] = frozenset()) -> list[Interval]:
+    """Split a normalised video into intervals of frames that cover it, each kept or dropped.
+
+    A scene starts at every frame whose scene score exceeds the threshold. Scenes shorter
+    than ``min_clip_s`` are dropped; longer than ``max_clip_s`` are split evenly, each inner
+    split moved to the nearest keyframe when the pieces stay within the limits (a cut on a
+    keyframe costs no re-encoding).
     """
-    half_frame = 0.5 / cfg.fps
-    starts = [0.0] + [float(t) - half_frame for t, s in zip(times_s[1:], scores[1:]) if s > cfg.scene_threshold]
-    ends = starts[1:] + [duration_s]
-    cuts: list[float] = []
-    keep: list[bool] = []
-    for start, end in zip(starts, ends):
+    num_frames = len(scores)
+    min_frames = max(1, math.ceil(cfg.min_clip_s * fps - 1e-6))
+    max_frames = max(min_frames, math.floor(cfg.max_clip_s * fps + 1e-6))
+    starts = [0] + [i for i in range(1, num_frames) if scores[i] > cfg.scene_threshold]
+    intervals: list[Interval] = []
+    for start, end in zip(starts, starts[1:] + [num_frames]):
         length = end - start
-        if length < cfg.min_clip_s:
-            pieces, usable = 1, False
-        else:
-            pieces, usable = math.ceil(length / cfg.max_clip_s), True
-            if length / pieces < cfg.min_clip_s:
-                pieces = max(1, math.floor(length / cfg.min_clip_s))
-        for k in range(pieces):
-            piece_start = start + length * k / pieces
-            if piece_start > 0:
-                cuts.append(piece_start)
-            keep.append(usable)
-    return _merge_tiny_intervals(cuts, keep, duration_s, min_gap=2.0 / cfg.fps)
-
-
-def _merge_tiny_intervals(cuts, keep, duration_s, min_gap):
-    """Remove cuts closer than ``min_gap``: an empty segment would shift the segment numbering."""
-    bounds = [0.0] + list(cuts) + [duration_s]
-    out_cuts: list[float] = []
-    out_keep: list[bool] = [keep[0]]
-    for i, cut in enumerate(cuts):
-        previous = out_cuts[-1] if out_cuts else 0.0
-        if cut - previous < min_gap or bounds[i + 2] - cut < min_gap:
-            out_keep[-1] = out_keep[-1] and keep[i + 1]
+        if length < min_frames:
+            intervals.append((start, end, False))
             continue
-        out_cuts.append(cut)
-        out_keep.append(keep[i + 1])
-    return out_cuts, out_keep
+        pieces = math.ceil(length / max_frames)
+        if length // pieces < min_frames:
+            pieces = max(1, length // min_frames)
+        bounds = [start + round(length * k / pieces) for k in range(pieces + 1)]
+        for k in range(1, pieces):
+            snapped = min((f for f in keyframes if bounds[k - 1] < f < bounds[k + 1]), key=lambda f: abs(f - bounds[k]), default=None)
+            if snapped is not None and all(min_frames <= b - a <= max_frames for a, b in ((bounds[k - 1], snapped), (snapped, bounds[k + 1]))):
+                bounds[k] = snapped
+        intervals.extend((a, b, True) for a, b in zip(bounds, bounds[1:]))
+    return intervals
 
 
-def _decode_timeout(duration_s: float | None, cfg: IngestConfig) -> float:
+def _timeout(duration_s: float | None, cfg: IngestConfig) -> float:
     return max(cfg.decode_timeout_min_s, cfg.decode_timeout_factor * (duration_s or 0.0))
 
 
@@ -182,94 +172,91 @@ def ingest_video(path: Path, sha256: str, cfg: IngestConfig, workspace: Path) ->
         return IngestResult.failed("too_large", f"{path}: {probe.duration_s:.0f} s exceeds {cfg.max_duration_s:.0f} s", probe)
     if probe.num_frames == 0 or width == 0 or height == 0:
         return IngestResult.failed("zero_frames", f"{path}: the video stream has no frames", probe)
+    if probe.duration_s is not None and probe.duration_s < cfg.min_clip_s:
+        return IngestResult.failed("too_short", f"{path}: {probe.duration_s:.2f} s is shorter than {cfg.min_clip_s} s", probe)
 
-    timeout = _decode_timeout(probe.duration_s, cfg)
-    try:
-        times, scores, errors = media.scan_scenes(path, timeout)
-    except media.MediaError as exc:
-        return IngestResult.failed(exc.reason, str(exc), probe)
-    num_frames = len(times)
-    problem = _decode_problem(probe, num_frames, errors)
-    if problem:
-        reason = "zero_frames" if num_frames == 0 and not errors else "undecodable"
-        return IngestResult.failed(reason, f"{path}: {problem}", probe)
-
-    frame_s = (1.0 / probe.avg_fps) if probe.avg_fps else (1.0 / cfg.fps)
-    duration = float(times[-1]) + frame_s
-    if duration < cfg.min_clip_s:
-        return IngestResult.failed(
-            "too_short", f"{path}: {duration:.2f} s ({num_frames} frames) is shorter than {cfg.min_clip_s} s", probe
-        )
-    cuts, keep = plan_clips(times, scores, duration, cfg)
-    if not any(keep):
-        return IngestResult.failed("too_short", f"{path}: no scene lasts {cfg.min_clip_s} s", probe)
-    clips = _encode_clips(path, sha256, probe, cuts, keep, duration, cfg, Path(workspace), timeout)
-    if isinstance(clips, IngestResult):
-        return clips
-    return IngestResult(status=VideoStatus.ok, probe=probe, num_frames=num_frames, clips=tuple(clips))
-
-
-def _decode_problem(probe: ProbeInfo, num_frames: int, errors: str) -> str | None:
-    """Why a test decode counts as failed, or None."""
-    last = errors.splitlines()[-1] if errors else ""
-    if num_frames == 0:
-        return f"no frame could be decoded ({last})" if errors else "the video stream has no frames"
-    expected = probe.num_frames
-    if expected is None and probe.duration_s and probe.avg_fps:
-        expected = round(probe.duration_s * probe.avg_fps)
-    # Containers over-report by a frame or two; a real truncation loses far more.
-    if expected and num_frames < 0.9 * expected - 2:
-        return f"decoded only {num_frames} of {expected} frames, the file is truncated or corrupt ({last or 'no error'})"
-    return None
-
-
-def _encode_clips(path, sha256, probe, cuts, keep, duration, cfg, workspace, timeout):
-    clips_dir = workspace / CLIPS_DIR
+    clips_dir = Path(workspace) / CLIPS_DIR
     clips_dir.mkdir(parents=True, exist_ok=True)
     staging = temp_path_for(clips_dir / sha256[:16])
     staging.mkdir()
     try:
-        size = target_size(*probe.display_size, cfg.max_side)
-        try:
-            media.normalise_segments(
-                path, staging / "%04d.mp4", cuts, fps=cfg.fps, size=size, crf=cfg.crf, preset=cfg.preset, timeout=timeout
-            )
-        except media.MediaError as exc:
-            return IngestResult.failed(exc.reason, str(exc), probe)
-        segments = sorted(staging.glob("*.mp4"))
-        assert len(segments) == len(keep), f"{path}: {len(segments)} segments for {len(keep)} intervals"
-        bounds = [0.0, *cuts, duration]
-        records: list[ClipRecord] = []
-        for k, (segment, wanted) in enumerate(zip(segments, keep)):
-            if not wanted:
-                continue
-            clip_id = clip_id_for(sha256, len(records))
-            num_frames, width, height = media.count_and_check_frames(segment)
-            if num_frames == 0:
-                return IngestResult.failed("undecodable", f"{path}: clip {k} came out empty", probe)
-            final = clips_dir / f"{clip_id}.mp4"
-            records.append(
-                ClipRecord(
-                    clip_id=clip_id,
-                    source_sha256=sha256,
-                    source_path=os.fspath(path),
-                    clip_index=len(records),
-                    start_s=round(max(bounds[k], 0.0), 6),
-                    end_s=round(bounds[k + 1], 6),
-                    num_frames=num_frames,
-                    fps=cfg.fps,
-                    width=width,
-                    height=height,
-                    path=f"{CLIPS_DIR}/{final.name}",
-                    sha256=sha256_file(segment),
-                    size_bytes=segment.stat().st_size,
-                )
-            )
-            publish(segment, final)
-        _remove_outdated_clips(clips_dir, sha256, {r.clip_id for r in records})
-        return records
+        return _normalise_and_cut(path, sha256, probe, cfg, staging, clips_dir)
+    except media.MediaError as exc:
+        return IngestResult.failed(exc.reason, str(exc), probe)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _normalise_and_cut(path, sha256, probe, cfg, staging: Path, clips_dir: Path) -> IngestResult:
+    encoder = dict(vcodec="libx264", pix_fmt="yuv420p", crf=cfg.crf, preset=cfg.preset)
+    gop = max(1, round(cfg.fps * cfg.keyframe_interval_s))
+    timeout = _timeout(probe.duration_s, cfg)
+    whole = staging / "whole.mp4"
+    size = target_size(*probe.display_size, cfg.max_side)
+    scores, errors = media.normalise(path, whole, fps=cfg.fps, size=size, gop=gop, timeout=timeout, crf=cfg.crf, preset=cfg.preset)
+    num_frames = len(scores)
+    problem = _decode_problem(probe, num_frames / cfg.fps, errors)
+    if problem:
+        reason = "zero_frames" if num_frames == 0 and not errors else "undecodable"
+        return IngestResult.failed(reason, f"{path}: {problem}", probe)
+    if num_frames < cfg.min_clip_s * cfg.fps - 1e-6:
+        return IngestResult.failed(
+            "too_short", f"{path}: {num_frames} frames at {cfg.fps:g} fps is shorter than {cfg.min_clip_s} s", probe
+        )
+
+    needs_split = any(scores[1:] > cfg.scene_threshold) or num_frames > cfg.max_clip_s * cfg.fps
+    keyframes = media.keyframes(whole, cfg.fps) if needs_split else set()
+    intervals = plan_clips(scores, cfg.fps, cfg, keyframes)
+    if not any(keep for _, _, keep in intervals):
+        return IngestResult.failed("too_short", f"{path}: no scene lasts {cfg.min_clip_s} s", probe)
+    if len(intervals) == 1:
+        segments = [whole]
+    else:
+        cuts = [start for start, _, _ in intervals[1:]]
+        on_keyframes = all(cut in keyframes for cut in cuts)
+        media.split(whole, staging / "%04d.mp4", cuts, cfg.fps, reencode=None if on_keyframes else encoder, timeout=timeout)
+        segments = sorted(staging.glob("[0-9]*.mp4"))
+    assert len(segments) == len(intervals), f"{path}: {len(segments)} segments for {len(intervals)} intervals"
+
+    records: list[ClipRecord] = []
+    for segment, (start, end, keep) in zip(segments, intervals):
+        if not keep:
+            continue
+        clip_id = clip_id_for(sha256, len(records))
+        count, width, height = media.count_and_check_frames(segment)
+        assert count == end - start, f"{path}: clip {clip_id} has {count} frames, planned {end - start}"
+        final = clips_dir / f"{clip_id}.mp4"
+        records.append(
+            ClipRecord(
+                clip_id=clip_id,
+                source_sha256=sha256,
+                source_path=os.fspath(path),
+                clip_index=len(records),
+                start_s=round(start / cfg.fps, 6),
+                end_s=round(end / cfg.fps, 6),
+                num_frames=count,
+                fps=cfg.fps,
+                width=width,
+                height=height,
+                path=f"{CLIPS_DIR}/{final.name}",
+                sha256=sha256_file(segment),
+                size_bytes=segment.stat().st_size,
+            )
+        )
+        publish(segment, final)
+    _remove_outdated_clips(clips_dir, sha256, {r.clip_id for r in records})
+    return IngestResult(status=VideoStatus.ok, probe=probe, num_frames=num_frames, clips=tuple(records))
+
+
+def _decode_problem(probe: ProbeInfo, decoded_s: float, errors: str) -> str | None:
+    """Why a full decode counts as failed, or None."""
+    last = errors.splitlines()[-1] if errors else ""
+    if decoded_s == 0:
+        return f"no frame could be decoded ({last})" if errors else "the video stream has no frames"
+    # Containers over-report by a frame or two; a real truncation loses far more.
+    if probe.duration_s and decoded_s < 0.9 * probe.duration_s - 0.1:
+        return f"decoded only {decoded_s:.2f} s of {probe.duration_s:.2f} s, the file is truncated or corrupt ({last or 'no error'})"
+    return None
 
 
 def _remove_outdated_clips(clips_dir: Path, sha256: str, current: set[str]) -> None:

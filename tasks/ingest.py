@@ -33,7 +33,6 @@ def _ingest_cache_key(context: TaskRunContext, parameters: dict) -> str:
 @task(
     name="ingest-video",
     task_run_name="ingest {path.name}",
-    tags=["ingest"],
     cache_key_fn=_ingest_cache_key,
     persist_result=True,
     retries=2,

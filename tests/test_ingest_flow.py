@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -24,14 +25,20 @@ def run_ingest(folder: Path, workspace: Path, config: IngestConfig | None = None
     return state.result(), state.state_details.flow_run_id
 
 
-def task_states(flow_run_id) -> dict[str, str]:
-    """Task run name -> final state name, as the Prefect API recorded them."""
+def task_states(flow_run_id, expected: int) -> dict[str, str]:
+    """Task run name -> final state name, as the Prefect API recorded them. Task states
+    reach the API as events, a moment after the flow returns: wait for all of them."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    deadline = time.monotonic() + 60
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name: run.state.name for run in runs}
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            states = {run.name: run.state.name for run in runs if run.state and run.state.is_final()}
+            if len(states) >= expected or time.monotonic() > deadline:
+                return states
+            time.sleep(0.2)
 
 
 def temp_files(root: Path) -> list[Path]:
@@ -106,9 +113,11 @@ def test_rerun_redoes_nothing(media_folder, ingested):
     before = clip_stats(workspace)
     manifest_before = read_records(workspace / "manifests/videos.parquet", VideoRecord)
     _, run_id = run_ingest(media_folder, workspace)
-    states = task_states(run_id)
+    num_contents = len({r.sha256 for r in manifest_before if r.sha256})
+    num_hashed = sum(r.sha256 is not None for r in manifest_before)
+    states = task_states(run_id, expected=num_contents + num_hashed)
     ingest_states = {name: state for name, state in states.items() if name.startswith("ingest ")}
-    assert len(ingest_states) == len({r.sha256 for r in manifest_before if r.sha256})
+    assert len(ingest_states) == num_contents
     assert set(ingest_states.values()) == {"Cached"}, ingest_states
     assert clip_stats(workspace) == before  # no clip was rewritten
     assert read_records(workspace / "manifests/videos.parquet", VideoRecord) == manifest_before
@@ -124,7 +133,7 @@ def test_file_changed_in_place_is_processed_again(tmp_path, prefect_api):
     first = {r.path: r.sha256 for r in read_records(workspace / "manifests/videos.parquet", VideoRecord)}
     make_synthetic_video(SyntheticSpec(num_frames=40, seed=7), folder, "a")  # same name, new content
     _, run_id = run_ingest(folder, workspace)
-    ingest_states = {name: state for name, state in task_states(run_id).items() if name.startswith("ingest ")}
+    ingest_states = {name: state for name, state in task_states(run_id, expected=4).items() if name.startswith("ingest ")}
     assert ingest_states == {"ingest a.mp4": "Completed", "ingest b.mp4": "Cached"}
     second = {r.path: r.sha256 for r in read_records(workspace / "manifests/videos.parquet", VideoRecord)}
     a = str(folder / "a.mp4")

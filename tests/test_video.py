@@ -17,39 +17,58 @@ from preprocess.video import find_videos, ingest_video, plan_clips, sha256_file,
 from tests.conftest import make_test_video
 
 
-def _frames(num: int, fps: float = 25.0):
-    return np.arange(num) / fps
+def _scores(num: int, cuts=()) -> np.ndarray:
+    scores = np.zeros(num)
+    scores[list(cuts)] = 0.9
+    return scores
 
 
 def test_plan_without_cuts_is_one_clip():
-    cfg = IngestConfig()
-    times, scores = _frames(100), np.zeros(100)
-    assert plan_clips(times, scores, 4.0, cfg) == ([], [True])
+    assert plan_clips(_scores(100), 25.0, IngestConfig()) == [(0, 100, True)]
 
 
 def test_plan_cuts_at_scene_changes_and_drops_short_scenes():
     cfg = IngestConfig(min_clip_s=1.0, max_clip_s=20.0)
-    times, scores = _frames(200), np.zeros(200)
-    scores[[50, 60]] = 0.9  # a 0.4 s flash between two scenes
-    cuts, keep = plan_clips(times, scores, 8.0, cfg)
-    assert cuts == pytest.approx([2.0 - 0.02, 2.4 - 0.02])
-    assert keep == [True, False, True]
+    # A 10-frame flash between two scenes is too short to keep.
+    assert plan_clips(_scores(200, cuts=(50, 60)), 25.0, cfg) == [(0, 50, True), (50, 60, False), (60, 200, True)]
 
 
 def test_plan_splits_long_scenes_evenly_within_limits():
     cfg = IngestConfig(min_clip_s=1.0, max_clip_s=3.0)
-    cuts, keep = plan_clips(_frames(250), np.zeros(250), 10.0, cfg)
-    assert cuts == pytest.approx([2.5, 5.0, 7.5]) and keep == [True] * 4
-    bounds = [0.0, *cuts, 10.0]
-    assert all(cfg.min_clip_s <= b - a <= cfg.max_clip_s for a, b in zip(bounds, bounds[1:]))
+    intervals = plan_clips(_scores(250), 25.0, cfg)
+    assert intervals == [(0, 62, True), (62, 125, True), (125, 188, True), (188, 250, True)]
+    # With keyframes near the even splits, the splits move onto them (no re-encoding needed).
+    snapped = plan_clips(_scores(250), 25.0, cfg, keyframes={0, 50, 60, 120, 190, 240})
+    assert snapped == [(0, 60, True), (60, 120, True), (120, 190, True), (190, 250, True)]
+    for start, end, _ in intervals + snapped:
+        assert cfg.min_clip_s * 25 <= end - start <= cfg.max_clip_s * 25
 
 
-def test_plan_merges_cuts_closer_than_two_frames():
-    cfg = IngestConfig()
-    times, scores = _frames(100), np.zeros(100)
-    scores[[40, 41]] = 0.9  # two "cuts" on consecutive frames would make an empty segment
-    cuts, keep = plan_clips(times, scores, 4.0, cfg)
-    assert len(cuts) == len(keep) - 1 == 1
+def test_plan_never_snaps_outside_the_limits():
+    cfg = IngestConfig(min_clip_s=1.0, max_clip_s=2.0)
+    # The only keyframe near the split would leave a 0.4 s piece: keep the even split.
+    assert plan_clips(_scores(75), 25.0, cfg, keyframes={0, 10}) == [(0, 38, True), (38, 75, True)]
+
+
+def test_split_is_frame_exact_by_copy_and_by_reencoding(tmp_path):
+    from preprocess.synthetic import write_video
+
+    frames = render_clip(SyntheticSpec(num_frames=50, num_persons=1, seed=3)).frames
+    source = write_video(frames, tmp_path / "source.mp4", fps=25.0)
+    whole = tmp_path / "whole.mp4"
+    media.normalise(source, whole, fps=25.0, size=(256, 192), crf=12, preset="fast", gop=10, timeout=60)
+    keyframes = media.keyframes(whole, 25.0)
+    assert {0, 10, 20, 30, 40} <= keyframes
+    for name, cuts, reencode in (("copy", [20, 30], None), ("enc", [17, 33], {"vcodec": "libx264"})):
+        assert reencode or set(cuts) <= keyframes
+        (tmp_path / name).mkdir()
+        media.split(whole, tmp_path / name / "%04d.mp4", cuts, 25.0, reencode=reencode, timeout=60)
+        parts = sorted((tmp_path / name).iterdir())
+        bounds = [0, *cuts, 50]
+        assert [media.count_and_check_frames(p)[0] for p in parts] == [b - a for a, b in zip(bounds, bounds[1:])]
+        for part, start in zip(parts, bounds):
+            first = media.read_frames(part, [0])[0].astype(np.float32)
+            assert np.abs(first - frames[start]).mean() < 4
 
 
 @pytest.mark.parametrize(
