@@ -5,7 +5,7 @@ settings, with the same number of files in flight at once. The ingest side also 
 hashes, test-decodes, detects scenes, checks clips with decord and runs under Prefect
 (after one warm-up flow run, so the one-off start of Prefect's local API is not counted).
 
-    python bench/ingest.py [--videos 8] [--seconds 6] [--size 640x360]
+    python bench/ingest.py [--videos 12] [--seconds 8] [--size 832x480]
 
 Headline figures, printed last: ingest_vs_ffmpeg (goal <= 1.3), rerun_vs_first (goal <= 0.05).
 """
@@ -61,9 +61,9 @@ def ffmpeg_floor(videos: list[Path], out: Path, cfg, workers: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--videos", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=6.0)
-    parser.add_argument("--size", default="640x360")
+    parser.add_argument("--videos", type=int, default=12)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--size", default="832x480")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     width, height = map(int, args.size.split("x"))

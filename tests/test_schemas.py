@@ -158,3 +158,9 @@ def test_config_validation_and_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("ingest:\n  fsp: 30\n")
     with pytest.raises(ValueError, match=r"(?s)bad.yaml.*ingest.fsp"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_shipped_default_profile_is_the_built_in_default():
+    from pathlib import Path
+
+    assert load_config(Path(__file__).parents[1] / "configs" / "default.yaml") == load_config(None)
