@@ -125,19 +125,24 @@ def probe(path: Path, timeout: float) -> ProbeInfo:
     )
 
 
-# Leading bytes of containers that hold video. A file that starts like one but cannot be
-# opened is a damaged video (undecodable), anything else is not a video at all.
-_VIDEO_MAGIC = (b"\x1aE\xdf\xa3", b"RIFF", b"\x00\x00\x01\xba", b"FLV", b"0&\xb2u", b"OggS")
+# How video containers begin: Matroska/WebM, MPEG-PS, FLV, ASF, Ogg; AVI is a RIFF of type
+# "AVI "; ISO-BMFF (mp4, mov) starts with one of a few box names; MPEG-TS repeats its sync
+# byte every 188 bytes. A file that begins like one but cannot be opened is a damaged video
+# (undecodable); anything else is no video at all.
+_VIDEO_MAGIC = (b"\x1aE\xdf\xa3", b"\x00\x00\x01\xba", b"FLV", b"0&\xb2u", b"OggS")
+_ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")
 
 
 def _unopenable_reason(path: Path) -> str:
     with open(path, "rb") as f:
-        head = f.read(12)
-    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip") or head.startswith(_VIDEO_MAGIC):
-        return "undecodable"
-    if head[:1] == b"\x47" and len(head) >= 1:  # MPEG-TS sync byte
-        return "undecodable"
-    return "not_a_video"
+        head = f.read(189)
+    looks_like_video = (
+        head.startswith(_VIDEO_MAGIC)
+        or head[4:8] in _ISO_BOXES
+        or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
+        or (len(head) == 189 and head[0] == head[188] == 0x47)
+    )
+    return "undecodable" if looks_like_video else "not_a_video"
 
 
 def normalise(

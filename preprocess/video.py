@@ -76,12 +76,11 @@ def find_videos(folder: Path, extensions: tuple[str, ...]) -> list[FoundFile]:
             continue
         seen_dirs.add((st.st_dev, st.st_ino))
         dirnames.sort()
-        for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
+        # A symlink to a folder that carries a video name is a candidate too (and rejected).
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
             if name.lower().endswith(wanted):
                 found.append(_check_file(Path(dirpath) / name))
-    # os.walk lists dangling and looping symlinks among the directories' names too.
-    unique = {f.path: f for f in found}
-    return [unique[p] for p in sorted(unique)]
+    return sorted(found, key=lambda f: f.path)
 
 
 def _check_file(path: Path) -> FoundFile:

@@ -44,6 +44,7 @@ def test_sigkill_mid_run_then_rerun_completes_cleanly(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its ffmpeg children, mid-write
     proc.wait()
     assert not (workspace / "manifests" / "videos.parquet").exists(), "the run finished before the kill"
+    assert temp_files(workspace), "the kill should have interrupted a clip being written"
 
     done = subprocess.run(args, env=cli_env(), capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-3000:]

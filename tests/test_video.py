@@ -143,3 +143,20 @@ def test_find_videos_walks_once_and_reports_bad_links(tmp_path):
         ("a/x.MOV", None),
         ("self.mp4", "symlink_loop"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("head", "reason"),
+    [
+        (b"Good morning, a text that starts with the TS sync byte" * 4, "not_a_video"),
+        (b"RIFF\x00\x00\x00\x00WAVEfmt " * 4, "not_a_video"),
+        ((b"\x47" + b"\x00" * 187) * 2, "undecodable"),
+        (b"\x00\x00\x00\x18ftypmp42" * 4, "undecodable"),
+        (b"\x1aE\xdf\xa3" * 4, "undecodable"),
+    ],
+)
+def test_unopenable_files_are_told_apart_by_their_first_bytes(tmp_path, head, reason):
+    (tmp_path / "x.mp4").write_bytes(head)
+    with pytest.raises(media.MediaError) as info:
+        media.probe(tmp_path / "x.mp4", timeout=10)
+    assert info.value.reason == reason and str(tmp_path / "x.mp4") in str(info.value)
