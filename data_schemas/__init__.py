@@ -4,8 +4,9 @@ No heavy imports here: pydantic, pyarrow and yaml only. Every Parquet file we wr
 carries ``SCHEMA_VERSION`` in its metadata; readers refuse files of another version or shape.
 """
 
-from data_schemas.config import IngestConfig, ProjectConfig, load_config
+from data_schemas.config import IngestConfig, PoseConfig, ProjectConfig, load_config
 from data_schemas.io import SCHEMA_VERSION, SchemaError, arrow_schema, read_records, read_table, write_records
+from data_schemas.pose import PoseRecord
 from data_schemas.video import ClipRecord, FailureReason, IngestSummary, ProbeInfo, VideoRecord, VideoStatus
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "FailureReason",
     "IngestConfig",
     "IngestSummary",
+    "PoseConfig",
+    "PoseRecord",
     "ProbeInfo",
     "ProjectConfig",
     "SchemaError",

@@ -67,10 +67,53 @@ class IngestConfig(_Config):
         return self
 
 
+DWPOSE_HOWTO = (
+    "Download yolox_l.onnx and dw-ll_ucoco_384.onnx from the Hugging Face model repository yzd-v/DWPose "
+    "(also bundled in ZheWang123/UniAnimate-DiT), put them at these paths or point pose.detector_path and "
+    "pose.pose_model_path of your profile at them; or use the random-weight 'tiny' models (pose.models: tiny)."
+)
+
+
+class PoseConfig(_Config):
+    """DWPose whole-body extraction (spec A.3-A.8)."""
+
+    models: Literal["tiny", "files"] = Field(
+        "tiny", description="'tiny': small random-weight ONNX models built at run time; 'files': the real ONNX files"
+    )
+    detector_path: Path = Field(Path("weights/dwpose/yolox_l.onnx"), description="YOLOX-L person detector (ONNX)")
+    pose_model_path: Path = Field(
+        Path("weights/dwpose/dw-ll_ucoco_384.onnx"), description="DWPose-L whole-body model, 384x288 (ONNX)"
+    )
+    tiny_seed: int = Field(0, description="seed of the tiny models' random weights")
+    provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="onnxruntime device; auto = CUDA when present")
+    channel_order: Literal["bgr", "rgb"] = Field(
+        "bgr", description="channel order fed to the models; the reference pipelines feed BGR"
+    )
+    max_persons: int = Field(7, ge=1, description="more persons in a frame: the largest boxes are kept")
+    det_pre_threshold: float = Field(0.1, ge=0, le=1, description="person score a box needs before NMS")
+    nms_iou: float = Field(0.45, gt=0, le=1, description="NMS IoU threshold")
+    det_threshold: float = Field(0.3, ge=0, le=1, description="person score a box needs after NMS")
+    keypoint_threshold: float = Field(0.3, ge=0, le=1, description="keypoints scoring lower are not drawn")
+    style: Literal["unianimate", "dwpose"] = Field(
+        "unianimate", description="pose image style: the released weights' (body+feet+hands, BGR) or standard DWPose"
+    )
+    batch_size: int = Field(64, ge=1, description="person crops per pose-model call")
+    frames_per_chunk: int = Field(32, ge=1, description="frames decoded and processed at a time")
+
+    def model_files(self) -> tuple[Path, Path]:
+        """The real model files; one ValueError naming every missing file and how to get them."""
+        files = (self.detector_path, self.pose_model_path)
+        missing = [str(p) for p in files if not Path(p).is_file()]
+        if missing:
+            raise ValueError(f"DWPose weights missing: {', '.join(missing)}. {DWPOSE_HOWTO}")
+        return files
+
+
 class ProjectConfig(_Config):
     """Every stage's configuration; a profile YAML fills some of it."""
 
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="the ingest stage")
+    pose: PoseConfig = Field(default_factory=PoseConfig, description="the pose stage")
 
 
 def load_config(path: Path | None = None) -> ProjectConfig:

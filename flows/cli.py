@@ -56,6 +56,39 @@ def ingest(
     _print_summary(summary)
 
 
+def _print_preprocess(summary) -> None:
+    console.print(f"poses of {summary.num_posed}/{summary.num_clips} clip(s): {summary.poses_manifest}")
+    if summary.failed_clips:
+        console.print(f"[red]failed clips: {', '.join(summary.failed_clips)}[/red]")
+    if summary.contact_sheet:
+        console.print(f"contact sheet:   {summary.contact_sheet}")
+
+
+@app.command()
+def preprocess(
+    folder: Annotated[Path, typer.Argument(help="folder of raw videos, walked recursively")],
+    workspace: WorkspaceOpt = Path("workspace"),
+    config: ConfigOpt = None,
+    workers: Annotated[Optional[int], typer.Option(help="local worker threads (default: CPU count)")] = None,
+) -> None:
+    """Ingest a folder of raw videos, then extract poses of every clip."""
+    if not folder.is_dir():
+        raise typer.BadParameter(f"{folder}: not a folder", param_hint="FOLDER")
+    workspace = use_workspace(workspace)
+    from data_schemas import load_config
+    from flows.preprocess import preprocess as preprocess_flow
+    from flows.runtime import make_task_runner
+
+    try:
+        cfg = load_config(config)
+        if cfg.pose.models == "files":
+            cfg.pose.model_files()  # missing weights: one clear message before any work
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    summary = preprocess_flow.with_options(task_runner=make_task_runner(None, workers))(folder, workspace, cfg)
+    _print_preprocess(summary)
+
+
 @app.command()
 def demo(
     workspace: WorkspaceOpt = Path("workspace"),
@@ -67,7 +100,7 @@ def demo(
     from flows.demo import demo as demo_flow
 
     summary = demo_flow(workspace, num_videos=num_videos, seed=seed)
-    _print_summary(summary)
+    _print_preprocess(summary)
     console.print(f"workspace: {workspace}")
 
 

@@ -1,0 +1,1 @@
+"""Pose stage: DWPose whole-body keypoints -> OpenPose-style frames -> pose images."""

@@ -1,0 +1,175 @@
+"""Draw OpenPose-style pose images (spec "Decisions", A.6, A.7, A.9).
+
+Two styles, both on a black uint8 canvas, every person in the frame drawn (A.9):
+
+* ``"unianimate"`` (project default, spec "Decisions" + A.7): 18 body points + the two
+  UniAnimate foot points (19 limbs, 20 keypoint circles), both hands, NO face. UniAnimate
+  drew the listed colours into an OpenCV (BGR) canvas and saved it with OpenCV; the
+  released weights saw those files read as RGB. We reproduce that by drawing the listed
+  colours and then swapping channels 0 and 2, so in the returned RGB array R and B are
+  swapped relative to the lists: the nose dot is BLUE (0, 0, 255), hand dots are RED,
+  face dots (not drawn here) would stay white.
+* ``"dwpose"`` (standard DWPose, A.6): 18 body points (17 limbs), hands, face (white dots).
+  Channel convention: the listed colours are returned AS RGB (nose dot RED (255, 0, 0)),
+  which is what DWPose / controlnet_aux hand to their callers as an RGB image.
+
+Drawing rules (A.6), identical for both styles apart from the lists above:
+
+* Order: all body limbs (limb-major, every person), canvas *= 0.6 (float multiply then
+  uint8 cast, i.e. truncation: 255 -> 153), body keypoint circles (radius 4, full colour),
+  then hands (all left hands, then all right hands; per hand its edges then its dots),
+  then faces.
+* Limb: filled convex polygon of ``cv2.ellipse2Poly(centre=int(midpoint),
+  axes=(int(length/2), 4), angle=int(degrees(atan2(ya-yb, xa-xb))), 0, 360, 1)`` where a,
+  b are the limb's first and second end point in pixels (normalised * W or H). Drawn only
+  when both end points are present: score > frame.threshold (DWPose's "subset" rule, A.5)
+  and not the -1 placeholder.
+* Keypoint centres: ``(int(x * W), int(y * H))``.
+* Hand edge k: line, thickness 2, colour HSV(k/20, 1, 1) * 255 passed as floats (OpenCV
+  rounds them to the nearest integer, ties to even: 127.5 -> 128); drawn only if both end
+  points have int pixel x > 0.01 and y > 0.01 (A.6's eps test on the int-truncated pixel
+  coordinates, which also rejects the -1 placeholder). Hand dots: radius 4, (0, 0, 255)
+  listed, same eps test.
+* Face dot: radius 3, (255, 255, 255), same eps test.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from preprocess.pose.convert import (
+    BODY_COLORS,
+    BODY_LIMBS,
+    BODY_LIMBS_DRAWN,
+    FACE_POINT_COLOR,
+    FOOT_COLORS,
+    FOOT_LIMBS,
+    HAND_EDGES,
+    HAND_POINT_COLOR,
+    OpenPoseFrame,
+)
+
+__all__ = ["PoseStyle", "POSE_STYLES", "draw_pose", "draw_pose_sequence", "hand_edge_color"]
+
+PoseStyle = Literal["unianimate", "dwpose"]
+POSE_STYLES: tuple[str, ...] = ("unianimate", "dwpose")
+
+STICK_WIDTH = 4
+LIMB_DIM = 0.6
+BODY_POINT_RADIUS = 4
+HAND_LINE_THICKNESS = 2
+HAND_POINT_RADIUS = 4
+FACE_POINT_RADIUS = 3
+EPS = 0.01
+
+_COLORS_20 = BODY_COLORS + FOOT_COLORS  # colour i for limb i and keypoint i
+
+
+def hand_edge_color(k: int, n_edges: int = len(HAND_EDGES)) -> tuple[float, float, float]:
+    """Listed colour of hand edge k: HSV(k/n, 1, 1) * 255 as floats (OpenCV rounds them)."""
+    r, g, b = colorsys.hsv_to_rgb(k / float(n_edges), 1.0, 1.0)
+    return (r * 255.0, g * 255.0, b * 255.0)
+
+
+def _present(points: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """[P, K] bool: the body/feet drawing rule (score > threshold, not the -1 placeholder)."""
+    placeholder = (points[..., 0] == -1.0) & (points[..., 1] == -1.0)
+    return (scores > threshold) & ~placeholder
+
+
+def _draw_limb(canvas: np.ndarray, a: tuple[float, float], b: tuple[float, float], color: Sequence[int]) -> None:
+    (xa, ya), (xb, yb) = a, b
+    mx, my = (xa + xb) / 2.0, (ya + yb) / 2.0
+    length = ((xa - xb) ** 2 + (ya - yb) ** 2) ** 0.5
+    # Direction measured from the second end point to the first, truncated like the source.
+    angle = math.degrees(math.atan2(ya - yb, xa - xb))
+    polygon = cv2.ellipse2Poly((int(mx), int(my)), (int(length / 2), STICK_WIDTH), int(angle), 0, 360, 1)
+    cv2.fillConvexPoly(canvas, polygon, tuple(int(c) for c in color))
+
+
+def _draw_body(canvas: np.ndarray, frame: OpenPoseFrame, with_feet: bool) -> None:
+    h, w = canvas.shape[:2]
+    if with_feet:
+        pts, scores = frame.body_and_feet, frame.body_and_feet_scores
+        limbs = BODY_LIMBS[:BODY_LIMBS_DRAWN] + FOOT_LIMBS
+    else:
+        pts, scores = frame.body, frame.body_scores
+        limbs = BODY_LIMBS[:BODY_LIMBS_DRAWN]
+    present = _present(pts, scores, frame.threshold)
+    px = pts * np.array([float(w), float(h)])  # pixels, still float (truncated at use)
+
+    for i, (ja, jb) in enumerate(limbs):  # limb-major over persons, as the source loops
+        a, b = ja - 1, jb - 1  # the limb lists are 1-based
+        for n in range(frame.num_persons):
+            if present[n, a] and present[n, b]:
+                _draw_limb(canvas, (px[n, a, 0], px[n, a, 1]), (px[n, b, 0], px[n, b, 1]), _COLORS_20[i])
+
+    # Dim the limbs: float multiply then uint8 cast (truncation), in place.
+    canvas[:] = (canvas * LIMB_DIM).astype(np.uint8)
+
+    for i in range(pts.shape[1]):
+        for n in range(frame.num_persons):
+            if present[n, i]:
+                centre = (int(pts[n, i, 0] * w), int(pts[n, i, 1] * h))
+                cv2.circle(canvas, centre, BODY_POINT_RADIUS, _COLORS_20[i], thickness=-1)
+
+
+def _draw_hands(canvas: np.ndarray, frame: OpenPoseFrame) -> None:
+    h, w = canvas.shape[:2]
+    # DWPose stacks all left hands, then all right hands (A.5); overlap order follows.
+    for hand in list(frame.left_hands) + list(frame.right_hands):
+        xs = [int(x * w) for x in hand[:, 0]]
+        ys = [int(y * h) for y in hand[:, 1]]
+        ok = [x > EPS and y > EPS for x, y in zip(xs, ys)]
+        for k, (a, b) in enumerate(HAND_EDGES):
+            if ok[a] and ok[b]:
+                cv2.line(canvas, (xs[a], ys[a]), (xs[b], ys[b]), hand_edge_color(k), thickness=HAND_LINE_THICKNESS)
+        for x, y, good in zip(xs, ys, ok):
+            if good:
+                cv2.circle(canvas, (x, y), HAND_POINT_RADIUS, HAND_POINT_COLOR, thickness=-1)
+
+
+def _draw_faces(canvas: np.ndarray, frame: OpenPoseFrame) -> None:
+    h, w = canvas.shape[:2]
+    for face in frame.faces:
+        for xf, yf in face:
+            x, y = int(xf * w), int(yf * h)
+            if x > EPS and y > EPS:
+                cv2.circle(canvas, (x, y), FACE_POINT_RADIUS, FACE_POINT_COLOR, thickness=-1)
+
+
+def draw_pose(frame: OpenPoseFrame, height: int, width: int, style: PoseStyle = "unianimate") -> np.ndarray:
+    """Render one frame's poses; returns uint8 [H, W, 3] in RGB channel order (see module doc)."""
+    if style not in POSE_STYLES:
+        raise ValueError(f"unknown pose style {style!r}; expected one of {POSE_STYLES}")
+    if height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive, got {height}x{width}")
+    canvas = np.zeros((int(height), int(width), 3), dtype=np.uint8)
+    unianimate = style == "unianimate"
+    _draw_body(canvas, frame, with_feet=unianimate)
+    _draw_hands(canvas, frame)
+    if not unianimate:
+        _draw_faces(canvas, frame)
+    if unianimate:
+        # The lists were drawn as if channel 0 were Blue (UniAnimate's OpenCV canvas, A.7):
+        # read back as RGB that is a swap of channels 0 and 2.
+        canvas = np.ascontiguousarray(canvas[..., ::-1])
+    return canvas
+
+
+def draw_pose_sequence(
+    frames: Sequence[OpenPoseFrame], height: int, width: int, style: PoseStyle = "unianimate"
+) -> np.ndarray:
+    """Render T frames; returns uint8 [T, H, W, 3] (T may be 0)."""
+    if style not in POSE_STYLES:
+        raise ValueError(f"unknown pose style {style!r}; expected one of {POSE_STYLES}")
+    out = np.zeros((len(frames), int(height), int(width), 3), dtype=np.uint8)
+    for t, frame in enumerate(frames):
+        out[t] = draw_pose(frame, height, width, style)
+    return out
