@@ -22,6 +22,22 @@ WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="folder th
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="profile YAML (default: built-in defaults)")]
 
 
+def _checked_config(folder: Path, config: Path | None, pose_weights: bool = True):
+    """The profile, checked before anything is created: the input folder, the values, the
+    weight files it names (one clear message for whatever is missing)."""
+    from data_schemas import load_config
+
+    if not folder.is_dir():
+        raise typer.BadParameter(f"{folder}: not a folder", param_hint="FOLDER")
+    try:
+        cfg = load_config(config)
+        if pose_weights and cfg.pose.models == "files":
+            cfg.pose.model_files()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    return cfg
+
+
 def _print_summary(summary) -> None:
     table = Table(title="ingest")
     for column in ("files", "ok", "failed", "duplicates", "clips"):
@@ -40,15 +56,12 @@ def ingest(
     workers: Annotated[Optional[int], typer.Option(help="local worker threads (default: CPU count)")] = None,
 ) -> None:
     """Validate, deduplicate and cut a folder of raw videos into normalised clips."""
-    if not folder.is_dir():
-        raise typer.BadParameter(f"{folder}: not a folder", param_hint="FOLDER")
+    cfg = _checked_config(folder, config, pose_weights=False)
     workspace = use_workspace(workspace)
-    from data_schemas import load_config
     from flows.ingest import ingest as ingest_flow
     from flows.runtime import make_task_runner
 
     try:
-        cfg = load_config(config)
         runner = make_task_runner(dask_address, workers)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -72,19 +85,11 @@ def preprocess(
     workers: Annotated[Optional[int], typer.Option(help="local worker threads (default: CPU count)")] = None,
 ) -> None:
     """Ingest a folder of raw videos, then extract poses of every clip."""
-    if not folder.is_dir():
-        raise typer.BadParameter(f"{folder}: not a folder", param_hint="FOLDER")
+    cfg = _checked_config(folder, config)
     workspace = use_workspace(workspace)
-    from data_schemas import load_config
     from flows.preprocess import preprocess as preprocess_flow
     from flows.runtime import make_task_runner
 
-    try:
-        cfg = load_config(config)
-        if cfg.pose.models == "files":
-            cfg.pose.model_files()  # missing weights: one clear message before any work
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
     summary = preprocess_flow.with_options(task_runner=make_task_runner(None, workers))(folder, workspace, cfg)
     _print_preprocess(summary)
 
