@@ -64,11 +64,15 @@ def test_demo_produces_the_documented_files(tmp_path):
     workspace = tmp_path / "ws"
     done = subprocess.run([*CLI, "demo", "--workspace", str(workspace)], env=cli_env(), capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
-    produced = {p.relative_to(workspace).as_posix() for p in workspace.rglob("*") if p.is_file() and ".prefect" not in p.parts}
+    produced = {p.relative_to(workspace).as_posix() for p in workspace.rglob("*") if p.is_file()}
+    hidden = {p for p in produced if p.startswith(".")}  # Prefect's home and results, the tiny models
+    assert {p for p in hidden if p.startswith(".models/")} and all(p.startswith((".prefect/", ".models/")) for p in hidden)
     clips = read_records(workspace / "manifests/clips.parquet", ClipRecord)
     samples = {f"samples/raw/sample_{i:02d}.{ext}" for i in range(4) for ext in ("mp4", "gt.npz")}
-    expected = {"manifests/videos.parquet", "manifests/clips.parquet"} | samples | {c.path for c in clips}
-    assert produced == expected
+    manifests = {f"manifests/{name}.parquet" for name in ("videos", "clips", "poses")}
+    poses = {f"poses/{c.clip_id}.npz" for c in clips}
+    expected = manifests | samples | {c.path for c in clips} | poses | {"reports/pose-contact-sheet.png"}
+    assert produced - hidden == expected
     # Sample 2 has a scene cut: four videos give five clips.
     assert len(clips) == 5 and all(v.status == "ok" for v in read_records(workspace / "manifests/videos.parquet", VideoRecord))
     for clip in clips:

@@ -66,14 +66,16 @@ def make_session(path: Path, provider: str = "auto") -> ort.InferenceSession:
     return session
 
 
-def letterbox(image: np.ndarray) -> tuple[np.ndarray, float]:
-    """YOLOX input: the image scaled to fit 640x640, pasted top-left on a 114 canvas (A.3)."""
+def letterbox_into(image: np.ndarray, out_chw: np.ndarray) -> float:
+    """YOLOX input (A.3): the image scaled to fit 640x640 and pasted top-left on a 114 canvas,
+    written straight into a float32 [3, 640, 640] slot (no HWC copy, no transposed copy)."""
     height, width = image.shape[:2]
     ratio = min(DET_INPUT[0] / height, DET_INPUT[1] / width)
     resized = cv2.resize(image, (int(width * ratio), int(height * ratio)), interpolation=cv2.INTER_LINEAR)
-    canvas = np.full((*DET_INPUT, 3), PAD_VALUE, np.uint8)
-    canvas[: resized.shape[0], : resized.shape[1]] = resized
-    return canvas, ratio
+    out_chw.fill(PAD_VALUE)
+    for c in range(3):
+        out_chw[c, : resized.shape[0], : resized.shape[1]] = resized[..., c]
+    return ratio
 
 
 def _grids() -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +98,10 @@ def decode_detections(raw: np.ndarray, ratio: float, pre_threshold: float, nms_i
     the boxes whose person score passes ``pre_threshold``. Result ordered by score.
     """
     scores = raw[:, 4] * raw[:, 5]  # objectness x person probability
-    keep = scores > pre_threshold
+    # Greedy NMS never lets a box suppress a higher-scoring one, so boxes that the final
+    # threshold will drop cannot change which others survive: dropping them before NMS
+    # gives the same result, and NMS runs over a handful of boxes instead of thousands.
+    keep = scores > max(pre_threshold, threshold)
     if not keep.any():
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
     centres = (raw[keep, :2] + _GRID[keep]) * _STRIDE[keep]
@@ -104,7 +109,6 @@ def decode_detections(raw: np.ndarray, ratio: float, pre_threshold: float, nms_i
     boxes = np.concatenate([centres - sizes / 2, centres + sizes / 2], axis=1) / ratio
     boxes_t, scores_t = torch.from_numpy(boxes), torch.from_numpy(scores[keep])
     order = torchvision.ops.nms(boxes_t, scores_t, nms_iou).numpy()
-    order = order[scores[keep][order] > threshold]
     return boxes[order].astype(np.float32), scores[keep][order].astype(np.float32)
 
 
@@ -129,6 +133,16 @@ def crop_transform(centre: np.ndarray, scale: np.ndarray, out_wh: tuple[int, int
     dst_c = np.array([out_w * 0.5, out_h * 0.5])
     dst = np.stack([dst_c, dst_c + dst_dir, dst_c + dst_dir + [dst_dir[1], -dst_dir[0]]]).astype(np.float32)
     return cv2.getAffineTransform(src, dst)
+
+
+def normalise_crops(crops: np.ndarray) -> np.ndarray:
+    """uint8 [N,H,W,3] -> float32 [N,3,H,W] of (pixel - mean) / std (A.4), one channel at a
+    time into the output: four times faster than the broadcast-then-transpose idiom."""
+    out = np.empty((crops.shape[0], 3, *crops.shape[1:3]), np.float32)
+    for c in range(3):
+        np.multiply(crops[..., c], np.float32(1.0 / POSE_STD[c]), out=out[:, c], casting="unsafe")
+        out[:, c] -= np.float32(POSE_MEAN[c] / POSE_STD[c])
+    return out
 
 
 def decode_simcc(simcc_x: np.ndarray, simcc_y: np.ndarray, centres: np.ndarray, scales: np.ndarray, in_wh):
@@ -168,36 +182,38 @@ class DWPose:
 
     def detect(self, frames: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Person boxes and scores for every frame of uint8 [T,H,W,3]."""
-        inputs, ratios = zip(*(letterbox(f) for f in frames)) if len(frames) else ((), ())
-        batch = np.ascontiguousarray(np.stack(inputs).transpose(0, 3, 1, 2), dtype=np.float32) if inputs else None
-        step = len(frames) if self.det_batched else 1
-        raws = [self._run(self.detector, "detector", {self.det_input: batch[i : i + step]})[0] for i in range(0, len(frames), step)]
-        raw = np.concatenate(raws) if raws else np.zeros((0,))
-        return [decode_detections(raw[t], ratios[t], self.pre_threshold, self.nms_iou, self.threshold) for t in range(len(frames))]
+        step = max(1, len(frames)) if self.det_batched else 1
+        # One input buffer reused per call: a static-batch detector (the real one) then
+        # touches 5 MB per frame instead of 5 MB x frames.
+        buffer = np.empty((step, 3, *DET_INPUT), np.float32)
+        results = []
+        for first in range(0, len(frames), step):
+            chunk = frames[first : first + step]
+            ratios = [letterbox_into(frame, slot) for frame, slot in zip(chunk, buffer)]
+            (raw,) = self._run(self.detector, "detector", {self.det_input: buffer[: len(chunk)]})
+            results += [decode_detections(raw[i], ratios[i], self.pre_threshold, self.nms_iou, self.threshold) for i in range(len(chunk))]
+        return results
 
     def estimate_boxes(self, frames: np.ndarray, boxes_per_frame: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Keypoints and scores of every box in every frame, all crops through the pose model in batches."""
         in_h, in_w = self.pose_hw
-        crops, centres, scales, owners = [], [], [], []
-        for t, boxes in enumerate(boxes_per_frame):
-            for box in boxes:
-                centre, scale = box_to_centre_scale(box, in_w / in_h)
-                crops.append(cv2.warpAffine(frames[t], crop_transform(centre, scale, (in_w, in_h)), (in_w, in_h), flags=cv2.INTER_LINEAR))
-                centres.append(centre)
-                scales.append(scale)
-                owners.append(t)
+        owners = np.asarray([t for t, boxes in enumerate(boxes_per_frame) for _ in boxes], np.int64)
         results = [(np.zeros((0, 133, 2), np.float32), np.zeros((0, 133), np.float32)) for _ in boxes_per_frame]
-        if not crops:
+        if not len(owners):
             return results
-        batch = ((np.stack(crops).astype(np.float32) - POSE_MEAN) / POSE_STD).transpose(0, 3, 1, 2)
-        batch = np.ascontiguousarray(batch)
+        crops = np.empty((len(owners), in_h, in_w, 3), np.uint8)
+        centres = np.empty((len(owners), 2), np.float32)
+        scales = np.empty((len(owners), 2), np.float32)
+        for i, (t, box) in enumerate(zip(owners, (b for boxes in boxes_per_frame for b in boxes))):
+            centres[i], scales[i] = box_to_centre_scale(box, in_w / in_h)
+            cv2.warpAffine(frames[t], crop_transform(centres[i], scales[i], (in_w, in_h)), (in_w, in_h), dst=crops[i], flags=cv2.INTER_LINEAR)
+        batch = normalise_crops(crops)
         step = self.batch_size if self.pose_batched else 1
         outs = [self._run(self.pose, "pose", {self.pose_input: batch[i : i + step]}) for i in range(0, len(batch), step)]
         simcc_x = np.concatenate([o[0] for o in outs])
         simcc_y = np.concatenate([o[1] for o in outs])
-        points, scores = decode_simcc(simcc_x, simcc_y, np.stack(centres), np.stack(scales), (in_w, in_h))
-        owners_arr = np.asarray(owners)
-        return [(points[owners_arr == t], scores[owners_arr == t]) for t in range(len(boxes_per_frame))]
+        points, scores = decode_simcc(simcc_x, simcc_y, centres, scales, (in_w, in_h))
+        return [(points[owners == t], scores[owners == t]) for t in range(len(boxes_per_frame))]
 
     def estimate(self, frames: np.ndarray, max_persons: int | None = None) -> tuple[list[FramePoses], int]:
         """Whole-body poses of every frame; with ``max_persons``, only the largest boxes are kept.
