@@ -164,3 +164,11 @@ def test_shipped_default_profile_is_the_built_in_default():
     from pathlib import Path
 
     assert load_config(Path(__file__).parents[1] / "configs" / "default.yaml") == load_config(None)
+
+
+def test_real_profile_names_the_dwpose_files():
+    from pathlib import Path
+
+    pose = load_config(Path(__file__).parents[1] / "configs" / "real.yaml").pose
+    assert pose.models == "files" and pose.detector_path.name == "yolox_l.onnx"
+    assert pose.pose_model_path.name == "dw-ll_ucoco_384.onnx"
