@@ -82,6 +82,17 @@ def test_missing_weights_name_the_files_and_where_to_get_them(tmp_path):
     assert not (tmp_path / "ws").exists()
 
 
+def contact_sheet_artifact(flow_run_id) -> str:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=["pose-contact-sheet"]))
+        )
+    return artifact.data
+
+
 @pytest.mark.slow
 def test_preprocess_flow_writes_poses_and_caches_them(tmp_path, prefect_api):
     from flows.preprocess import preprocess
@@ -90,8 +101,10 @@ def test_preprocess_flow_writes_poses_and_caches_them(tmp_path, prefect_api):
     folder, workspace = tmp_path / "in", tmp_path / "ws"
     for i in range(2):
         make_synthetic_video(SyntheticSpec(num_frames=30, num_persons=2, seed=i), folder, f"v{i}")
-    summary = preprocess(folder, workspace, ProjectConfig())
+    first = preprocess(folder, workspace, ProjectConfig(), return_state=True)
+    summary = first.result()
     records = read_records(workspace / "manifests/poses.parquet", PoseRecord)
+    assert "data:image/jpeg;base64," in contact_sheet_artifact(first.state_details.flow_run_id)
     assert summary.num_posed == len(records) == summary.num_clips == 2 and summary.failed_clips == []
     assert all((workspace / r.path).exists() for r in records) and (workspace / "reports/pose-contact-sheet.png").exists()
     state = preprocess(folder, workspace, ProjectConfig(), return_state=True)
