@@ -109,11 +109,43 @@ class PoseConfig(_Config):
         return files
 
 
+SAM2_HOWTO = (
+    "Download a SAM2.1 video model in transformers format (e.g. the Hugging Face repository "
+    "facebook/sam2.1-hiera-large: config.json, model.safetensors and the processor files) into this folder, "
+    "or point segment.sam2_path of your profile at it; or use the random-weight 'tiny' model (segment.models: tiny)."
+)
+
+
+class SegmentConfig(_Config):
+    """Per-person masklets with SAM2.1, stable identities, pose assignment (spec B)."""
+
+    models: Literal["tiny", "files"] = Field(
+        "tiny", description="'tiny': small random-weight SAM2 built at run time; 'files': SAM2.1 from sam2_path"
+    )
+    sam2_path: Path = Field(Path("weights/sam2.1-hiera-large"), description="folder of a transformers-format SAM2.1 model")
+    tiny_seed: int = Field(0, description="seed of the tiny model's random weights")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where SAM2 runs; auto = CUDA when present")
+    max_persons: int = Field(7, ge=1, le=255, description="persons tracked per clip at most (label pool - 1)")
+    new_person_iou: float = Field(0.3, gt=0, le=1, description="a box overlapping every known person less starts a new one")
+    keypoint_threshold: float = Field(0.3, ge=0, le=1, description="keypoints that count for pose-to-mask assignment")
+    frames_per_chunk: int = Field(32, ge=1, description="frames decoded at a time")
+
+
+    def model_folder(self) -> Path:
+        """The real model's folder; one ValueError naming it and what it must hold when missing."""
+        folder = Path(self.sam2_path)
+        missing = [name for name in ("config.json",) if not (folder / name).is_file()]
+        if missing:
+            raise ValueError(f"SAM2 weights missing: {folder} (needs {', '.join(missing)} and the weights). {SAM2_HOWTO}")
+        return folder
+
+
 class ProjectConfig(_Config):
     """Every stage's configuration; a profile YAML fills some of it."""
 
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="the ingest stage")
     pose: PoseConfig = Field(default_factory=PoseConfig, description="the pose stage")
+    segment: SegmentConfig = Field(default_factory=SegmentConfig, description="the segment stage")
 
 
 def load_config(path: Path | None = None) -> ProjectConfig:

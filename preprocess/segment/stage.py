@@ -1,0 +1,87 @@
+"""The segment stage: one clip + its poses -> masks/<clip_id>.npz (layout in data_schemas.mask)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from data_schemas.atomic import atomic_path
+from data_schemas.config import SegmentConfig
+from data_schemas.mask import MASKS_DIR, MaskRecord
+from preprocess.media import read_frames
+from preprocess.pose.stage import load_poses
+from preprocess.segment.identity import IdentityTracker, Segmenter
+
+
+def _device(cfg: SegmentConfig) -> str:
+    import torch
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("segment.device is 'cuda' but torch sees no GPU")
+    return "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+@lru_cache(maxsize=2)
+def _model(models: str, folder: Path, seed: int, device: str):
+    # Loading SAM2 is costly: once per process and model.
+    from preprocess.segment import sam2
+
+    if models == "tiny":
+        return sam2.build_tiny_sam2(seed)
+    return sam2.load_sam2(folder, device=device)
+
+
+def sam2_factory(cfg: SegmentConfig) -> tuple[Callable[[], Segmenter], str]:
+    """A maker of fresh SAM2 trackers (one per clip) and the name of the mask source."""
+    from preprocess.segment.sam2 import Sam2Tracker
+
+    device = _device(cfg)
+    folder = cfg.model_folder() if cfg.models == "files" else Path()
+    model, processor = _model(cfg.models, folder, cfg.tiny_seed, device)
+    return (lambda: Sam2Tracker(model, processor, device=device)), ("sam2" if cfg.models == "files" else "sam2-tiny")
+
+
+def segment_clip(clip: Path, clip_id: str, poses_path: Path, make_segmenter: Callable[[], Segmenter], source: str,
+                 cfg: SegmentConfig, workspace: Path) -> MaskRecord:  # fmt: skip
+    """Track every person of one clip, fix their order, assign poses, write the label map."""
+    poses = load_poses(poses_path)
+    counts = poses["num_persons"]
+    num_frames, height, width = len(counts), int(poses["height"]), int(poses["width"])
+    # A clip with nobody in it never reaches the segmenter.
+    segmenter = make_segmenter() if counts.any() else None
+    tracker = IdentityTracker(segmenter, num_frames, height, width, cfg.max_persons, cfg.new_person_iou, cfg.keypoint_threshold)
+    if segmenter is not None:
+        for start in range(0, num_frames, cfg.frames_per_chunk):
+            picks = list(range(start, min(start + cfg.frames_per_chunk, num_frames)))
+            for t, frame in zip(picks, read_frames(clip, picks)):
+                n = counts[t]
+                tracker.step(frame, poses["keypoints"][t, :n], poses["scores"][t, :n], poses["boxes"][t, :n])
+    label_map, pose_index, first_frame = tracker.finish()
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, label_map=label_map, pose_index=pose_index, first_frame=first_frame, source=np.array(source))
+    data = buffer.getvalue()
+    out = Path(workspace) / MASKS_DIR / f"{clip_id}.npz"
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(data)
+    return MaskRecord(
+        clip_id=clip_id,
+        path=f"{MASKS_DIR}/{out.name}",
+        sha256=hashlib.sha256(data).hexdigest(),
+        num_frames=num_frames,
+        width=width,
+        height=height,
+        num_persons=int(pose_index.shape[1]),
+        frames_with_persons=int((label_map.reshape(num_frames, -1).max(axis=1) > 0).sum()) if num_frames else 0,
+        ignored_arrivals=tracker.ignored_arrivals,
+        source=source,
+    )
+
+
+def load_masks(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
