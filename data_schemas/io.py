@@ -7,7 +7,6 @@ never drift apart. Files carry the schema version and the record name in their m
 from __future__ import annotations
 
 import enum
-import os
 import types
 import typing
 from pathlib import Path
@@ -45,6 +44,10 @@ def _arrow_type(annotation: object) -> tuple[pa.DataType, bool]:
         if len(args) != 1:
             raise TypeError(f"unsupported union {annotation!r}")
         return _arrow_type(args[0])[0], True
+    if origin is typing.Literal and all(isinstance(a, str) for a in typing.get_args(annotation)):
+        return pa.string(), False
+    if origin is tuple and typing.get_args(annotation)[1:] == (Ellipsis,):
+        return pa.list_(_arrow_type(typing.get_args(annotation)[0])[0]), False
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return pa.string(), False
     if isinstance(annotation, type) and annotation in _ARROW_TYPES:

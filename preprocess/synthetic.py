@@ -32,7 +32,6 @@ Ground-truth conventions
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import subprocess
 import tempfile

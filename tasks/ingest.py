@@ -13,7 +13,7 @@ import data_schemas.video
 from data_schemas.config import IngestConfig
 from data_schemas.video import VideoRecord
 from preprocess import media, video
-from preprocess.video import FoundFile, IngestResult
+from preprocess.video import IngestResult
 from tasks.common import code_version, retry_transient
 
 INGEST_CODE = code_version(video, media, data_schemas.video)
