@@ -39,6 +39,9 @@ class PreprocessSummary(BaseModel):
 
     num_clips: int = Field(description="clips in the clip manifest")
     num_posed: int = Field(description="clips with poses")
-    failed_clips: list[str] = Field(default_factory=list, description="clip ids whose pose task failed")
+    num_segmented: int = Field(description="clips with masks")
+    failed_clips: list[str] = Field(default_factory=list, description="clip ids whose pose or segment task failed")
     poses_manifest: str = Field(description="path of manifests/poses.parquet")
+    masks_manifest: str = Field(description="path of manifests/masks.parquet")
     contact_sheet: str | None = Field(default=None, description="path of the rendered-pose contact sheet")
+    mask_overlays: str | None = Field(default=None, description="path of the mask overlay sheet")

@@ -22,7 +22,7 @@ WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="folder th
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="profile YAML (default: built-in defaults)")]
 
 
-def _checked_config(folder: Path, config: Path | None, pose_weights: bool = True):
+def _checked_config(folder: Path, config: Path | None, weights: bool = True):
     """The profile, checked before anything is created: the input folder, the values, the
     weight files it names (one clear message for whatever is missing)."""
     from data_schemas import load_config
@@ -31,8 +31,10 @@ def _checked_config(folder: Path, config: Path | None, pose_weights: bool = True
         raise typer.BadParameter(f"{folder}: not a folder", param_hint="FOLDER")
     try:
         cfg = load_config(config)
-        if pose_weights and cfg.pose.models == "files":
+        if weights and cfg.pose.models == "files":
             cfg.pose.model_files()
+        if weights and cfg.segment.models == "files":
+            cfg.segment.model_folder()
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     return cfg
@@ -56,7 +58,7 @@ def ingest(
     workers: Annotated[Optional[int], typer.Option(help="local worker threads (default: CPU count)")] = None,
 ) -> None:
     """Validate, deduplicate and cut a folder of raw videos into normalised clips."""
-    cfg = _checked_config(folder, config, pose_weights=False)
+    cfg = _checked_config(folder, config, weights=False)
     workspace = use_workspace(workspace)
     from flows.ingest import ingest as ingest_flow
     from flows.runtime import make_task_runner
@@ -71,10 +73,12 @@ def ingest(
 
 def _print_preprocess(summary) -> None:
     console.print(f"poses of {summary.num_posed}/{summary.num_clips} clip(s): {summary.poses_manifest}")
+    console.print(f"masks of {summary.num_segmented}/{summary.num_clips} clip(s): {summary.masks_manifest}")
     if summary.failed_clips:
         console.print(f"[red]failed clips: {', '.join(summary.failed_clips)}[/red]")
-    if summary.contact_sheet:
-        console.print(f"contact sheet:   {summary.contact_sheet}")
+    for name, path in (("contact sheet", summary.contact_sheet), ("mask overlays", summary.mask_overlays)):
+        if path:
+            console.print(f"{name}: {path}")
 
 
 @app.command()
@@ -84,7 +88,7 @@ def preprocess(
     config: ConfigOpt = None,
     workers: Annotated[Optional[int], typer.Option(help="local worker threads (default: CPU count)")] = None,
 ) -> None:
-    """Ingest a folder of raw videos, then extract poses of every clip."""
+    """Ingest a folder of raw videos, extract poses of every clip, then track every person."""
     cfg = _checked_config(folder, config)
     workspace = use_workspace(workspace)
     from flows.preprocess import preprocess as preprocess_flow
@@ -92,6 +96,24 @@ def preprocess(
 
     summary = preprocess_flow.with_options(task_runner=make_task_runner(None, workers))(folder, workspace, cfg)
     _print_preprocess(summary)
+
+
+@app.command("import-legacy")
+def import_legacy(
+    root: Annotated[Path, typer.Argument(help="folder holding processed_data/<video>/ pickles and/or demo folders")],
+    workspace: WorkspaceOpt = Path("workspace"),
+    trust_pickles: Annotated[bool, typer.Option("--trust-pickles", help="unpickle the seed's .pkl files: they can run code, "
+                                                "so only for data from a source you trust")] = False,
+    fps: Annotated[float, typer.Option(help="frame rate of the imported clips")] = 25.0,
+) -> None:
+    """Import the seed's training pickles and demo folders as clips, pose images and label maps."""
+    if not root.is_dir():
+        raise typer.BadParameter(f"{root}: not a folder", param_hint="ROOT")
+    workspace = use_workspace(workspace)
+    from flows.legacy import import_legacy as import_flow
+
+    clips = import_flow(root, workspace, trust_pickles=trust_pickles, fps=fps)
+    console.print(f"imported {len(clips)} clip(s) into {workspace} (manifests/legacy.parquet)")
 
 
 @app.command()

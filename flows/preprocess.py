@@ -1,4 +1,4 @@
-"""The preprocess flow: raw videos -> clips -> poses (-> masks, shards as their stages land)."""
+"""The preprocess flow: raw videos -> clips -> poses -> masks (-> shards as that stage lands)."""
 
 from __future__ import annotations
 
@@ -8,48 +8,50 @@ from prefect import flow
 from prefect.logging import get_run_logger
 
 from data_schemas import ClipRecord, PoseRecord, ProjectConfig, read_records, write_records
+from data_schemas.mask import MaskRecord
 from data_schemas.pose import PreprocessSummary
 from flows.ingest import ingest
-from flows.runtime import MANIFESTS_DIR
+from flows.runtime import MANIFESTS_DIR, run_per_clip
 from preprocess.pose.stage import models_digest, resolve_models
-from tasks.common import result_storage
+from preprocess.segment.stage import sam2_digest
 from tasks.pose import extract_poses, publish_contact_sheet
+from tasks.segment import publish_overlays, segment_clip
 
 
 @flow(name="preprocess", flow_run_name="preprocess {folder}")
 def preprocess(folder: Path, workspace: Path, config: ProjectConfig = ProjectConfig()) -> PreprocessSummary:
-    """Ingest ``folder``, then extract whole-body poses of every clip."""
+    """Ingest ``folder``, extract whole-body poses of every clip, then track every person."""
     logger = get_run_logger()
     workspace = Path(workspace).absolute()
-    files = resolve_models(config.pose, workspace)  # fails first, naming any missing weights
+    pose_files = resolve_models(config.pose, workspace)  # fails first, naming any missing weights
+    sam2_models = sam2_digest(config.segment)
     ingest(folder, workspace, config.ingest)
-    clips = read_records(workspace / MANIFESTS_DIR / "clips.parquet", ClipRecord)
+    clips = {c.clip_id: c for c in read_records(workspace / MANIFESTS_DIR / "clips.parquet", ClipRecord)}
 
-    models = models_digest(files)
-    task = extract_poses.with_options(result_storage=result_storage(workspace))
+    pose_models = models_digest(pose_files)
+    poses, pose_failed = run_per_clip(extract_poses, workspace, {
+        i: (workspace / c.path, i, c.sha256, config.pose, pose_files, pose_models, workspace) for i, c in clips.items()
+    })  # fmt: skip
+    masks, mask_failed = run_per_clip(segment_clip, workspace, {
+        i: (workspace / clips[i].path, i, clips[i].sha256, workspace / p.path, p.sha256, config.segment, sam2_models, workspace)
+        for i, p in poses.items()
+    })  # fmt: skip
+    for clip_id in pose_failed + mask_failed:
+        logger.error("clip %s failed, see its task run", clip_id)
 
-    def submit(clip: ClipRecord, refresh: bool = False):
-        run = task.with_options(refresh_cache=True) if refresh else task
-        return run.submit(workspace / clip.path, clip.clip_id, clip.sha256, config.pose, files, models, workspace)
-
-    by_id = {clip.clip_id: clip for clip in clips}
-    futures = {clip.clip_id: submit(clip) for clip in clips}
-    outcomes = {clip_id: future.result(raise_on_failure=False) for clip_id, future in futures.items()}
-    # A cache hit whose poses file was deleted since: compute it again.
-    stale = [i for i, o in outcomes.items() if not isinstance(o, BaseException) and not (workspace / o.path).exists()]
-    outcomes |= {i: submit(by_id[i], refresh=True).result(raise_on_failure=False) for i in stale}
-
-    records = [o for o in outcomes.values() if not isinstance(o, BaseException)]
-    failed = [i for i, o in outcomes.items() if isinstance(o, BaseException)]
-    for clip_id in failed:
-        logger.error("pose of clip %s failed: %r", clip_id, outcomes[clip_id])
-    manifest = write_records(records, PoseRecord, workspace / MANIFESTS_DIR / "poses.parquet")
-    sheet = publish_contact_sheet(workspace, records, config.pose)
-    logger.info("poses of %d clip(s) written, %d failed", len(records), len(failed))
+    manifests = workspace / MANIFESTS_DIR
+    write_records(list(poses.values()), PoseRecord, manifests / "poses.parquet")
+    write_records(list(masks.values()), MaskRecord, manifests / "masks.parquet")
+    sheet = publish_contact_sheet(workspace, list(poses.values()), config.pose)
+    overlays = publish_overlays(workspace, list(masks.values()))
+    logger.info("poses of %d clip(s), masks of %d; %d failed", len(poses), len(masks), len(pose_failed + mask_failed))
     return PreprocessSummary(
         num_clips=len(clips),
-        num_posed=len(records),
-        failed_clips=failed,
-        poses_manifest=str(manifest),
+        num_posed=len(poses),
+        num_segmented=len(masks),
+        failed_clips=pose_failed + mask_failed,
+        poses_manifest=str(manifests / "poses.parquet"),
+        masks_manifest=str(manifests / "masks.parquet"),
         contact_sheet=str(sheet) if sheet else None,
+        mask_overlays=str(overlays) if overlays else None,
     )

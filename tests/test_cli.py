@@ -69,9 +69,10 @@ def test_demo_produces_the_documented_files(tmp_path):
     assert {p for p in hidden if p.startswith(".models/")} and all(p.startswith((".prefect/", ".models/")) for p in hidden)
     clips = read_records(workspace / "manifests/clips.parquet", ClipRecord)
     samples = {f"samples/raw/sample_{i:02d}.{ext}" for i in range(4) for ext in ("mp4", "gt.npz")}
-    manifests = {f"manifests/{name}.parquet" for name in ("videos", "clips", "poses")}
-    poses = {f"poses/{c.clip_id}.npz" for c in clips}
-    expected = manifests | samples | {c.path for c in clips} | poses | {"reports/pose-contact-sheet.png"}
+    manifests = {f"manifests/{name}.parquet" for name in ("videos", "clips", "poses", "masks")}
+    per_clip = {f"{stage}/{c.clip_id}.npz" for c in clips for stage in ("poses", "masks")}
+    reports = {"reports/pose-contact-sheet.png", "reports/mask-overlays.png"}
+    expected = manifests | samples | {c.path for c in clips} | per_clip | reports
     assert produced - hidden == expected
     # Sample 2 has a scene cut: four videos give five clips.
     assert len(clips) == 5 and all(v.status == "ok" for v in read_records(workspace / "manifests/videos.parquet", VideoRecord))

@@ -342,3 +342,29 @@ def test_find_legacy(tmp_path: Path, clip: SyntheticClip) -> None:
     ]
     assert find_legacy(root / "demo" / "2people") == [("demo", root / "demo" / "2people")]
     assert find_legacy(tmp_path / "absent") == []
+
+
+@pytest.mark.slow
+def test_import_legacy_command_refuses_pickles_unless_trusted(tmp_path: Path, clip: SyntheticClip) -> None:
+    """The CLI verb over a root holding both layouts: without --trust-pickles the demo folder
+    is imported and the pickled one is refused with the flag named; with it both are."""
+    import subprocess
+    import sys
+
+    from data_schemas import read_records
+    from data_schemas.legacy import LegacyClip
+    from tests.test_cli import cli_env
+
+    root = tmp_path / "seed"
+    _make_training(root / "processed_data" / "video1", clip)
+    _make_demo(root / "demo" / "2people", clip)
+    command = [sys.executable, "-m", "flows.cli", "import-legacy", str(root), "-w", str(tmp_path / "ws")]
+    done = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--trust-pickles" in done.stderr and "frames.pkl" in done.stderr
+    assert [c.kind for c in read_records(tmp_path / "ws" / "manifests" / "legacy.parquet", LegacyClip)] == ["demo"]
+    done = subprocess.run([*command, "--trust-pickles"], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    clips = read_records(tmp_path / "ws" / "manifests" / "legacy.parquet", LegacyClip)
+    assert sorted(c.kind for c in clips) == ["demo", "training"]
+    assert all((tmp_path / "ws" / c.masks_path).exists() for c in clips)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from data_schemas import PoseConfig, PoseRecord, ProjectConfig, read_records
+from data_schemas.mask import MaskRecord
 from preprocess.pose import stage
 from preprocess.pose.onnx_models import build_crafted_models, detector_output_for_boxes, simcc_for_points
 from preprocess.synthetic import SyntheticSpec, make_synthetic_video, render_clip
@@ -94,7 +95,7 @@ def contact_sheet_artifact(flow_run_id) -> str:
 
 
 @pytest.mark.slow
-def test_preprocess_flow_writes_poses_and_caches_them(tmp_path, prefect_api):
+def test_preprocess_flow_writes_poses_and_masks_and_caches_them(tmp_path, prefect_api):
     from flows.preprocess import preprocess
     from tests.test_ingest_flow import task_states
 
@@ -105,11 +106,16 @@ def test_preprocess_flow_writes_poses_and_caches_them(tmp_path, prefect_api):
     summary = first.result()
     records = read_records(workspace / "manifests/poses.parquet", PoseRecord)
     assert "data:image/jpeg;base64," in contact_sheet_artifact(first.state_details.flow_run_id)
+    masks = read_records(workspace / "manifests/masks.parquet", MaskRecord)
+    assert summary.num_segmented == len(masks) == 2 and all((workspace / m.path).exists() for m in masks)
+    assert {m.source for m in masks} == {"sam2-tiny"} and (workspace / "reports/mask-overlays.png").exists()
     assert summary.num_posed == len(records) == summary.num_clips == 2 and summary.failed_clips == []
     assert all((workspace / r.path).exists() for r in records) and (workspace / "reports/pose-contact-sheet.png").exists()
     state = preprocess(folder, workspace, ProjectConfig(), return_state=True)
-    states = task_states(state.state_details.flow_run_id, expected=2)
-    assert {name: s for name, s in states.items() if name.startswith("pose ")} == {f"pose {r.clip_id}": "Cached" for r in records}
+    states = task_states(state.state_details.flow_run_id, expected=4)
+    assert {name: s for name, s in states.items() if name.startswith(("pose ", "segment "))} == {
+        f"{stage} {r.clip_id}": "Cached" for r in records for stage in ("pose", "segment")
+    }
     (workspace / records[0].path).unlink()  # a lost file is made again, not served from the cache
     preprocess(folder, workspace, ProjectConfig())
     assert (workspace / records[0].path).exists()

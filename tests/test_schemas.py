@@ -172,3 +172,7 @@ def test_real_profile_names_the_dwpose_files():
     pose = load_config(Path(__file__).parents[1] / "configs" / "real.yaml").pose
     assert pose.models == "files" and pose.detector_path.name == "yolox_l.onnx"
     assert pose.pose_model_path.name == "dw-ll_ucoco_384.onnx"
+    segment = load_config(Path(__file__).parents[1] / "configs" / "real.yaml").segment
+    assert segment.models == "files"
+    with pytest.raises(ValueError, match=r"(?s)SAM2 weights missing: .*sam2.1-hiera-large.*facebook/sam2.1-hiera-large"):
+        segment.model_folder()

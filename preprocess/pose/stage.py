@@ -26,7 +26,7 @@ def resolve_models(cfg: PoseConfig, workspace: Path) -> tuple[Path, Path]:
     return cfg.model_files()
 
 
-def models_digest(files: tuple[Path, Path]) -> str:
+def models_digest(files: tuple[Path, ...]) -> str:
     """Content digest of the model files, for cache keys (hashed once per run, not per clip)."""
     digest = hashlib.sha256()
     for path in files:

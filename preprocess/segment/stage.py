@@ -14,7 +14,7 @@ from data_schemas.atomic import atomic_path
 from data_schemas.config import SegmentConfig
 from data_schemas.mask import MASKS_DIR, MaskRecord
 from preprocess.media import read_frames
-from preprocess.pose.stage import load_poses
+from preprocess.pose.stage import load_poses, models_digest
 from preprocess.segment.identity import IdentityTracker, Segmenter
 
 
@@ -34,6 +34,14 @@ def _model(models: str, folder: Path, seed: int, device: str):
     if models == "tiny":
         return sam2.build_tiny_sam2(seed)
     return sam2.load_sam2(folder, device=device)
+
+
+def sam2_digest(cfg: SegmentConfig) -> str:
+    """What identifies the SAM2 weights in cache keys: their content for real ones, the seed for tiny."""
+    if cfg.models == "tiny":
+        return f"tiny{cfg.tiny_seed}"
+    folder = cfg.model_folder()
+    return models_digest(tuple(sorted(p for p in folder.iterdir() if p.is_file())))
 
 
 def sam2_factory(cfg: SegmentConfig) -> tuple[Callable[[], Segmenter], str]:

@@ -1,0 +1,1 @@
+"""Per-person segmentation and tracking: SAM2 masklets, stable identities, pose assignment."""

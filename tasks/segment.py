@@ -1,0 +1,67 @@
+"""Prefect tasks of the segment stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.context import TaskRunContext
+from prefect.logging import get_run_logger
+
+import data_schemas.mask
+from data_schemas.config import SegmentConfig
+from data_schemas.mask import MaskRecord
+from preprocess.media import read_frames
+from preprocess.segment import identity, stage
+from tasks.common import code_version, retry_transient
+from tasks.reports import publish_image_grid
+
+SEGMENT_CODE = code_version(stage, identity, data_schemas.mask)
+OVERLAYS = "reports/mask-overlays.png"
+# Person k's overlay colour (k = 1..): saturated and far apart.
+PERSON_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180],
+                           [70, 240, 240], [240, 50, 230], [210, 245, 60]], np.uint8)  # fmt: skip
+
+
+def _segment_cache_key(context: TaskRunContext, parameters: dict) -> str:
+    config: SegmentConfig = parameters["config"]
+    return f"segment-{parameters['clip_sha256']}-{parameters['poses_sha256']}-{parameters['models']}-{config.digest()}-{SEGMENT_CODE}"
+
+
+@task(
+    name="segment",
+    task_run_name="segment {clip_id}",
+    tags=["gpu"],
+    cache_key_fn=_segment_cache_key,
+    persist_result=True,
+    retries=1,
+    retry_condition_fn=retry_transient,
+)
+def segment_clip(clip: Path, clip_id: str, clip_sha256: str, poses: Path, poses_sha256: str, config: SegmentConfig,
+                 models: str, workspace: Path) -> MaskRecord:  # fmt: skip
+    """SAM2 masklets, stable identities and pose assignment for one clip (see preprocess.segment)."""
+    make_segmenter, source = stage.sam2_factory(config)
+    record = stage.segment_clip(clip, clip_id, poses, make_segmenter, source, config, workspace)
+    get_run_logger().info("%s: %d person(s) tracked by %s, %d ignored beyond the limit", clip_id, record.num_persons, source, record.ignored_arrivals)
+    return record
+
+
+def overlay(frame: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """Each person's pixels tinted with their colour."""
+    colours = PERSON_COLOURS[np.minimum(labels, len(PERSON_COLOURS) - 1)]
+    tinted = (frame * (1 - alpha) + colours * alpha).astype(np.uint8)
+    return np.where(labels[..., None] > 0, tinted, frame)
+
+
+def publish_overlays(workspace: Path, records: list[MaskRecord], clips: int = 4, frames: int = 4) -> Path | None:
+    """reports/mask-overlays.png and its artifact: sampled frames with persons tinted by number."""
+    rows = []
+    for record in records[:clips]:
+        labels = stage.load_masks(Path(workspace) / record.path)["label_map"]
+        picks = np.linspace(0, record.num_frames - 1, frames).round().astype(int).tolist()
+        images = read_frames(Path(workspace) / "clips" / f"{record.clip_id}.mp4", picks)
+        rows.append([overlay(image, labels[t]) for t, image in zip(picks, images)])
+    if not rows:
+        return None
+    return publish_image_grid(workspace, OVERLAYS, "mask-overlays", "Masks: person k tinted with colour k", rows)
