@@ -111,20 +111,27 @@ def test_memory_stays_bounded(tiny):
 
 
 def test_pruning_does_not_change_masks(tiny, clip):
-    """Pruning drops only what the model never reads again: masks equal an unpruned run's."""
+    """Pruning drops only what the model never reads again: masks equal an unpruned run's,
+    while a window one frame shorter does change them (so the comparison can see a loss)."""
     model, processor = tiny
+    keep = default_keep_frames(model.config)
     pruned = Sam2Tracker(model, processor)
+    shorter = Sam2Tracker(model, processor, keep_frames=keep - 1)
     unpruned = Sam2Tracker(model, processor)
     unpruned._prune = lambda t: None  # the session as transformers keeps it: everything
     frames = np.concatenate([clip.frames, clip.frames[::-1], clip.frames])  # 36 frames > window
     boxes = {p: box_of(clip.masks[0, p]) for p in range(2)}
+    shorter_diff = 0.0
     for t, frame in enumerate(frames):
         new = boxes if t == 0 else {}
         ids_a, a = pruned.step(frame, new)
         ids_b, b = unpruned.step(frame, new)
+        shorter_diff = max(shorter_diff, float(np.abs(shorter.step(frame, new)[1] - b).max()))
         assert ids_a == ids_b
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=f"frame {t}")
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=f"frame {t}")
     assert len(unpruned.session.output_dict_per_obj[0]["non_cond_frame_outputs"]) == len(frames) - 1
+    assert shorter_diff > 1e-5
+    assert (b > 0).any() and (b != b[:1]).any()  # live masks, not the constant no-object score
 
 
 def test_bad_inputs(tiny, clip):

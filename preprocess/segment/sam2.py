@@ -100,6 +100,7 @@ def build_tiny_sam2(seed: int = 0, image_size: int = 128) -> tuple[Sam2VideoMode
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Sam2VideoModel(config).eval()
+        _liven(model)
     processor = Sam2VideoProcessor(
         image_processor=Sam2ImageProcessor(
             size={"height": size, "width": size}, mask_size={"height": size // 4, "width": size // 4}
@@ -108,6 +109,27 @@ def build_tiny_sam2(seed: int = 0, image_size: int = 128) -> tuple[Sam2VideoMode
         target_size=size,
     )
     return model, processor
+
+
+@torch.no_grad()
+def _liven(model: Sam2VideoModel) -> None:
+    """Make random weights produce masks that depend on the prompts and the memory.
+
+    With transformers' init (std 0.02, zero embeddings and layer scales) the object-score head
+    says "no object", so every mask is the constant NO_OBJ_SCORE (-1024) and memory never
+    matters; a tiny model like that exercises nothing. Instead: PyTorch's fan-in init for
+    linear/conv layers (keeps activations O(1)), small random values for the embeddings
+    transformers zeroes (temporal memory positions, no-object pointer, occlusion embedding),
+    a non-zero memory-fuser layer scale, and an object-score bias so objects count as present.
+    """
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            module.reset_parameters()
+    for name in ("memory_temporal_positional_encoding", "no_object_pointer", "occlusion_spatial_embedding_parameter"):
+        getattr(model, name).normal_(0.0, 0.1)
+    for block in model.memory_encoder.memory_fuser.layers:
+        block.scale.fill_(0.1)
+    model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(5.0)
 
 
 def load_sam2(
@@ -129,9 +151,7 @@ def load_sam2(
         if not any((folder / name).is_file() for name in group):
             missing.append(" / ".join(group))
     if missing:
-        raise ValueError(
-            f"SAM2 model folder {folder} lacks {', '.join(missing)} (expected {expected}). {SAM2_HOWTO}"
-        )
+        raise ValueError(f"SAM2 model folder {folder} lacks {', '.join(missing)} (expected {expected}). {SAM2_HOWTO}")
     model = Sam2VideoModel.from_pretrained(folder, local_files_only=True, dtype=dtype)
     processor = Sam2VideoProcessor.from_pretrained(folder, local_files_only=True)
     return model.to(device=device, dtype=dtype).eval(), processor
