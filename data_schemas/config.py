@@ -125,6 +125,8 @@ class SegmentConfig(_Config):
     sam2_path: Path = Field(Path("weights/sam2.1-hiera-large"), description="folder of a transformers-format SAM2.1 model")
     tiny_seed: int = Field(0, description="seed of the tiny model's random weights")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where SAM2 runs; auto = CUDA when present")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="SAM2 precision (bfloat16 on GPUs)")
+    state_on_cpu: bool = Field(False, description="keep frames and memories in host RAM while SAM2 runs on the GPU")
     max_persons: int = Field(7, ge=1, le=255, description="persons tracked per clip at most (label pool - 1)")
     new_person_iou: float = Field(0.3, gt=0, le=1, description="a box overlapping every known person less starts a new one")
     keypoint_threshold: float = Field(0.3, ge=0, le=1, description="keypoints that count for pose-to-mask assignment")

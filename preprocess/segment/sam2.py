@@ -180,6 +180,7 @@ class Sam2Tracker:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         keep_frames: int | None = None,
+        state_on_cpu: bool = False,
     ) -> None:
         """``model`` is moved to ``device``/``dtype`` and put in eval mode (in place).
 
@@ -199,8 +200,14 @@ class Sam2Tracker:
         self._keep_maskmem = max(0, model.config.num_maskmem - 1)
         # One cached frame is all a streamed session reads (the current one); processed frames
         # are dropped after each step anyway.
+        # state_on_cpu: frames and memories live in host RAM while the model runs on the GPU.
+        storage = "cpu" if state_on_cpu else device
         self.session = processor.init_video_session(
-            inference_device=device, max_vision_features_cache_size=1, dtype=dtype
+            inference_device=device,
+            inference_state_device=storage,
+            video_storage_device=storage,
+            max_vision_features_cache_size=1,
+            dtype=dtype,
         )
         self.frame_idx = 0  # index of the next frame
         self.size: tuple[int, int] | None = None  # (H, W) of the clip, fixed by the first frame

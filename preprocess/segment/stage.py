@@ -46,12 +46,16 @@ def sam2_digest(cfg: SegmentConfig) -> str:
 
 def sam2_factory(cfg: SegmentConfig) -> tuple[Callable[[], Segmenter], str]:
     """A maker of fresh SAM2 trackers (one per clip) and the name of the mask source."""
+    import torch
+
     from preprocess.segment.sam2 import Sam2Tracker
 
     device = _device(cfg)
+    dtype = getattr(torch, cfg.dtype)
     folder = cfg.model_folder() if cfg.models == "files" else Path()
     model, processor = _model(cfg.models, folder, cfg.tiny_seed, device)
-    return (lambda: Sam2Tracker(model, processor, device=device)), ("sam2" if cfg.models == "files" else "sam2-tiny")
+    source = "sam2" if cfg.models == "files" else "sam2-tiny"
+    return (lambda: Sam2Tracker(model, processor, device=device, dtype=dtype, state_on_cpu=cfg.state_on_cpu)), source
 
 
 def segment_clip(clip: Path, clip_id: str, poses_path: Path, make_segmenter: Callable[[], Segmenter], source: str,
