@@ -142,12 +142,24 @@ class SegmentConfig(_Config):
         return folder
 
 
+class ShardConfig(_Config):
+    """WebDataset shards of the training data."""
+
+    target_shard_bytes: int = Field(512 * 2**20, gt=0, description="a shard is closed once it holds this many bytes")
+    val_fraction: float = Field(0.05, ge=0, le=1, description="share of SOURCE VIDEOS (not clips) held out for validation")
+    seed: int = Field(0, description="seed of the train/validation split")
+    caption: str = Field(
+        "{count} person are dancing", description="caption of a clip with {count} persons (the seed's wording)"
+    )
+
+
 class ProjectConfig(_Config):
     """Every stage's configuration; a profile YAML fills some of it."""
 
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="the ingest stage")
     pose: PoseConfig = Field(default_factory=PoseConfig, description="the pose stage")
     segment: SegmentConfig = Field(default_factory=SegmentConfig, description="the segment stage")
+    shards: ShardConfig = Field(default_factory=ShardConfig, description="the shard stage")
 
 
 def load_config(path: Path | None = None) -> ProjectConfig:
