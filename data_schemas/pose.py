@@ -43,5 +43,7 @@ class PreprocessSummary(BaseModel):
     failed_clips: list[str] = Field(default_factory=list, description="clip ids whose pose or segment task failed")
     poses_manifest: str = Field(description="path of manifests/poses.parquet")
     masks_manifest: str = Field(description="path of manifests/masks.parquet")
+    num_samples: int = Field(description="samples in the WebDataset shards")
+    shards_index: str = Field(description="path of shards/index.parquet")
     contact_sheet: str | None = Field(default=None, description="path of the rendered-pose contact sheet")
     mask_overlays: str | None = Field(default=None, description="path of the mask overlay sheet")

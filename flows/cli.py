@@ -74,6 +74,7 @@ def ingest(
 def _print_preprocess(summary) -> None:
     console.print(f"poses of {summary.num_posed}/{summary.num_clips} clip(s): {summary.poses_manifest}")
     console.print(f"masks of {summary.num_segmented}/{summary.num_clips} clip(s): {summary.masks_manifest}")
+    console.print(f"{summary.num_samples} training sample(s) in shards: {summary.shards_index}")
     if summary.failed_clips:
         console.print(f"[red]failed clips: {', '.join(summary.failed_clips)}[/red]")
     for name, path in (("contact sheet", summary.contact_sheet), ("mask overlays", summary.mask_overlays)):

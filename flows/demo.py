@@ -1,6 +1,6 @@
 """The demo: the whole pipeline on generated sample data, tiny models, CPU.
 
-For now: sample videos -> ingest -> pose -> segment. Each later stage joins this flow as it lands.
+For now: sample videos -> ingest -> pose -> segment -> shards. Each later stage joins this flow as it lands.
 """
 
 from __future__ import annotations

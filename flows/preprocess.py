@@ -1,7 +1,8 @@
-"""The preprocess flow: raw videos -> clips -> poses -> masks (-> shards as that stage lands)."""
+"""The preprocess flow: raw videos -> clips -> poses -> masks -> WebDataset shards."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from prefect import flow
@@ -14,13 +15,15 @@ from flows.ingest import ingest
 from flows.runtime import MANIFESTS_DIR, run_per_clip
 from preprocess.pose.stage import models_digest, resolve_models
 from preprocess.segment.stage import sam2_digest
+from tasks.common import result_storage
 from tasks.pose import extract_poses, publish_contact_sheet
 from tasks.segment import publish_overlays, segment_clip
+from tasks.shards import write_shards
 
 
 @flow(name="preprocess", flow_run_name="preprocess {folder}")
 def preprocess(folder: Path, workspace: Path, config: ProjectConfig = ProjectConfig()) -> PreprocessSummary:
-    """Ingest ``folder``, extract whole-body poses of every clip, then track every person."""
+    """Ingest ``folder``, extract whole-body poses of every clip, track every person, write shards."""
     logger = get_run_logger()
     workspace = Path(workspace).absolute()
     pose_files = resolve_models(config.pose, workspace)  # fails first, naming any missing weights
@@ -42,6 +45,13 @@ def preprocess(folder: Path, workspace: Path, config: ProjectConfig = ProjectCon
     manifests = workspace / MANIFESTS_DIR
     write_records(list(poses.values()), PoseRecord, manifests / "poses.parquet")
     write_records(list(masks.values()), MaskRecord, manifests / "masks.parquet")
+    inputs = hashlib.sha256(
+        "".join(f"{i}:{clips[i].sha256}:{poses[i].sha256}:{m.sha256};" for i, m in sorted(masks.items())).encode()
+    ).hexdigest()[:16]
+    shard_task = write_shards.with_options(result_storage=result_storage(workspace))
+    shards = shard_task(workspace, config.shards, inputs)
+    if not all((workspace / s).exists() for s in shards.shards):  # a cache hit whose shards were deleted
+        shards = shard_task.with_options(refresh_cache=True)(workspace, config.shards, inputs)
     sheet = publish_contact_sheet(workspace, list(poses.values()), config.pose)
     overlays = publish_overlays(workspace, list(masks.values()))
     logger.info("poses of %d clip(s), masks of %d; %d failed", len(poses), len(masks), len(pose_failed + mask_failed))
@@ -52,6 +62,8 @@ def preprocess(folder: Path, workspace: Path, config: ProjectConfig = ProjectCon
         failed_clips=pose_failed + mask_failed,
         poses_manifest=str(manifests / "poses.parquet"),
         masks_manifest=str(manifests / "masks.parquet"),
+        num_samples=shards.num_samples,
+        shards_index=shards.index,
         contact_sheet=str(sheet) if sheet else None,
         mask_overlays=str(overlays) if overlays else None,
     )

@@ -72,7 +72,9 @@ def test_demo_produces_the_documented_files(tmp_path):
     manifests = {f"manifests/{name}.parquet" for name in ("videos", "clips", "poses", "masks")}
     per_clip = {f"{stage}/{c.clip_id}.npz" for c in clips for stage in ("poses", "masks")}
     reports = {"reports/pose-contact-sheet.png", "reports/mask-overlays.png"}
-    expected = manifests | samples | {c.path for c in clips} | per_clip | reports
+    shards = {p for p in produced if p.startswith("shards/") and p.endswith(".tar")}
+    assert shards and {p.split("/")[1].split("-")[0] for p in shards} <= {"train", "val"}
+    expected = manifests | samples | {c.path for c in clips} | per_clip | reports | shards | {"shards/index.parquet"}
     assert produced - hidden == expected
     # Sample 2 has a scene cut: four videos give five clips.
     assert len(clips) == 5 and all(v.status == "ok" for v in read_records(workspace / "manifests/videos.parquet", VideoRecord))
