@@ -654,3 +654,37 @@ def make_sample_folder(folder: Path, num_videos: int = 4, seed: int = 0, **spec_
         video, _ = make_synthetic_video(SyntheticSpec(**fields), Path(folder), f"sample_{i:02d}")
         videos.append(video)
     return videos
+
+
+# OpenPose-18 index -> COCO-WholeBody index (the neck has no WholeBody slot of its own).
+OPENPOSE_TO_WHOLEBODY = {0: 0, 2: 6, 3: 8, 4: 10, 5: 5, 6: 7, 7: 9, 8: 12, 9: 14, 10: 16, 11: 11, 12: 13, 13: 15, 14: 2, 15: 1, 16: 4, 17: 3}
+
+
+def ground_truth_poses(clip: SyntheticClip, seed: int = 0, keep=None) -> tuple[dict[str, np.ndarray], list[list[int]]]:
+    """Pose-stage arrays (layout of data_schemas.pose) made from the ground truth, as a perfect
+    detector would give them: only figures with visible pixels (and ``keep(t, p)``), in a
+    shuffled order every frame (detectors promise no order). Returns the arrays and
+    origin[t][row] = the figure of each pose row."""
+    rng = np.random.default_rng(seed)
+    num_frames, persons = clip.keypoints.shape[:2]
+    keypoints = np.full((num_frames, persons, 133, 2), -1, np.float32)
+    scores = np.zeros((num_frames, persons, 133), np.float32)
+    boxes = np.zeros((num_frames, persons, 4), np.float32)
+    counts = np.zeros(num_frames, np.int32)
+    origin: list[list[int]] = []
+    for t in range(num_frames):
+        present = [p for p in range(persons) if clip.masks[t, p].any() and (keep is None or keep(t, p))]
+        rng.shuffle(present)
+        origin.append(present)
+        counts[t] = len(present)
+        for row, p in enumerate(present):
+            for op, wb in OPENPOSE_TO_WHOLEBODY.items():
+                keypoints[t, row, wb] = clip.keypoints[t, p, op]
+                scores[t, row, wb] = 0.9 if clip.keypoint_visible[t, p, op] else 0.0
+            ys, xs = np.nonzero(clip.masks[t, p])
+            boxes[t, row] = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    arrays = {
+        "keypoints": keypoints, "scores": scores, "boxes": boxes, "box_scores": (counts[:, None] > np.arange(persons)) * np.float32(0.9),
+        "num_persons": counts, "width": np.int32(clip.spec.width), "height": np.int32(clip.spec.height),
+    }  # fmt: skip
+    return arrays, origin

@@ -10,40 +10,18 @@ import pytest
 
 from data_schemas.config import SegmentConfig
 from preprocess.segment.ground_truth import GroundTruthSegmenter
-from preprocess.segment.identity import mask_boxes
 from preprocess.segment.stage import load_masks, segment_clip
-from preprocess.synthetic import SyntheticSpec, render_clip, write_video
-
-# OpenPose-18 index -> COCO-WholeBody index (the neck has no slot of its own).
-OPENPOSE_TO_WHOLEBODY = {0: 0, 2: 6, 3: 8, 4: 10, 5: 5, 6: 7, 7: 9, 8: 12, 9: 14, 10: 16, 11: 11, 12: 13, 13: 15, 14: 2, 15: 1, 16: 4, 17: 3}
+from preprocess.synthetic import SyntheticSpec, ground_truth_poses, render_clip, write_video
 
 
 def write_clip_and_poses(spec: SyntheticSpec, folder, seed: int = 0, keep=None):
-    """The clip, and 'detected' poses made from its ground truth: only figures with visible
-    pixels, in a shuffled order every frame (detectors promise no order). Returns the clip,
-    the poses path and origin[t][row] = ground-truth person of each pose row."""
+    """The clip, its 'detected' poses (ground truth, shuffled rows) as poses.npz, and
+    origin[t][row] = the figure of each pose row."""
     clip = render_clip(spec)
     video = write_video(clip.frames, folder / "clip.mp4", fps=spec.fps)
-    rng = np.random.default_rng(seed)
-    t_count, persons = clip.keypoints.shape[:2]
-    keypoints = np.full((t_count, persons, 133, 2), -1, np.float32)
-    scores = np.zeros((t_count, persons, 133), np.float32)
-    boxes = np.zeros((t_count, persons, 4), np.float32)
-    num = np.zeros(t_count, np.int32)
-    origin = []
-    for t in range(t_count):
-        present = [p for p in range(persons) if clip.masks[t, p].any() and (keep is None or keep(t, p))]
-        rng.shuffle(present)
-        origin.append(present)
-        num[t] = len(present)
-        for row, p in enumerate(present):
-            for op, wb in OPENPOSE_TO_WHOLEBODY.items():
-                keypoints[t, row, wb] = clip.keypoints[t, p, op]
-                scores[t, row, wb] = 0.9 if clip.keypoint_visible[t, p, op] else 0.0
-            boxes[t, row] = mask_boxes(clip.masks[t, p][None])[0]
+    arrays, origin = ground_truth_poses(clip, seed=seed, keep=keep)
     buffer = io.BytesIO()
-    np.savez(buffer, keypoints=keypoints, scores=scores, boxes=boxes, box_scores=(scores[..., 0] * 0 + 0.9), num_persons=num,
-             width=np.int32(spec.width), height=np.int32(spec.height))  # fmt: skip
+    np.savez(buffer, **arrays)
     (folder / "poses.npz").write_bytes(buffer.getvalue())
     return clip, video, folder / "poses.npz", origin
 
