@@ -13,13 +13,13 @@ import hashlib
 import io
 import json
 import tarfile
-import zipfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from data_schemas import ClipRecord, PoseRecord, read_records, write_records
+from data_schemas.arrays import npz_bytes
 from data_schemas.atomic import atomic_path
 from data_schemas.config import ShardConfig
 from data_schemas.mask import MaskRecord
@@ -29,19 +29,6 @@ from preprocess.pose.stage import load_poses
 from preprocess.segment.stage import load_masks
 
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-
-
-def npz_bytes(**arrays: np.ndarray) -> bytes:
-    """A compressed npz whose bytes depend only on the arrays (numpy's own writer stamps the
-    current time into every zip entry)."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name in sorted(arrays):
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            with archive.open(info, "w") as member:
-                np.lib.format.write_array(member, np.asanyarray(arrays[name]), allow_pickle=False)
-    return buffer.getvalue()
 
 
 def split_of(source_sha256: str, cfg: ShardConfig) -> str:

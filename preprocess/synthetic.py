@@ -44,15 +44,8 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from data_schemas.atomic import atomic_path
+from preprocess.pose.convert import OPENPOSE_BODY_NAMES as OPENPOSE_18  # one list of joint names
 
-OPENPOSE_18: tuple[str, ...] = (
-    "nose", "neck",
-    "r_shoulder", "r_elbow", "r_wrist",
-    "l_shoulder", "l_elbow", "l_wrist",
-    "r_hip", "r_knee", "r_ankle",
-    "l_hip", "l_knee", "l_ankle",
-    "r_eye", "l_eye", "r_ear", "l_ear",
-)  # fmt: skip
 KP = {name: i for i, name in enumerate(OPENPOSE_18)}
 MOTIONS: tuple[str, ...] = ("walk", "wave", "dance")
 MAX_PERSONS = 9

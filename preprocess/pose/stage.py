@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import io
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from data_schemas.atomic import atomic_path
+from data_schemas.arrays import read_npz, write_npz
 from data_schemas.config import PoseConfig
 from data_schemas.pose import POSES_DIR, PoseRecord
 from preprocess.media import read_frames
@@ -83,15 +82,11 @@ def extract_poses(clip: Path, clip_id: str, cfg: PoseConfig, files: tuple[Path, 
         over_limit += truncated
     packed = pack_poses(frames_out)
     out = Path(workspace) / POSES_DIR / f"{clip_id}.npz"
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **packed, width=np.int32(width), height=np.int32(height))
-    data = buffer.getvalue()
-    with atomic_path(out) as tmp:
-        tmp.write_bytes(data)
+    sha256 = write_npz(out, **packed, width=np.int32(width), height=np.int32(height))
     return PoseRecord(
         clip_id=clip_id,
         path=f"{POSES_DIR}/{out.name}",
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=sha256,
         num_frames=num_frames,
         width=width,
         height=height,
@@ -104,6 +99,5 @@ def extract_poses(clip: Path, clip_id: str, cfg: PoseConfig, files: tuple[Path, 
 
 
 def load_poses(path: Path) -> dict[str, np.ndarray]:
-    """Read a poses npz (no pickles)."""
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+    """Read a poses npz (layout in data_schemas.pose)."""
+    return read_npz(path)

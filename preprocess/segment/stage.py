@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from data_schemas.atomic import atomic_path
+from data_schemas.arrays import read_npz, write_npz
 from data_schemas.config import SegmentConfig
 from data_schemas.mask import MASKS_DIR, MaskRecord
 from preprocess.media import read_frames
@@ -74,16 +72,12 @@ def segment_clip(clip: Path, clip_id: str, poses_path: Path, make_segmenter: Cal
                 n = counts[t]
                 tracker.step(frame, poses["keypoints"][t, :n], poses["scores"][t, :n], poses["boxes"][t, :n])
     label_map, pose_index, first_frame = tracker.finish()
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, label_map=label_map, pose_index=pose_index, first_frame=first_frame, source=np.array(source))
-    data = buffer.getvalue()
     out = Path(workspace) / MASKS_DIR / f"{clip_id}.npz"
-    with atomic_path(out) as tmp:
-        tmp.write_bytes(data)
+    sha256 = write_npz(out, label_map=label_map, pose_index=pose_index, first_frame=first_frame, source=np.array(source))
     return MaskRecord(
         clip_id=clip_id,
         path=f"{MASKS_DIR}/{out.name}",
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=sha256,
         num_frames=num_frames,
         width=width,
         height=height,
@@ -95,5 +89,5 @@ def segment_clip(clip: Path, clip_id: str, poses_path: Path, make_segmenter: Cal
 
 
 def load_masks(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+    """Read a masks npz (layout in data_schemas.mask)."""
+    return read_npz(path)
