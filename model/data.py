@@ -1,0 +1,641 @@
+"""Training data loader: WebDataset shards -> windows of frames, pose images and label maps.
+
+Sampling and augmentation follow the seed (spec D.5), generalised to a frame stride:
+
+1. draw a stride s in 1..max_stride (among the strides whose window fits the clip, see
+   ``sample_window``); draw the start uniformly so that the ``num_frames`` frames at stride s
+   fit; a clip shorter than the window is read whole and its last frame repeated (padding);
+2. one random crop (0..W*crop_fraction px off the left and, independently, off the right;
+   the same for top and bottom) shared by frames, keypoints and label map;
+3. frames are resized bilinearly (antialiased, like torchvision/PIL), the label map with
+   nearest neighbour (pixel centres), keypoints by the same affine map;
+4. pose images are rendered ON THE FLY at the target size from the transformed keypoints;
+5. the reference image and pose are the window's FIRST frame and pose image.
+
+Only the needed frames are decoded (decord over the mp4 bytes in memory, ``get_batch``) and
+only the label-map frames up to the last needed one are decompressed.
+
+Shape legend (T = cfg.num_frames, H x W = cfg.height x cfg.width, K = persons, U = distinct
+clip frames read for a window, h x w = clip size; see data_schemas/batch.py for the output)::
+
+    frames_UhwC      uint8   [U, h, w, 3]     decoded frames (RGB)
+    labels_Uhw       uint8   [U, h, w]        label-map frames
+    keypoints_UK     float32 [U, K, 133, 2]   COCO-WholeBody pixels, -1 = missing
+    scores_UK        float32 [U, K, 133]
+    video_CTHW       float32 [3, T, H, W]     in [-1, 1]
+    pose_CTHW        uint8   [3, T, H, W]
+    labels_THW       uint8   [T, H, W]
+
+Distribution: shards are split over ranks, then over DataLoader workers (both by position
+in the shard list, like ``webdataset.split_by_node`` / ``split_by_worker``). The rank and
+world size are, in this order: the explicit ``rank``/``world_size`` arguments; else
+``torch.distributed`` when it is initialised; else the environment variables ``RANK`` and
+``WORLD_SIZE`` (torchrun sets both); else 0 and 1. They are resolved when iteration starts,
+so a dataset built before ``init_process_group`` is still split correctly. (The rank split
+is our own stage because webdataset's ``split_by_node`` reads the environment first.)
+Without resampling every sample is read once per epoch only when there are at least
+ranks x workers shards, and ranks may then get different sample counts: for DDP training
+use ``resampled=True`` with ``epoch_samples`` (equal per rank); keep exact epochs for
+evaluation. Call ``dataset.set_epoch(e)`` each epoch, or every epoch repeats the same
+shuffle and augmentation (with a fixed ``seed``).
+
+Failures: a sample that cannot be decoded (missing member, undecodable mp4, broken npz or
+json, arrays that disagree) and a shard that cannot be read (unopenable, truncated) are
+skipped with a logged warning and counted in the dataset's ``SkipCounter`` (``skips``),
+which is shared with the DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import random
+import warnings
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_schemas import batch as B
+from data_schemas.batch import Batch, Sample
+from preprocess.pose.convert import wholebody_to_openpose
+from preprocess.pose.render import draw_pose
+
+__all__ = [
+    "SKIP_REASONS",
+    "ClipDataset",
+    "LoaderConfig",
+    "SampleError",
+    "SkipCounter",
+    "collate_samples",
+    "crop_resize_keypoints",
+    "decode_sample",
+    "distributed_rank_world",
+    "draw_crop",
+    "make_dataset",
+    "make_loader",
+    "sample_window",
+]
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_MEMBERS = ("mp4", "pose.npz", "mask.npz", "txt", "json")  # ref.png is not read
+NUM_WHOLEBODY = 133
+
+# Why a sample or shard was skipped. Sample reasons first, then shard reasons.
+SKIP_REASONS: tuple[str, ...] = (
+    "missing_member",  # a required member is absent (also the stub of a truncated sample)
+    "bad_meta",  # json or caption unreadable
+    "bad_pose",  # pose npz unreadable or wrongly shaped
+    "bad_mask",  # mask npz unreadable or wrongly shaped
+    "bad_video",  # mp4 not decodable
+    "inconsistent",  # members disagree (frame counts, sizes, persons, key)
+    "shard_error",  # the tar reader failed (cannot open, truncated member, bad header)
+    "truncated_shard",  # the shard does not end with the tar end-of-archive blocks
+)
+SAMPLE_REASONS = SKIP_REASONS[:6]
+SHARD_REASONS = SKIP_REASONS[6:]
+
+
+class LoaderConfig(BaseModel):
+    """How clips are sampled, augmented and streamed (spec D.5)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_frames: int = Field(81, ge=1, description="frames per sample; Wan needs 4k+1 (81 in the seed)")
+    height: int = Field(480, ge=16, description="output height in pixels, divisible by 16")
+    width: int = Field(832, ge=16, description="output width in pixels, divisible by 16")
+    max_stride: int = Field(1, ge=1, description="largest frame stride drawn per sample (the seed uses 1)")
+    crop_fraction: float = Field(
+        1.0 / 14.0, ge=0.0, lt=0.5,
+        description="each side loses 0..floor(size*fraction) px, drawn independently (seed: W//14, H//14); 0 = no crop",
+    )  # fmt: skip
+    shuffle_buffer: int = Field(
+        100, ge=0,
+        description="samples held for shuffling per worker (raw bytes: mind memory); 0 = no shard or sample shuffle",
+    )  # fmt: skip
+    resampled: bool = Field(
+        False,
+        description="draw shards with replacement forever (use epoch_samples); False = each sample once per epoch",
+    )
+    seed: int | None = Field(
+        0, ge=0, description="seed of shuffling and augmentation (mixed with epoch, rank, worker); None = fresh entropy"
+    )
+    pose_style: Literal["unianimate", "dwpose"] = Field("unianimate", description="pose renderer style")
+    keypoint_threshold: float = Field(0.3, ge=0.0, le=1.0, description="keypoint score threshold of the renderer")
+
+    @field_validator("num_frames")
+    @classmethod
+    def _four_k_plus_one(cls, v: int) -> int:
+        # The Wan VAE compresses time 4x after the first frame; diffusers would round silently.
+        if (v - 1) % 4:
+            raise ValueError(f"num_frames must be of the form 4k+1 (e.g. 81), got {v}")
+        return v
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_16(cls, v: int, info: Any) -> int:
+        if v % 16:
+            raise ValueError(f"{info.field_name} must be divisible by 16, got {v}")
+        return v
+
+
+# --------------------------------------------------------------------------- failures
+
+
+class SampleError(Exception):
+    """A sample that cannot be used; ``reason`` is one of SAMPLE_REASONS."""
+
+    def __init__(self, reason: str, key: str, detail: str):
+        assert reason in SAMPLE_REASONS, reason
+        super().__init__(f"{key}: {reason}: {detail}")
+        self.reason, self.key, self.detail = reason, key, detail
+
+
+class SkipCounter:
+    """Counts skipped samples and shards per reason, across DataLoader worker processes.
+
+    The counts live in a shared-memory tensor created in the parent; torch's multiprocessing
+    reductions hand the same memory to the workers' copies under fork and spawn alike (a
+    multiprocessing lock could not cross from a fork context into a spawn one). Each process
+    writes only its own row (row 0: the main process, row 1 + i: DataLoader worker i), so no
+    lock is needed; readers sum the rows.
+    """
+
+    ROWS = 1 + 64  # workers beyond 64 share rows (their increments could then race)
+
+    def __init__(self) -> None:
+        self._table = torch.zeros(self.ROWS, len(SKIP_REASONS), dtype=torch.int64).share_memory_()
+
+    def add(self, reason: str, n: int = 1) -> None:
+        info = get_worker_info()
+        row = 0 if info is None else 1 + info.id % (self.ROWS - 1)
+        self._table[row, SKIP_REASONS.index(reason)] += n
+
+    def counts(self) -> dict[str, int]:
+        """Every reason with its count (zeros included)."""
+        return dict(zip(SKIP_REASONS, self._table.sum(dim=0).tolist()))
+
+    @property
+    def samples(self) -> int:
+        """Samples skipped so far."""
+        c = self.counts()
+        return sum(c[r] for r in SAMPLE_REASONS)
+
+    @property
+    def shards(self) -> int:
+        """Shard-level errors seen so far (one damaged shard may count several times and
+        under both shard reasons)."""
+        c = self.counts()
+        return sum(c[r] for r in SHARD_REASONS)
+
+    def reset(self) -> None:
+        """Zero the counts (call only while no worker is running)."""
+        self._table.zero_()
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({self.counts()})"
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def sample_window(
+    num_clip_frames: int, num_frames: int, max_stride: int, rng: np.random.Generator
+) -> tuple[np.ndarray, int]:
+    """Clip frame indices int64 [num_frames] of one window, and its stride.
+
+    The stride is drawn uniformly among 1..max_stride restricted to strides whose window
+    fits the clip (so a clip that fits at stride 1 is never padded); the start is uniform
+    over all positions where the window fits (the seed's extra 5-frame margin is dropped).
+    A clip shorter than the window gives 0..n-1 followed by repeats of n-1.
+    """
+    if num_clip_frames < 1:
+        raise ValueError(f"num_clip_frames must be >= 1, got {num_clip_frames}")
+    fitting = (num_clip_frames - 1) // (num_frames - 1) if num_frames > 1 else max_stride
+    stride = int(rng.integers(1, max(1, min(max_stride, fitting)) + 1))
+    span = (num_frames - 1) * stride + 1
+    start = int(rng.integers(0, max(0, num_clip_frames - span) + 1))
+    indices = np.minimum(start + stride * np.arange(num_frames, dtype=np.int64), num_clip_frames - 1)
+    return indices, stride
+
+
+def draw_crop(width: int, height: int, fraction: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1), x1/y1 exclusive: 0..floor(size*fraction) px off each side independently."""
+    # The epsilon keeps floor(14 * (1/14)) == 1: the seed's integer W // 14.
+    max_x, max_y = math.floor(width * fraction + 1e-9), math.floor(height * fraction + 1e-9)
+    left, right = (int(v) for v in rng.integers(0, max_x + 1, size=2))
+    top, bottom = (int(v) for v in rng.integers(0, max_y + 1, size=2))
+    return left, top, width - right, height - bottom
+
+
+def crop_resize_keypoints(keypoints: np.ndarray, crop: Sequence[int], out_width: int, out_height: int) -> np.ndarray:
+    """Map pixel keypoints [..., 2] through the crop and resize; (-1, -1) stays (-1, -1).
+
+    Pixel centres sit at integer coordinates (the convention of bilinear resizing with
+    align_corners=False and of OpenCV drawing): x' = (x - x0 + 0.5) * W / (x1 - x0) - 0.5.
+    """
+    x0, y0, x1, y1 = crop
+    kp = np.asarray(keypoints, dtype=np.float32)
+    missing = (kp[..., 0] == -1) & (kp[..., 1] == -1)
+    out = np.empty_like(kp)
+    out[..., 0] = (kp[..., 0] - x0 + 0.5) * (out_width / (x1 - x0)) - 0.5
+    out[..., 1] = (kp[..., 1] - y0 + 0.5) * (out_height / (y1 - y0)) - 0.5
+    out[missing] = -1.0
+    return out
+
+
+def _nearest_rows(src_start: int, src_len: int, out_len: int) -> np.ndarray:
+    # Nearest neighbour with pixel centres ("nearest-exact", PIL's NEAREST): aligned with the
+    # bilinear frames and the keypoint map above (cv2's INTER_NEAREST is off by half a pixel).
+    idx = np.floor((np.arange(out_len) + 0.5) * (src_len / out_len)).astype(np.int64)
+    return src_start + np.minimum(idx, src_len - 1)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _npz_frames(data: bytes, name: str, wanted: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape of array ``name`` [T, ...] in the npz and its frames ``wanted`` (sorted, unique).
+
+    Streams the (deflated) member and stops after the last wanted frame, so a long clip's
+    label map is never held in memory whole.
+    """
+    with zipfile.ZipFile(io.BytesIO(data)) as archive, archive.open(f"{name}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            raise ValueError(f"unsupported npy version {version}")
+        if fortran or dtype.hasobject or len(shape) < 1:
+            raise ValueError(f"{name}: expected a C-ordered array [T, ...], got {shape} fortran={fortran} {dtype}")
+        if len(wanted) == 0:
+            return shape, np.empty((0, *shape[1:]), dtype)
+        if wanted[-1] >= shape[0]:
+            raise ValueError(f"{name}: frame {wanted[-1]} requested, array has {shape[0]}")
+        frame_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        out = np.empty((len(wanted), *shape[1:]), dtype)
+        j = 0
+        for t in range(int(wanted[-1]) + 1):
+            buf = member.read(frame_bytes)
+            if len(buf) != frame_bytes:
+                raise ValueError(f"{name}: data ends at frame {t}")
+            if t == wanted[j]:
+                out[j] = np.frombuffer(buf, dtype).reshape(shape[1:])
+                j += 1
+        return shape, out
+
+
+def _load_pose(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        keypoints = np.asarray(z["keypoints"], dtype=np.float32)
+        scores = np.asarray(z["scores"], dtype=np.float32)
+    if keypoints.ndim != 4 or keypoints.shape[2:] != (NUM_WHOLEBODY, 2) or scores.shape != keypoints.shape[:3]:
+        raise ValueError(f"keypoints {keypoints.shape} / scores {scores.shape} are not [T,K,133,2] / [T,K,133]")
+    return keypoints, scores
+
+
+def _decode_frames(data: bytes, indices: np.ndarray) -> tuple[int, np.ndarray]:
+    """Number of frames in the mp4 and the frames at ``indices`` (uint8 [U, h, w, 3] RGB)."""
+    import decord  # imported here: it loads its own ffmpeg, only needed in workers
+
+    # One decoder thread: the parallelism comes from DataLoader workers.
+    reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+    n = len(reader)
+    if len(indices) and indices[-1] >= n:
+        return n, np.empty((0, 0, 0, 3), np.uint8)  # caller reports the mismatch
+    frames = reader.get_batch([int(i) for i in indices]).asnumpy()
+    del reader
+    return n, frames
+
+
+def _guard(reason: str, key: str, fn: Any, *args: Any) -> Any:
+    # Turns any failure of a member's decoder into a counted SampleError; errors of our own
+    # code after decoding are NOT caught, so bugs still crash loudly.
+    try:
+        return fn(*args)
+    except SampleError:
+        raise
+    except Exception as exn:  # decoders raise many types (DECORDError, BadZipFile, ...)
+        raise SampleError(reason, key, f"{type(exn).__name__}: {exn}") from exn
+
+
+def decode_sample(raw: dict[str, Any], cfg: LoaderConfig, rng: np.random.Generator) -> Sample:
+    """One WebDataset sample (member bytes by extension) -> the training sample.
+
+    Raises SampleError for unusable data; see the module docstring for what is done.
+    """
+    key = str(raw.get("__key__"))
+    missing = [m for m in REQUIRED_MEMBERS if m not in raw]
+    if missing:
+        raise SampleError("missing_member", key, f"missing {missing}")
+
+    meta = _guard("bad_meta", key, lambda: json.loads(raw["json"]))
+    caption = _guard("bad_meta", key, lambda: raw["txt"].decode("utf-8"))
+    if not isinstance(meta, dict):
+        raise SampleError("bad_meta", key, "json is not an object")
+    keypoints, scores = _guard("bad_pose", key, _load_pose, raw["pose.npz"])
+    mask_shape, _ = _guard("bad_mask", key, _npz_frames, raw["mask.npz"], "label_map", np.empty(0, np.int64))
+    if len(mask_shape) != 3:
+        raise SampleError("bad_mask", key, f"label_map has shape {mask_shape}, expected [T,H,W]")
+
+    num_clip, num_persons = keypoints.shape[:2]
+    height, width = int(mask_shape[1]), int(mask_shape[2])
+    problems = []
+    if mask_shape[0] != num_clip:
+        problems.append(f"mask has {mask_shape[0]} frames, poses {num_clip}")
+    if meta.get("num_frames") not in (None, num_clip):
+        problems.append(f"json num_frames {meta.get('num_frames')} != {num_clip}")
+    if meta.get("persons") not in (None, num_persons):
+        problems.append(f"json persons {meta.get('persons')} != {num_persons}")
+    if (meta.get("width"), meta.get("height")) not in ((None, None), (width, height)):
+        problems.append(f"json size {meta.get('width')}x{meta.get('height')} != mask {width}x{height}")
+    if meta.get("clip_id") not in (None, key):
+        problems.append(f"json clip_id {meta.get('clip_id')!r} != key")
+    if num_clip < 1:
+        problems.append("no frames")
+    if problems:
+        raise SampleError("inconsistent", key, "; ".join(problems))
+
+    indices, _ = sample_window(num_clip, cfg.num_frames, cfg.max_stride, rng)
+    unique, inverse = np.unique(indices, return_inverse=True)  # padding repeats: read once
+
+    num_video, frames_UhwC = _guard("bad_video", key, _decode_frames, raw["mp4"], unique)
+    if num_video != num_clip:
+        raise SampleError("inconsistent", key, f"mp4 has {num_video} frames, poses {num_clip}")
+    if frames_UhwC.shape != (len(unique), height, width, 3):
+        raise SampleError("inconsistent", key, f"decoded frames {frames_UhwC.shape} vs mask {height}x{width}")
+    _, labels_Uhw = _guard("bad_mask", key, _npz_frames, raw["mask.npz"], "label_map", unique)
+
+    x0, y0, x1, y1 = crop = draw_crop(width, height, cfg.crop_fraction, rng)
+    out_h, out_w = cfg.height, cfg.width
+
+    # Frames: crop, antialiased bilinear resize on uint8 like torchvision/PIL on the seed's
+    # uint8 images (torch's uint8 channels-last kernel is several times faster than float),
+    # then [-1, 1].
+    crop_UChw = torch.from_numpy(frames_UhwC)[:, y0:y1, x0:x1].permute(0, 3, 1, 2)  # a view, no copy
+    resized_UCHW = F.interpolate(crop_UChw, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
+    resized_UCHW = resized_UCHW.float().div_(127.5).sub_(1.0)
+
+    # Label map: nearest neighbour through the same crop.
+    rows, cols = _nearest_rows(y0, y1 - y0, out_h), _nearest_rows(x0, x1 - x0, out_w)
+    labels_UHW = labels_Uhw[:, rows[:, None], cols[None, :]]
+
+    # Poses: the same affine map, then rendered at the output size.
+    keypoints_UK = crop_resize_keypoints(keypoints[unique], crop, out_w, out_h)
+    scores_UK = scores[unique]
+    pose_UHWC = np.stack([
+        draw_pose(wholebody_to_openpose(keypoints_UK[u], scores_UK[u], out_w, out_h, cfg.keypoint_threshold),
+                  out_h, out_w, cfg.pose_style)
+        for u in range(len(unique))
+    ])  # fmt: skip
+
+    inv = torch.from_numpy(inverse.reshape(-1))
+    video_CTHW = resized_UCHW[inv].permute(1, 0, 2, 3).contiguous()
+    pose_CTHW = torch.from_numpy(pose_UHWC).permute(3, 0, 1, 2)[:, inv].contiguous()
+    labels_THW = torch.from_numpy(np.ascontiguousarray(labels_UHW))[inv].contiguous()
+    return Sample(
+        video=video_CTHW,
+        pose=pose_CTHW,
+        labels=labels_THW,
+        ref_image=video_CTHW[:, 0].clone(),  # seed D.5: the window's first frame
+        ref_pose=pose_CTHW[:, 0].clone(),
+        num_persons=int(num_persons),
+        caption=caption,
+        clip_id=key,
+        frame_indices=torch.from_numpy(indices),
+        crop_box=torch.tensor(crop, dtype=torch.int64),
+    )
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    """(rank, world_size): torch.distributed when initialised, else env RANK/WORLD_SIZE, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, 1
+
+
+def _expand_urls(urls: str | Path | Iterable[str | Path]) -> list[str]:
+    if isinstance(urls, (str, Path)):
+        return list(wds.shardlists.expand_urls(str(urls)))  # brace notation, "::" lists
+    return [str(u) for u in urls]
+
+
+def _local_path(url: str) -> str | None:
+    parsed = urlparse(url)
+    return parsed.path if parsed.scheme in ("", "file") else None
+
+
+def _has_tar_end(path: str) -> bool:
+    # A tar archive ends with two zero blocks; tarfile's stream reader treats a file cut at a
+    # member boundary as a clean end, so this is the only sign of such a truncation.
+    size = os.path.getsize(path)
+    if size < 1024 or size % 512:
+        return False
+    with open(path, "rb") as fh:
+        fh.seek(size - 1024)
+        return not any(fh.read(1024))
+
+
+class ClipDataset(IterableDataset):
+    """The streaming training dataset (see the module docstring); build it with make_dataset.
+
+    The WebDataset pipeline is rebuilt at every ``iter()`` with seeds mixed from
+    (cfg.seed, epoch, rank, worker): call ``set_epoch`` before each epoch so that shard order,
+    sample order and augmentation change between epochs (with non-persistent workers the
+    new epoch reaches the worker copies; make_loader does not use persistent workers).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        cfg: LoaderConfig,
+        *,
+        epoch_samples: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        skips: SkipCounter | None = None,
+    ):
+        super().__init__()
+        self.urls, self.cfg, self.epoch_samples = urls, cfg, epoch_samples
+        self.rank, self.world_size = rank, world_size
+        self.skips = skips if skips is not None else SkipCounter()
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def rank_world(self) -> tuple[int, int]:
+        if self.rank is not None and self.world_size is not None:
+            return self.rank, self.world_size
+        return distributed_rank_world()
+
+    # Exception handlers (return True = skip and go on). Bound methods: they run in workers.
+    def _on_shard_error(self, exn: Exception) -> bool:
+        self.skips.add("shard_error")
+        logger.warning("skipping unreadable shard data: %s: %s", type(exn).__name__, exn)
+        return True
+
+    def _on_sample_error(self, exn: Exception) -> bool:
+        if not isinstance(exn, SampleError):
+            raise exn  # a bug in the loader, not bad data
+        self.skips.add(exn.reason)
+        logger.warning("skipping sample %s", exn)
+        return True
+
+    def _check_shard_ends(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for item in src:
+            path = _local_path(item["url"])
+            if path is not None and os.path.exists(path) and not _has_tar_end(path):
+                self.skips.add("truncated_shard")
+                logger.warning("shard %s lacks the tar end-of-archive blocks (truncated?)", item["url"])
+            yield item
+
+    def _split_by_rank(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        rank, world = self.rank_world()
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside world size {world}")
+        yield from islice(src, rank, None, world)  # what webdataset.split_by_node does
+
+    def _split_by_worker(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        yield from self._check_shard_ends(wds.split_by_worker(src))
+
+    def __iter__(self) -> Iterator[Sample]:
+        cfg = self.cfg
+        rank, _ = self.rank_world()
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # Every random choice of this reader derives from (seed, epoch, rank, worker); shard
+        # order only matters after the rank/worker split, so readers need no common seed.
+        if cfg.seed is None:
+            root = np.random.SeedSequence()  # fresh OS entropy on every iteration
+        else:
+            root = np.random.SeedSequence([cfg.seed, self.epoch, rank, worker])
+        shard_seed, buffer_seed = (int(v) for v in root.generate_state(2))
+        rng = np.random.default_rng(root.spawn(1)[0])
+        shuffle = cfg.shuffle_buffer > 0
+        pipeline = wds.WebDataset(
+            self.urls,
+            resampled=cfg.resampled,
+            # Explicit: shuffle this reader's whole shard list (ignored and False when resampled).
+            shardshuffle=len(self.urls) if (shuffle and not cfg.resampled) else False,
+            nodesplitter=self._split_by_rank,
+            workersplitter=self._split_by_worker,
+            handler=self._on_shard_error,
+            select_files=lambda name: not name.endswith(".ref.png"),  # never read by the loader
+            empty_check=False,  # a worker without shards yields nothing instead of raising
+            seed=shard_seed,
+        )
+        if shuffle:
+            pipeline = pipeline.shuffle(cfg.shuffle_buffer, rng=random.Random(buffer_seed))
+        pipeline = pipeline.map(lambda raw: decode_sample(raw, cfg, rng), handler=self._on_sample_error)
+        if self.epoch_samples is not None:
+            # epoch_samples is per rank: this worker's share (repeats a finite shard list).
+            share = self.epoch_samples // num_workers + (worker < self.epoch_samples % num_workers)
+            if share == 0:
+                return  # with_epoch(0) would mean "no limit"
+            pipeline = pipeline.with_epoch(share)
+        for sample in pipeline:
+            sample.pop("__key__", None)  # added back by webdataset's map
+            yield sample
+
+
+def make_dataset(
+    urls: str | Path | Iterable[str | Path],
+    cfg: LoaderConfig,
+    *,
+    epoch_samples: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    skips: SkipCounter | None = None,
+) -> ClipDataset:
+    """The streaming dataset over shard ``urls`` (a list, or a brace pattern like
+    ``shards/train-{000000..000007}.tar``).
+
+    ``epoch_samples``: samples per rank per epoch (split over the workers); required with
+    ``cfg.resampled`` for finite epochs; without resampling the shards are repeated to reach
+    it. ``rank``/``world_size`` override the automatic rank (module docstring). ``skips``:
+    a counter to share; by default the dataset makes its own (``dataset.skips``).
+    """
+    url_list = _expand_urls(urls)
+    if not url_list:
+        raise ValueError("urls: no shards given")
+    if (rank is None) != (world_size is None):
+        raise ValueError("rank and world_size must be given together")
+    if world_size is not None and not 0 <= rank < world_size:  # type: ignore[operator]
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if epoch_samples is not None and epoch_samples < 1:
+        raise ValueError(f"epoch_samples must be >= 1, got {epoch_samples}")
+    if cfg.resampled and epoch_samples is None:
+        warnings.warn("resampled=True without epoch_samples: every epoch is infinite", stacklevel=2)
+    return ClipDataset(url_list, cfg, epoch_samples=epoch_samples, rank=rank, world_size=world_size, skips=skips)
+
+
+def collate_samples(samples: list[Sample]) -> Batch:
+    """Stack tensors (leading B), num_persons -> int64 [B], strings -> list[str]."""
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    out: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in B.TENSOR_KEYS}  # type: ignore[literal-required]
+    out.update({k: torch.tensor([s[k] for s in samples], dtype=torch.int64) for k in B.INT_KEYS})  # type: ignore[literal-required]
+    out.update({k: [s[k] for s in samples] for k in B.STRING_KEYS})  # type: ignore[literal-required]
+    return Batch(**out)
+
+
+def make_loader(
+    urls: str | Path | Iterable[str | Path],
+    cfg: LoaderConfig,
+    batch_size: int,
+    num_workers: int,
+    *,
+    epoch_samples: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    skips: SkipCounter | None = None,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+    multiprocessing_context: str | None = None,
+) -> DataLoader:
+    """A torch DataLoader over make_dataset(...); ``loader.dataset`` is the ClipDataset
+    (``.skips``, ``.set_epoch``). Batches are formed inside each worker.
+    ``multiprocessing_context``: e.g. "spawn" or "forkserver" (None: the platform default)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    dataset = make_dataset(urls, cfg, epoch_samples=epoch_samples, rank=rank, world_size=world_size, skips=skips)
+    if not cfg.resampled:
+        readers = (world_size if world_size is not None else distributed_rank_world()[1]) * max(1, num_workers)
+        if len(dataset.urls) < readers:
+            warnings.warn(
+                f"{len(dataset.urls)} shards for {readers} readers (ranks x workers): some read nothing",
+                stacklevel=2,
+            )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_samples,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=False,  # so set_epoch reaches the workers' fresh copies
+        multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
+    )
