@@ -3,11 +3,12 @@
 One sample (T = LoaderConfig.num_frames, H x W = LoaderConfig.height x width, K = persons
 in the clip; channels first, RGB)::
 
-    video          float32 [3, T, H, W]  frames of the sampled window, in [-1, 1]
+    video          uint8   [3, T, H, W]  frames of the sampled window, 0..255 (the model
+                                          side maps them to [-1, 1]: video_to_model_range)
     pose           uint8   [3, T, H, W]  pose images rendered at H x W, 0..255 (RGB array;
                                           colour convention of preprocess.pose.render)
     labels         uint8   [T, H, W]     label map: 0 background, k = person k (1..K)
-    ref_image      float32 [3, H, W]     reference = the window's FIRST frame, in [-1, 1]
+    ref_image      uint8   [3, H, W]     reference = the window's FIRST frame, 0..255
     ref_pose       uint8   [3, H, W]     pose image of that frame, 0..255
     num_persons    int                   K (rows of the pose arrays; labels are <= K)
     caption        str                   the sample's caption
@@ -25,6 +26,9 @@ Coordinate convention of the crop + resize (pixel centres at integer coordinates
 OpenCV draws and as bilinear resizing with align_corners=False assumes)::
 
     x_out = (x_src - x0 + 0.5) * W / (x1 - x0) - 0.5      (y likewise with H)
+
+Frames stay uint8 until they reach the device: a float32 81x480x832 video is 388 MB per
+sample, and moving it from loader workers to the trainer cost more than decoding it.
 
 No torch import at run time: this package stays light (pydantic, pyarrow, yaml).
 """
@@ -82,3 +86,9 @@ class Batch(TypedDict):
     clip_id: list[str]
     frame_indices: torch.Tensor
     crop_box: torch.Tensor
+
+
+def video_to_model_range(frames):
+    """uint8 frames (``video``, ``ref_image``; a torch tensor) -> float32 in [-1, 1], on
+    whatever device they are: ``x / 127.5 - 1`` as the seed normalises."""
+    return frames.float().div_(127.5).sub_(1.0)

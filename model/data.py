@@ -385,11 +385,10 @@ def decode_sample(raw: dict[str, Any], cfg: LoaderConfig, rng: np.random.Generat
     out_h, out_w = cfg.height, cfg.width
 
     # Frames: crop, antialiased bilinear resize on uint8 like torchvision/PIL on the seed's
-    # uint8 images (torch's uint8 channels-last kernel is several times faster than float),
-    # then [-1, 1].
+    # uint8 images (torch's uint8 channels-last kernel is several times faster than float).
+    # They stay uint8: the trainer maps them to [-1, 1] on its device (data_schemas.batch).
     crop_UChw = torch.from_numpy(frames_UhwC)[:, y0:y1, x0:x1].permute(0, 3, 1, 2)  # a view, no copy
     resized_UCHW = F.interpolate(crop_UChw, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
-    resized_UCHW = resized_UCHW.float().div_(127.5).sub_(1.0)
 
     # Label map: nearest neighbour through the same crop.
     rows, cols = _nearest_rows(y0, y1 - y0, out_h), _nearest_rows(x0, x1 - x0, out_w)

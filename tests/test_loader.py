@@ -185,21 +185,21 @@ def test_round_trip(data: dict) -> None:
     for s in samples:
         c: Clip = data["clips"][s[B.CLIP_ID]]
         assert set(s) == set(B.ALL_KEYS)
-        assert s[B.VIDEO].shape == (3, 9, 48, 64) and s[B.VIDEO].dtype == torch.float32
+        assert s[B.VIDEO].shape == (3, 9, 48, 64) and s[B.VIDEO].dtype == torch.uint8
         assert s[B.POSE].shape == (3, 9, 48, 64) and s[B.POSE].dtype == torch.uint8
         assert s[B.LABELS].shape == (9, 48, 64) and s[B.LABELS].dtype == torch.uint8
         assert s[B.REF_IMAGE].shape == (3, 48, 64) and s[B.REF_POSE].shape == (3, 48, 64)
-        assert s[B.VIDEO].min() >= -1 and s[B.VIDEO].max() <= 1
+        assert s[B.VIDEO].dtype == torch.uint8 and s[B.REF_IMAGE].dtype == torch.uint8
         idx = s[B.FRAME_INDICES].numpy()
         assert np.all(np.diff(idx) == 1) and idx[-1] < 20  # stride 1, no padding needed
         assert s[B.CROP_BOX].tolist() == [0, 0, SRC_W, SRC_H]
         # frames = the clip decoded independently at those indices, resized the documented way
         decoded = read_frames(c.mp4)
         ref = resize_reference(decoded[idx], (0, 0, SRC_W, SRC_H), 48, 64)
-        assert torch.allclose(s[B.VIDEO], ref, atol=2 / 127.5)
+        assert torch.allclose(B.video_to_model_range(s[B.VIDEO]), ref, atol=2 / 127.5)
         # ... and close to the frames the clip was rendered from (lossy codec)
         src = resize_reference(c.clip.frames[idx], (0, 0, SRC_W, SRC_H), 48, 64)
-        assert (s[B.VIDEO] - src).abs().mean() * 127.5 < 6
+        assert (B.video_to_model_range(s[B.VIDEO]) - src).abs().mean() * 127.5 < 6
         # labels: exact nearest neighbour (pixel centres): 2x down -> source pixel 2i+1
         labels = c.clip.label_map()[idx][:, 1::2, 1::2]
         assert np.array_equal(s[B.LABELS].numpy(), labels)
@@ -273,7 +273,7 @@ def test_padding_short_clip(data: dict, tmp_path: Path) -> None:
         assert torch.equal(s[B.POSE][:, t], s[B.POSE][:, 5])
         assert torch.equal(s[B.LABELS][t], s[B.LABELS][5])
     ref = resize_reference(read_frames(c.mp4)[[0, 1, 2, 3, 4, 5, 5, 5, 5]], (0, 0, SRC_W, SRC_H), 48, 64)
-    assert torch.allclose(s[B.VIDEO], ref, atol=2 / 127.5)
+    assert torch.allclose(B.video_to_model_range(s[B.VIDEO]), ref, atol=2 / 127.5)
 
 
 def test_stride_picks_every_sth_frame(data: dict) -> None:
@@ -291,7 +291,7 @@ def test_stride_picks_every_sth_frame(data: dict) -> None:
                 decoded = read_frames(data["clips"][s[B.CLIP_ID]].mp4)
                 start = idx[0]
                 ref = resize_reference(decoded[start : start + 17 : 2], (0, 0, SRC_W, SRC_H), 48, 64)
-                assert torch.allclose(s[B.VIDEO], ref, atol=2 / 127.5)
+                assert torch.allclose(B.video_to_model_range(s[B.VIDEO]), ref, atol=2 / 127.5)
                 labels = data["clips"][s[B.CLIP_ID]].clip.label_map()[start : start + 17 : 2, 1::2, 1::2]
                 assert np.array_equal(s[B.LABELS].numpy(), labels)
     assert strides == {1, 2}
