@@ -93,6 +93,9 @@ def _draw_limb(canvas: np.ndarray, a: tuple[float, float], b: tuple[float, float
     cv2.fillConvexPoly(canvas, polygon, tuple(int(c) for c in color))
 
 
+_DIM_LUT = (np.arange(256) * LIMB_DIM).astype(np.uint8)
+
+
 def _draw_body(canvas: np.ndarray, frame: OpenPoseFrame, with_feet: bool) -> None:
     h, w = canvas.shape[:2]
     if with_feet:
@@ -110,8 +113,9 @@ def _draw_body(canvas: np.ndarray, frame: OpenPoseFrame, with_feet: bool) -> Non
             if present[n, a] and present[n, b]:
                 _draw_limb(canvas, (px[n, a, 0], px[n, a, 1]), (px[n, b, 0], px[n, b, 1]), _COLORS_20[i])
 
-    # Dim the limbs: float multiply then uint8 cast (truncation), in place.
-    canvas[:] = (canvas * LIMB_DIM).astype(np.uint8)
+    # Dim the limbs: the float multiply then uint8 cast (truncation) of the reference, as a
+    # lookup table built from that very expression, so equal by construction but ~10x faster.
+    cv2.LUT(canvas, _DIM_LUT, dst=canvas)
 
     for i in range(pts.shape[1]):
         for n in range(frame.num_persons):
@@ -159,7 +163,7 @@ def draw_pose(frame: OpenPoseFrame, height: int, width: int, style: PoseStyle = 
     if unianimate:
         # The lists were drawn as if channel 0 were Blue (UniAnimate's OpenCV canvas, A.7):
         # read back as RGB that is a swap of channels 0 and 2.
-        canvas = np.ascontiguousarray(canvas[..., ::-1])
+        cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB, dst=canvas)
     return canvas
 
 
