@@ -155,7 +155,9 @@ def child(kind: str, root: Path, samples: int, workers: int) -> dict:
     elapsed = time.perf_counter() - start
     shapes = {k: list(v.shape) for k, v in batch.items() if hasattr(v, "shape")}
     del iterator, loader
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the
+    # parent's peak (the data build) instead of this loader's.
+    own = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
     workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"samples_per_s": samples / elapsed, "peak_mb": own, "worker_peak_mb": workers_peak, "shapes": shapes}
 
