@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from prefect import flow
-from prefect.futures import as_completed
 from prefect.logging import get_run_logger
-from rich.progress import Progress
 
 from data_schemas import ClipRecord, IngestConfig, IngestSummary, VideoRecord, write_records
 from data_schemas.atomic import remove_stale_temps
 from data_schemas.video import FailureReason, VideoStatus
-from flows.runtime import MANIFESTS_DIR
+from flows.runtime import MANIFESTS_DIR, run_cached
 from preprocess.video import FoundFile, IngestResult, find_videos, video_record
-from tasks.common import result_storage
 from tasks.ingest import hash_file, ingest_video, publish_summary
 
 
@@ -90,30 +86,15 @@ def _hash_all(found: list[FoundFile]) -> tuple[dict[Path, str], list[FoundFile]]
 
 
 def _ingest_unique(primary: dict[str, Path], config: IngestConfig, workspace: Path) -> dict[str, IngestResult]:
-    """Run the cached per-file task once per distinct content; rerun a cache hit whose clips
-    have since disappeared from the workspace."""
-    task = ingest_video.with_options(result_storage=result_storage(workspace))
-    results = _run_with_progress(task, primary, config, workspace, "ingesting")
-    stale = {sha: primary[sha] for sha, r in results.items() if any(not (workspace / c.path).exists() for c in r.clips)}
-    if stale:
-        get_run_logger().warning("%d cached result(s) lost their clips; recomputing", len(stale))
-        results |= _run_with_progress(task.with_options(refresh_cache=True), stale, config, workspace, "recomputing")
-    return results
-
-
-def _run_with_progress(task, paths: dict[str, Path], config, workspace, label) -> dict[str, IngestResult]:
-    futures = {task.submit(path, sha, config, workspace): sha for sha, path in paths.items()}
+    """The cached per-file task once per distinct content. A crash (not bad input: that comes
+    back as a result) is recorded as an internal error and the others go on."""
+    arguments = {sha: (path, sha, config, workspace) for sha, path in primary.items()}
+    outcomes = run_cached(ingest_video, workspace, arguments, lambda result: [c.path for c in result.clips], "ingesting")
     results: dict[str, IngestResult] = {}
-    with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
-        bar = progress.add_task(label, total=len(futures))
-        for future in as_completed(list(futures)):
-            sha = futures[future]
-            outcome = future.result(raise_on_failure=False)
-            if isinstance(outcome, BaseException):
-                # A crash, not bad input (that comes back as a result): record it, go on.
-                path = paths[sha]
-                get_run_logger().error("%s: ingest crashed: %r", path, outcome)
-                outcome = IngestResult.failed(FailureReason.internal_error, f"{path}: ingest crashed ({outcome!r})")
-            results[sha] = outcome
-            progress.advance(bar)
+    for sha, outcome in outcomes.items():
+        if isinstance(outcome, BaseException):
+            path = primary[sha]
+            get_run_logger().error("%s: ingest crashed: %r", path, outcome)
+            outcome = IngestResult.failed(FailureReason.internal_error, f"{path}: ingest crashed ({outcome!r})")
+        results[sha] = outcome
     return results

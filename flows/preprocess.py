@@ -12,10 +12,9 @@ from data_schemas import ClipRecord, PoseRecord, ProjectConfig, read_records, wr
 from data_schemas.mask import MaskRecord
 from data_schemas.pose import PreprocessSummary
 from flows.ingest import ingest
-from flows.runtime import MANIFESTS_DIR, run_per_clip
+from flows.runtime import MANIFESTS_DIR, run_cached, run_per_clip
 from preprocess.pose.stage import models_digest, resolve_models
 from preprocess.segment.stage import sam2_digest
-from tasks.common import result_storage
 from tasks.pose import extract_poses, publish_contact_sheet
 from tasks.segment import publish_overlays, segment_clip
 from tasks.shards import write_shards
@@ -48,10 +47,9 @@ def preprocess(folder: Path, workspace: Path, config: ProjectConfig = ProjectCon
     inputs = hashlib.sha256(
         "".join(f"{i}:{clips[i].sha256}:{poses[i].sha256}:{m.sha256};" for i, m in sorted(masks.items())).encode()
     ).hexdigest()[:16]
-    shard_task = write_shards.with_options(result_storage=result_storage(workspace))
-    shards = shard_task(workspace, config.shards, inputs)
-    if not all((workspace / s).exists() for s in shards.shards):  # a cache hit whose shards were deleted
-        shards = shard_task.with_options(refresh_cache=True)(workspace, config.shards, inputs)
+    shards = run_cached(write_shards, workspace, {"shards": (workspace, config.shards, inputs)}, lambda s: s.shards, "sharding")["shards"]
+    if isinstance(shards, BaseException):
+        raise shards
     sheet = publish_contact_sheet(workspace, list(poses.values()), config.pose)
     overlays = publish_overlays(workspace, list(masks.values()))
     logger.info("poses of %d clip(s), masks of %d; %d failed", len(poses), len(masks), len(pose_failed + mask_failed))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 MANIFESTS_DIR = "manifests"
 
@@ -32,19 +35,44 @@ def make_task_runner(dask_address: str | None = None, max_workers: int | None = 
     return ThreadPoolTaskRunner(max_workers=max_workers or os.cpu_count() or 1)
 
 
-def run_per_clip(task, workspace: Path, arguments: dict[str, tuple]) -> tuple[dict, list[str]]:
-    """Submit a cached per-clip task for every clip; returns (records by clip id, failed clip ids).
+def run_cached(task, workspace: Path, arguments: dict, products: Callable[[Any], Iterable[str]], label: str) -> dict:
+    """Submit a cached task once per key of ``arguments``; returns each key's record, or the
+    exception its task ended with (the others go on).
 
-    The task's records name their product file (``record.path``, relative to the workspace):
-    a cache hit whose file has since disappeared is computed again.
+    ``products(record)`` names the files (relative to the workspace) a record stands for: a
+    cache hit whose files have since disappeared is computed again. A progress bar shows on
+    a terminal.
     """
+    from prefect.futures import as_completed
+    from prefect.logging import get_run_logger
+    from rich.progress import Progress
+
     from tasks.common import result_storage
 
+    workspace = Path(workspace)
     task = task.with_options(result_storage=result_storage(workspace))
-    futures = {clip_id: task.submit(*args) for clip_id, args in arguments.items()}
-    outcomes = {clip_id: future.result(raise_on_failure=False) for clip_id, future in futures.items()}
-    stale = [i for i, o in outcomes.items() if not isinstance(o, BaseException) and not (Path(workspace) / o.path).exists()]
-    refresh = task.with_options(refresh_cache=True)
-    outcomes |= {i: refresh.submit(*arguments[i]).result(raise_on_failure=False) for i in stale}
+
+    def run(run_task, keys: list, what: str) -> dict:
+        futures = {run_task.submit(*arguments[key]): key for key in keys}
+        outcomes = {}
+        with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
+            bar = progress.add_task(what, total=len(futures))
+            for future in as_completed(list(futures)):
+                outcomes[futures[future]] = future.result(raise_on_failure=False)
+                progress.advance(bar)
+        return outcomes
+
+    outcomes = run(task, list(arguments), label)
+    stale = [k for k, o in outcomes.items() if not isinstance(o, BaseException) and not all((workspace / p).exists() for p in products(o))]
+    if stale:
+        get_run_logger().warning("%d cached result(s) lost their files; recomputing", len(stale))
+        outcomes |= run(task.with_options(refresh_cache=True), stale, f"{label} (again)")
+    return outcomes
+
+
+def run_per_clip(task, workspace: Path, arguments: dict[str, tuple]) -> tuple[dict, list[str]]:
+    """``run_cached`` for stages whose record names one product file (``record.path``);
+    returns (records by clip id, failed clip ids)."""
+    outcomes = run_cached(task, workspace, arguments, lambda record: [record.path], task.name)
     records = {i: o for i, o in outcomes.items() if not isinstance(o, BaseException)}
     return records, [i for i, o in outcomes.items() if isinstance(o, BaseException)]
