@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -73,8 +73,10 @@ class ModelConfig(BaseModel):
         None, description="MultiAnimate weights: the released output_dir of shards, or a folder in our format"
     )
     label_pool: int = Field(8, ge=2, le=64, description="identifier channels: up to label_pool - 1 persons + background")
-    lora_rank: int = Field(128, ge=1, description="LoRA rank of the DiT's attention and FFN projections")
-    lora_alpha: float = Field(128.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank")
+    lora_rank: int = Field(
+        None, ge=1, description="LoRA rank of the DiT's attention and FFN projections (default 128; tiny: 8)"
+    )
+    lora_alpha: float = Field(None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank (default = rank)")
     shift: float = Field(5.0, gt=0, description="flow-matching sigma shift (the release trains and samples with 5)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype of the DiT, VAE and encoders at inference"
@@ -82,6 +84,17 @@ class ModelConfig(BaseModel):
     seed: int = Field(0, description="seed of the tiny profile's random weights")
     window_latents: int = Field(21, ge=3, description="latent frames per window of a long video (21 = 81 frames)")
     window_overlap: int = Field(4, ge=2, description="latent frames shared by consecutive windows")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            if data.get("lora_rank") is None:
+                data["lora_rank"] = 8 if data.get("profile", "tiny") == "tiny" else 128
+            if data.get("lora_alpha") is None:
+                data["lora_alpha"] = float(data["lora_rank"])
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

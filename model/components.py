@@ -1,0 +1,93 @@
+"""Build every network a profile names: random tiny ones in code, or real ones from local
+folders by the same code path (``from_pretrained(..., local_files_only=True)``).
+
+The text encoder is not part of this set: training and generation read prompt embeddings
+from the cache (model/text_cache.py); the pipeline loads an encoder only when it is asked
+to encode a new prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+from model.checkpoint import LoadReport, load_multianimate
+from model.config import ModelConfig
+from model.dit import MultiAnimateDiT, build_transformer
+
+# Wan's image path: the whole frame squashed (aspect not kept) to the CLIP size, bicubic,
+# normalised with CLIP's mean and std (spec C.1).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TINY_CLIP_SIZE = 32
+
+
+@dataclass
+class Components:
+    """The networks of one profile (the text encoder is separate, see the module doc)."""
+
+    dit: MultiAnimateDiT
+    vae: AutoencoderKLWan
+    image_encoder: CLIPVisionModel
+    image_processor: CLIPImageProcessor
+    config: ModelConfig
+    loaded: LoadReport | None = None
+
+    def to(self, device: torch.device | str) -> Components:
+        for m in (self.dit, self.vae, self.image_encoder):
+            m.to(device)
+        return self
+
+
+def _squashing_processor(size: int) -> CLIPImageProcessor:
+    return CLIPImageProcessor(
+        do_resize=True, size={"height": size, "width": size}, resample=3, do_center_crop=False,
+        do_rescale=True, do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+    )  # fmt: skip
+
+
+def build_tiny(cfg: ModelConfig) -> Components:
+    """Seeded random weights: the same config gives the same networks in every process."""
+    assert cfg.profile == "tiny"
+    torch.manual_seed(cfg.seed)
+    dit = MultiAnimateDiT(build_transformer(cfg.dit), cfg.label_pool)
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    clip = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=cfg.dit.image_dim, intermediate_size=2 * cfg.dit.image_dim, num_hidden_layers=3,
+            num_attention_heads=2, image_size=TINY_CLIP_SIZE, patch_size=8, projection_dim=cfg.dit.image_dim,
+        )
+    )  # fmt: skip
+    return Components(dit.eval(), vae.eval(), clip.eval(), _squashing_processor(TINY_CLIP_SIZE), cfg)
+
+
+def load_real(cfg: ModelConfig) -> Components:
+    """Wan2.1-I2V-14B-720P (diffusers layout) from ``cfg.wan_folder``; never downloads."""
+    cfg.require_weights()
+    assert cfg.wan_folder is not None
+    dtype = getattr(torch, cfg.dtype)
+    folder = cfg.wan_folder
+    transformer = WanTransformer3DModel.from_pretrained(folder / "transformer", torch_dtype=dtype, local_files_only=True)
+    # the VAE stays float32: diffusers' Wan examples do so, bf16 decoding bands visibly
+    vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32, local_files_only=True)
+    clip = CLIPVisionModel.from_pretrained(folder / "image_encoder", torch_dtype=torch.float32, local_files_only=True)
+    processor = CLIPImageProcessor.from_pretrained(folder / "image_processor", local_files_only=True)
+    size = processor.crop_size.get("height", 224) if processor.crop_size else 224
+    dit = MultiAnimateDiT(transformer, cfg.label_pool).to(dtype)
+    return Components(dit.eval(), vae.eval(), clip.eval(), _squashing_processor(size), cfg)
+
+
+def build_components(cfg: ModelConfig) -> Components:
+    """The profile's networks, with MultiAnimate weights loaded when ``cfg.multianimate`` is set
+    (else a LoRA of ``cfg.lora_rank`` at PEFT's no-op initialisation)."""
+    comps = build_tiny(cfg) if cfg.profile == "tiny" else load_real(cfg)
+    if cfg.multianimate is not None:
+        comps.loaded = load_multianimate(comps.dit, cfg.multianimate)
+    else:
+        comps.dit.add_lora(cfg.lora_rank, cfg.lora_alpha)
+    return comps

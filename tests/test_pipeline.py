@@ -1,0 +1,203 @@
+"""The generation pipeline on the tiny profile: schedule, guidance, sizes, long-video
+windows, step caching and the written outputs."""
+
+from __future__ import annotations
+
+import decord
+import numpy as np
+import pytest
+import torch
+
+from model.components import build_components
+from model.conditions import labels_from_masks
+from model.config import ModelConfig
+from model.pipeline import (
+    Conditions,
+    MultiAnimatePipeline,
+    SamplingConfig,
+    latent_windows,
+    sampling_sigmas,
+    write_outputs,
+)
+
+QUIET = {"progress": False}
+
+
+def conditions(T: int, H: int, W: int, persons: int, seed: int = 0) -> Conditions:
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((persons, T, H, W), dtype=bool)
+    for k in range(persons):  # vertical stripes that drift right, one per person
+        x0 = (k * W) // persons
+        for t in range(T):
+            masks[k, t, :, (x0 + t) % W : min(W, (x0 + t) % W + W // (2 * persons) + 1)] = True
+    g = torch.Generator().manual_seed(seed)
+    return Conditions(
+        ref_image=rng.integers(0, 256, (H + 20, W + 30, 3), dtype=np.uint8),
+        pose=rng.integers(0, 256, (T, H, W, 3), dtype=np.uint8),
+        ref_pose=rng.integers(0, 256, (H, W, 3), dtype=np.uint8),
+        labels=labels_from_masks(masks).numpy(),
+        prompt_embeds=torch.randn(512, 32, generator=g),
+        negative_embeds=torch.randn(512, 32, generator=g),
+    )
+
+
+@pytest.fixture(scope="module")
+def pipe() -> MultiAnimatePipeline:
+    return MultiAnimatePipeline(build_components(ModelConfig()))
+
+
+def test_schedule_is_the_releases():
+    steps, shift = 7, 5.0
+    s = np.linspace(1, 0, steps + 1)[:-1]
+    want = np.append(shift * s / (1 + (shift - 1) * s), 0.0)
+    np.testing.assert_allclose(sampling_sigmas(steps, shift).numpy(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_latent_windows_follow_the_spec():
+    w = latent_windows(40, 21, 4)  # starts 0, 17, 34 -> the last becomes the final 21
+    assert [x[0] for x in w] == [0, 17, 19] and all(len(x) == 21 for x in w) and w[-1][-1] == 39
+    assert latent_windows(21, 21, 4) == [list(range(21))]
+    for n in range(22, 90):
+        ws = latent_windows(n, 21, 4)
+        assert sorted(set(sum(ws, []))) == list(range(n))  # every latent frame is covered
+        assert all(b[0] <= a[-1] - 1 for a, b in zip(ws, ws[1:]))  # consecutive windows overlap by >= 2
+
+
+@pytest.mark.parametrize("persons", [1, 2, 3, 7])
+def test_video_has_the_requested_frames_and_size(pipe, persons):
+    out = pipe(conditions(9, 48, 80, persons), SamplingConfig(steps=2, guidance_scale=1.5, **QUIET))
+    assert out.frames.shape == (9, 48, 80, 3) and out.frames.dtype == np.uint8
+    assert out.latents.shape == (1, 16, 3, 6, 10)
+
+
+def test_same_seed_same_video_other_seed_other_video(pipe):
+    cond = conditions(5, 32, 32, 2)
+    a = pipe(cond, SamplingConfig(steps=2, seed=3, **QUIET)).latents
+    b = pipe(cond, SamplingConfig(steps=2, seed=3, **QUIET)).latents
+    c = pipe(cond, SamplingConfig(steps=2, seed=4, **QUIET)).latents
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_guidance_passes_differ_exactly_as_the_spec_says(pipe):
+    """Conditional pass: prompt + pose/identity tokens; unconditional: negative prompt, no
+    tokens; both: the same latents, the same y with the reference pose, the same CLIP tokens."""
+    dit = pipe.c.dit
+    calls: list[dict] = []
+
+    def record(module, args, kwargs):
+        x, timestep, text, image = args[:4]
+        calls.append({"x": x.clone(), "t": timestep.clone(), "text": text.clone(), "image": image.clone(), "tokens": dit._pending})
+
+    outputs: list[torch.Tensor] = []
+    h1 = dit.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    h2 = dit.transformer.register_forward_hook(lambda m, a, out: outputs.append(out[0].clone()))
+    cond = conditions(5, 32, 48, 2)
+    try:
+        pipe(cond, SamplingConfig(steps=3, guidance_scale=2.5, **QUIET))
+    finally:
+        h1.remove()
+        h2.remove()
+    assert len(calls) == 6  # two passes per step
+    for step in range(3):
+        c, u = calls[2 * step], calls[2 * step + 1]
+        assert torch.equal(c["x"], u["x"]) and torch.equal(c["t"], u["t"]) and torch.equal(c["image"], u["image"])
+        assert torch.equal(c["text"][0], cond.prompt_embeds) and torch.equal(u["text"][0], cond.negative_embeds)
+        assert c["tokens"] is not None and u["tokens"] is None
+        # y (channels 16..35) carries the reference-pose features in both passes
+        assert not torch.equal(c["x"][:, 16:], pipe.encode_reference(cond.ref_image, 5, 32, 48)[1])
+    # the Euler step used exactly uncond + g * (cond - uncond)
+    sig = sampling_sigmas(3, 5.0)
+    v0 = outputs[1] + 2.5 * (outputs[0] - outputs[1])
+    torch.testing.assert_close(calls[2]["x"][:, :16], calls[0]["x"][:, :16] + float(sig[1] - sig[0]) * v0)
+
+    calls.clear()
+    h1 = dit.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        pipe(cond, SamplingConfig(steps=3, guidance_scale=1.0, **QUIET))
+    finally:
+        h1.remove()
+    assert len(calls) == 3 and all(c["tokens"] is not None for c in calls)
+
+
+def test_long_video_windows_fuse_without_a_seam():
+    """With a denoiser that treats every frame alike, windows agree on their overlaps: the
+    fused result must equal one pass over the whole video (frames 0-1 start from window 0's
+    private noise), i.e. no trace of the window boundaries."""
+    cfg = ModelConfig(window_latents=5, window_overlap=3)
+    pipe = MultiAnimatePipeline(build_components(cfg))
+    per_frame_calls: list[int] = []
+
+    class ElementwisePipe(MultiAnimatePipeline):
+        def predict(self, x, *args, **kwargs):
+            per_frame_calls.append(x.shape[2])
+            return 0.7 * x - 0.2 * torch.tanh(x)  # any per-element field
+
+    long = ElementwisePipe(pipe.c)
+    T = 4 * 11 + 1  # 12 latent frames -> windows [0..4], [2..6], [4..8], [6..10], [7..11]
+    cond = conditions(T, 32, 32, 2)
+    steps, seed = 4, 11
+    out = long(cond, SamplingConfig(steps=steps, seed=seed, guidance_scale=1.0, **QUIET))
+    assert [w[0] for w in out.windows] == [0, 2, 4, 6, 7] and set(per_frame_calls) == {5}
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, 16, 12, 4, 4), generator=g)
+    x[:, :, :2] = torch.randn((1, 16, 2, 4, 4), generator=g)  # window 0's private start
+    sig = sampling_sigmas(steps, 5.0)
+    for i in range(steps):
+        x = x + float(sig[i + 1] - sig[i]) * (0.7 * x - 0.2 * torch.tanh(x))
+    torch.testing.assert_close(out.latents, x, rtol=1e-5, atol=1e-6)
+    assert out.frames.shape == (T, 32, 32, 3)
+
+    # and with the real (tiny) DiT the long video runs, window by window
+    real = pipe(cond, SamplingConfig(steps=2, guidance_scale=1.5, **QUIET))
+    assert real.frames.shape == (T, 32, 32, 3) and len(real.windows) == 5
+
+
+def test_step_cache_skips_the_block_stack(pipe):
+    block_calls = []
+    hook = pipe.c.dit.transformer.blocks[-1].ffn.register_forward_hook(lambda *a: block_calls.append(1))
+    cond = conditions(5, 32, 32, 2)
+    try:
+        plain = pipe(cond, SamplingConfig(steps=6, guidance_scale=1.0, **QUIET))
+        n_plain = len(block_calls)
+        block_calls.clear()
+        cached = pipe(cond, SamplingConfig(steps=6, guidance_scale=1.0, step_cache="first-block", step_cache_threshold=1e9, **QUIET))
+        n_cached = len(block_calls)
+        block_calls.clear()
+        again = pipe(cond, SamplingConfig(steps=6, guidance_scale=1.0, **QUIET))  # the cache is off again
+    finally:
+        hook.remove()
+    assert n_plain == 6 and n_cached == 1 and len(block_calls) == 6
+    assert torch.equal(plain.latents, again.latents) and not torch.equal(plain.latents, cached.latents)
+
+
+def test_bad_conditions_fail_clearly(pipe):
+    cond = conditions(8, 32, 32, 2)
+    with pytest.raises(ValueError, match="4k\\+1 frames"):
+        pipe(cond, SamplingConfig(steps=1, **QUIET))
+    cond = conditions(5, 40, 32, 2)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        pipe(cond, SamplingConfig(steps=1, **QUIET))
+    cond = conditions(5, 32, 32, 2)
+    cond.prompt_embeds = cond.prompt_embeds[:77]
+    with pytest.raises(ValueError, match="exactly 512"):
+        pipe(cond, SamplingConfig(steps=1, **QUIET))
+    cond = conditions(5, 32, 32, 2)
+    cond.negative_embeds = None
+    with pytest.raises(ValueError, match="negative_embeds"):
+        pipe(cond, SamplingConfig(steps=1, guidance_scale=2.0, **QUIET))
+    with pytest.raises(ValueError, match="at most 3"):
+        MultiAnimatePipeline(build_components(ModelConfig(label_pool=4)))(conditions(5, 32, 32, 5), SamplingConfig(steps=1, **QUIET))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a GPU"):
+            pipe(conditions(5, 32, 32, 1), SamplingConfig(steps=1, offload="group", **QUIET))
+
+
+def test_outputs_are_written_and_decode(pipe, tmp_path):
+    cond = conditions(9, 32, 64, 2)  # (decord misreads some tiny widths such as 48)
+    out = pipe(cond, SamplingConfig(steps=1, **QUIET))
+    paths = write_outputs(out.frames, cond, tmp_path / "job", fps=15)
+    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["preview.mp4", "preview.png", "video.mp4"]
+    video = decord.VideoReader(str(paths["video"]))
+    preview = decord.VideoReader(str(paths["preview"]))
+    assert len(video) == len(preview) == 9
+    assert video[0].shape == (32, 64, 3) and preview[0].shape == (32, 192, 3)
