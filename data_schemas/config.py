@@ -13,6 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from data_schemas.model import ModelConfig
+
 VIDEO_EXTENSIONS = (
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts",
     ".m2ts", ".wmv", ".flv", ".3gp", ".ogv",
@@ -160,6 +162,7 @@ class ProjectConfig(_Config):
     pose: PoseConfig = Field(default_factory=PoseConfig, description="the pose stage")
     segment: SegmentConfig = Field(default_factory=SegmentConfig, description="the segment stage")
     shards: ShardConfig = Field(default_factory=ShardConfig, description="the shard stage")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model: profile, weights, constants")
 
 
 def load_config(path: Path | None = None) -> ProjectConfig:

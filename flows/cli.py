@@ -132,6 +132,42 @@ def demo(
     console.print(f"workspace: {workspace}")
 
 
+@app.command()
+def weights(config: ConfigOpt = None) -> None:
+    """Check that every real weight file the profile names is present; say how to get the rest."""
+    from data_schemas import load_config
+
+    try:
+        cfg = load_config(config)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    checks = []  # (stage, what, problem or "")
+    for stage, uses_files, check in (
+        ("pose", cfg.pose.models == "files", cfg.pose.model_files),
+        ("segment", cfg.segment.models == "files", cfg.segment.model_folder),
+        ("model", cfg.model.profile != "tiny", cfg.model.require_weights),
+    ):
+        if not uses_files:
+            checks.append((stage, "tiny random-weight models (built in code)", ""))
+            continue
+        try:
+            check()
+            checks.append((stage, "real weights", ""))
+        except ValueError as exc:
+            checks.append((stage, "real weights", str(exc)))
+    table = Table(title="weights")
+    for column in ("stage", "uses", "status"):
+        table.add_column(column)
+    for stage, what, problem in checks:
+        table.add_row(stage, what, "[red]missing[/red]" if problem else "[green]ok[/green]")
+    console.print(table)
+    problems = [p for _, _, p in checks if p]
+    for problem in problems:
+        console.print(problem, markup=False, highlight=False)
+    if problems:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
 from model.checkpoint import LoadReport, load_multianimate
-from model.config import ModelConfig
+from data_schemas.model import ModelConfig
 from model.dit import MultiAnimateDiT, build_transformer
 
 # Wan's image path: the whole frame squashed (aspect not kept) to the CLIP size, bicubic,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ENCODER_WIDTH
+from data_schemas.model import ENCODER_WIDTH
 
 # Pose and label videos get their first frame repeated this many extra times in front, so
 # that T = 4k + 1 frames become 4(k + 1) and the two temporal stride-2 convs give k + 1

@@ -89,3 +89,16 @@ def test_bad_arguments_get_clear_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text("ingest:\n  fps: -3\n")
     done = subprocess.run([*CLI, "ingest", str(tmp_path), "-w", str(tmp_path / "ws"), "-c", str(tmp_path / "bad.yaml")], env=cli_env(), capture_output=True)
     assert done.returncode != 0 and "fps" in done.stderr.decode()
+
+
+def test_weights_verb_names_every_missing_file(tmp_path):
+    done = subprocess.run([*CLI, "weights"], env=cli_env(), capture_output=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr.decode()
+    repo = Path(__file__).parents[1]
+    done = subprocess.run([*CLI, "weights", "-c", str(repo / "configs" / "real.yaml")], env=cli_env(), capture_output=True, cwd=tmp_path)
+    out = done.stdout.decode()
+    assert done.returncode == 1
+    for name in ("yolox_l.onnx", "dw-ll_ucoco_384.onnx", "sam2.1-hiera-large", "transformer/config.json",
+                 "vae/config.json", "image_encoder/config.json", "output_dir/*.safetensors",
+                 "huggingface-cli download Wan-AI/Wan2.1-I2V-14B-720P-Diffusers"):  # fmt: skip
+        assert name in out, name

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,7 @@ from model.conditions import (
     training_channels,
     widen_label_weight,
 )
-from model.config import TINY_DIT
+from data_schemas.model import TINY_DIT
 from model.dit import MultiAnimateDiT, build_transformer
 from tests.released_layout import released_tensors, write_released
 
@@ -297,3 +299,56 @@ def test_released_layout_renamed_or_missing_key_fails_naming_it(tmp_path):
     (tmp_path / "lost" / "model-00003-of-00008.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model-00003-of-00008.safetensors"):
         load_released(make_dit(), tmp_path / "lost")
+
+
+def test_full_size_model_matches_the_released_names_and_shapes():
+    """At the real size (on the meta device: no memory): every released key of spec D.4,
+    with its derived shape, lands on a parameter of that shape, and nothing is left over."""
+    from model.checkpoint import released_name
+    from data_schemas.model import WAN_14B_DIT
+
+    with torch.device("meta"):
+        dit = MultiAnimateDiT(build_transformer(WAN_14B_DIT), label_pool=8)
+        dit.add_lora(128, 128.0)
+    ours = {k: tuple(v.shape) for k, v in trained_state(dit).items()}
+    released: dict[str, tuple[int, ...]] = {}
+    r, d, f = 128, 5120, 13824
+    for i in range(40):
+        for attn in ("self_attn", "cross_attn"):
+            for proj in "qkvo":
+                released[f"pipe.dit.blocks.{i}.{attn}.{proj}.lora_A.default.weight"] = (r, d)
+                released[f"pipe.dit.blocks.{i}.{attn}.{proj}.lora_B.default.weight"] = (d, r)
+        released[f"pipe.dit.blocks.{i}.ffn.0.lora_A.default.weight"] = (r, d)
+        released[f"pipe.dit.blocks.{i}.ffn.0.lora_B.default.weight"] = (f, r)
+        released[f"pipe.dit.blocks.{i}.ffn.2.lora_A.default.weight"] = (r, f)
+        released[f"pipe.dit.blocks.{i}.ffn.2.lora_B.default.weight"] = (d, r)
+    for name, cin in (("dwpose_embedding", 3), ("label_embedding", 8)):
+        for idx in range(0, 12, 2):
+            released[f"{name}.{idx}.weight"] = (16, cin if idx == 0 else 16, 3, 3, 3)
+            released[f"{name}.{idx}.bias"] = (16,)
+        released[f"{name}.12.weight"], released[f"{name}.12.bias"] = (5120, 16, 1, 2, 2), (5120,)
+    for idx in range(0, 12, 2):
+        cout = 20 if idx == 10 else 16
+        released[f"randomref_embedding_pose.{idx}.weight"] = (cout, 3 if idx == 0 else 16, 3, 3)
+        released[f"randomref_embedding_pose.{idx}.bias"] = (cout,)
+    mapped = {released_name(k): shape for k, shape in released.items()}
+    assert len(mapped) == len(released)  # one-to-one
+    assert mapped == ours
+    lora_params = sum(np.prod(s) for k, s in ours.items() if ".lora_" in k)
+    assert round(lora_params / 1e6) == 613  # spec D.4: ~15.3M per block, ~613M in all
+
+
+def test_real_profile_without_weights_says_what_is_missing(tmp_path):
+    from data_schemas.model import MissingWeightsError, ModelConfig
+    from model.components import build_components
+
+    (tmp_path / "wan" / "transformer").mkdir(parents=True)
+    (tmp_path / "wan" / "transformer" / "config.json").write_text("{}")
+    cfg = ModelConfig(profile="wan-i2v-14b-720p", wan_folder=tmp_path / "wan", multianimate=tmp_path / "ma" / "x.ckpt" / "output_dir")
+    with pytest.raises(MissingWeightsError) as err:
+        build_components(cfg)
+    text = str(err.value)
+    for name in ("transformer/*.safetensors", "vae/config.json", "image_encoder/config.json",
+                 "image_processor/preprocessor_config.json", "output_dir/*.safetensors", f"--local-dir {tmp_path / 'ma'}"):  # fmt: skip
+        assert name in text, name
+    assert "transformer/config.json" not in text

@@ -10,7 +10,7 @@ import torch
 
 from model.components import build_components
 from model.conditions import labels_from_masks
-from model.config import ModelConfig
+from data_schemas.model import ModelConfig
 from model.pipeline import (
     Conditions,
     MultiAnimatePipeline,

@@ -142,12 +142,14 @@ class ModelConfig(BaseModel):
         """Raise one ``MissingWeightsError`` listing everything missing and how to get it."""
         missing = self.missing_weights()
         if missing:
+            ma = self.multianimate
+            ma_dir = ma.parent.parent if ma is not None and ma.name == "output_dir" else "<folder>"
             raise MissingWeightsError(
                 f"profile {self.profile!r}: missing weights:\n  "
                 + "\n  ".join(missing)
                 + "\nGet them with (no download happens at run time):\n"
                 f"  huggingface-cli download {WAN_REPO} --local-dir {self.wan_folder}\n"
                 f"  huggingface-cli download {MULTIANIMATE_REPO} --include "
-                "'epoch=23-step=4200-multi.ckpt/output_dir/*' --local-dir <folder>\n"
+                f"'epoch=23-step=4200-multi.ckpt/output_dir/*' --local-dir {ma_dir}\n"
                 "and point wan_folder / multianimate at them (multianimate = the output_dir folder)."
             )
