@@ -14,8 +14,8 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-from model.checkpoint import LoadReport, load_multianimate
 from data_schemas.model import ModelConfig
+from model.checkpoint import LoadReport, load_multianimate
 from model.dit import MultiAnimateDiT, build_transformer
 
 # Wan's image path: the whole frame squashed (aspect not kept) to the CLIP size, bicubic,

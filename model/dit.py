@@ -22,8 +22,8 @@ from diffusers import WanTransformer3DModel
 from peft import LoraConfig
 from torch import nn
 
-from model.conditions import IdentifierAdapter, PoseGuider, RefPoseGuider
 from data_schemas.model import DiTShape
+from model.conditions import IdentifierAdapter, PoseGuider, RefPoseGuider
 
 # The release's PEFT targets "q,k,v,o,ffn.0,ffn.2" in diffusers' names: self- and
 # cross-attention q/k/v/o (not the image keys add_k_proj/add_v_proj) and both FFN layers.

@@ -6,11 +6,11 @@ from __future__ import annotations
 import random
 
 import numpy as np
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from data_schemas.model import TINY_DIT
 from model.checkpoint import (
     CheckpointError,
     load_adapter,
@@ -29,7 +29,6 @@ from model.conditions import (
     training_channels,
     widen_label_weight,
 )
-from data_schemas.model import TINY_DIT
 from model.dit import MultiAnimateDiT, build_transformer
 from tests.released_layout import released_tensors, write_released
 
@@ -304,8 +303,8 @@ def test_released_layout_renamed_or_missing_key_fails_naming_it(tmp_path):
 def test_full_size_model_matches_the_released_names_and_shapes():
     """At the real size (on the meta device: no memory): every released key of spec D.4,
     with its derived shape, lands on a parameter of that shape, and nothing is left over."""
-    from model.checkpoint import released_name
     from data_schemas.model import WAN_14B_DIT
+    from model.checkpoint import released_name
 
     with torch.device("meta"):
         dit = MultiAnimateDiT(build_transformer(WAN_14B_DIT), label_pool=8)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from data_schemas.model import ModelConfig
 from model.components import build_components
 from model.conditions import labels_from_masks
-from data_schemas.model import ModelConfig
 from model.pipeline import (
     Conditions,
     MultiAnimatePipeline,
