@@ -91,16 +91,23 @@ def trained_state(dit: MultiAnimateDiT) -> dict[str, torch.Tensor]:
 
 def save_adapter(dit: MultiAnimateDiT, folder: Path, lora_rank: int, lora_alpha: float) -> Path:
     """Write ``adapter.safetensors`` + ``config.json`` (each atomically; config last)."""
-    folder = Path(folder)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in trained_state(dit).items()}
     cfg = dit.transformer.config
+    return save_adapter_tensors(trained_state(dit), folder, dit.label_pool, lora_rank, lora_alpha, dict(cfg))
+
+
+def save_adapter_tensors(
+    tensors: dict[str, torch.Tensor], folder: Path, label_pool: int, lora_rank: int, lora_alpha: float, dit_config: dict
+) -> Path:
+    """Our format from a state dict (e.g. gathered from a sharded model on rank 0)."""
+    folder = Path(folder)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     config = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "label_pool": dit.label_pool,
+        "label_pool": label_pool,
         "lora_rank": lora_rank,
         "lora_alpha": lora_alpha,
-        "dit": {k: cfg[k] for k in ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim", "text_dim", "image_dim")},
+        "dit": {k: dit_config[k] for k in ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim", "text_dim", "image_dim")},
     }
     with atomic_path(folder / ADAPTER_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})

@@ -1,0 +1,72 @@
+"""The typed configuration of a training run (also the ``train`` flow's parameter form)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from data_schemas.model import ModelConfig
+
+
+class TrainConfig(BaseModel):
+    """One LoRA fine-tuning run (spec D.5 defaults)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    workspace: Path = Field(Path("workspace"), description="workspace with shards/ and embeddings/; the run goes to runs/<run_name>")
+    run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="folder name under runs/")
+    shards: str = Field("shards/train-*.tar", description="training shards, a glob relative to the workspace")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="profile, weights and constants")
+    num_frames: int = Field(81, ge=1, description="frames per sample (4k+1)")
+    height: int = Field(480, ge=16, description="sample height, divisible by 16")
+    width: int = Field(832, ge=16, description="sample width, divisible by 16")
+    max_stride: int = Field(1, ge=1, description="largest frame stride drawn per sample")
+    batch_size: int = Field(1, ge=1, description="samples per rank per micro-step")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank")
+    max_steps: int = Field(1000, ge=1, description="optimizer steps of the run")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (the release: 1e-4)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (torch's default)")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up")
+    grad_clip: float = Field(1.0, gt=0, description="gradient norm clipping")
+    pose_dropout: float = Field(0.05, ge=0, le=1, description="P(pose, identity and reference-pose features are zeroed)")
+    image_dropout: float = Field(0.10, ge=0, le=1, description="P(CLIP features and the I2V condition y are zeroed)")
+    pose_condition: bool = Field(True, description="False: a pose-blind control (pose tokens always zero)")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 on GPUs, fp32 on CPUs")
+    activation_checkpointing: bool = Field(True, description="recompute block activations in the backward pass")
+    checkpoint_every: int = Field(100, ge=1, description="optimizer steps between resumable checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="resumable checkpoints kept (oldest deleted)")
+    seed: int = Field(0, description="seed of data order, noise, timesteps, dropout and identifier draws")
+    nproc: int = Field(1, ge=1, description="processes (GPUs) per node for torchrun")
+
+    @field_validator("num_frames")
+    @classmethod
+    def _four_k_plus_one(cls, v: int) -> int:
+        if (v - 1) % 4:
+            raise ValueError(f"num_frames must be of the form 4k+1 (e.g. 81), got {v}")
+        return v
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_16(cls, v: int, info) -> int:
+        if v % 16:
+            raise ValueError(f"{info.field_name} must be divisible by 16, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.model.multianimate is not None and self.model.multianimate.resolve() == self.run_dir.resolve():
+            raise ValueError("model.multianimate must not be the run's own folder")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.workspace / "runs" / self.run_name
+
+    def digest(self) -> str:
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,459 @@
+"""LoRA fine-tuning of MultiAnimate: one process per device, started by torchrun.
+
+    torchrun --standalone --nproc-per-node N -m model.train --config RUN.json
+    python -m model.train --config RUN.json --dry-run      # check inputs and build, no training
+
+``RUN.json`` is a ``data_schemas.train.TrainConfig``; ``launch_command`` builds this line for
+the README, the Prefect task and the tests alike. Multi-node: run the same line on every
+node with ``--nnodes M --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT`` in place
+of ``--standalone``.
+
+What is trained (spec D.5): LoRA of the DiT and the three condition encoders; the DiT base,
+the VAE and the CLIP tower are frozen; prompt embeddings come from the cache
+(model/text_cache.py), never from the text encoder. Latents and CLIP features are computed
+on the fly from the uint8 batch.
+
+Objective (spec C.3): sigma from the 1000-step schedule shifted by ``model.shift`` at a
+uniformly drawn index; x_t = (1 - sigma) x0 + sigma eps; target eps - x0; MSE weighted by
+the Gaussian timestep weight. Condition dropout: p=0.05 zeroes pose + identity tokens and
+the reference-pose features; independently p=0.10 zeroes the CLIP features and ``y`` (the
+reference-pose features are still added to the zeroed y).
+
+Parallelism: FSDP2 (``fully_shard``) per transformer block, per condition encoder and at
+the root, on NCCL with GPUs and on gloo with CPUs, so the same code runs in the tests.
+
+Exact resumption: every random draw of a step comes from generators seeded by (seed, rank,
+step, micro-step), and the loader's stream is cut into epochs of ``checkpoint_every`` steps
+whose content depends only on (seed, epoch, rank, worker). A checkpoint at a step boundary
+(model, optimizer, scheduler, step) therefore determines the rest of the run.
+
+Run folder: ``config.json``, ``metrics.csv`` (step, loss, lr, grad norm, step time,
+samples/s, peak memory), ``checkpoints/step-NNNNNNN/`` (torch.distributed.checkpoint, with
+``trainer.json``; renamed into place when complete), ``final/`` (our safetensors format),
+``loss_curve.png``, ``pids/rank<r>.pid``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+
+from data_schemas.atomic import atomic_path
+from data_schemas.batch import video_to_model_range
+from data_schemas.train import TrainConfig
+from model.checkpoint import save_adapter_tensors
+from model.components import Components, build_components
+from model.conditions import stack_channels, training_channels
+from model.data import LoaderConfig, make_loader
+from model.pipeline import MultiAnimatePipeline, sampling_sigmas
+from model.text_cache import EmbeddingCache
+from model.text_encoder import profile_encoder_id
+
+NUM_TRAIN_TIMESTEPS = 1000
+FAULT_ENV = "MULTIANIMATE_FAULT_KILL"  # "RANK:STEP": that rank SIGKILLs itself once (resilience tests)
+METRIC_FIELDS = ("step", "loss", "lr", "grad_norm", "step_time_s", "samples_per_s", "peak_mem_gib")
+
+
+def launch_command(config_path: Path, nproc: int) -> list[str]:
+    """The one launch line (single node); see the module docstring for multi-node."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "-m", "model.train", "--config", str(config_path),
+    ]  # fmt: skip
+
+
+# ---- the objective -------------------------------------------------------------------
+
+
+def training_sigmas(shift: float) -> torch.Tensor:
+    """The 1000 shifted training sigmas (the sampling schedule with N = 1000, no final 0)."""
+    return sampling_sigmas(NUM_TRAIN_TIMESTEPS, shift)[:-1].float()
+
+
+def training_weights(shift: float) -> torch.Tensor:
+    """w(t) = exp(-2 ((t - 500) / 1000)^2) over the 1000 shifted timesteps, minus its minimum,
+    rescaled so the 1000 weights sum to 1000 (spec C.3)."""
+    t = training_sigmas(shift).double() * NUM_TRAIN_TIMESTEPS
+    w = torch.exp(-2 * ((t - NUM_TRAIN_TIMESTEPS / 2) / NUM_TRAIN_TIMESTEPS) ** 2)
+    w = w - w.min()
+    return (w * NUM_TRAIN_TIMESTEPS / w.sum()).float()
+
+
+def step_generators(seed: int, rank: int, step: int, micro: int) -> tuple[torch.Generator, random.Random]:
+    """Every random draw of one micro-step, from (seed, rank, step, micro) alone."""
+    state = np.random.SeedSequence([seed, rank, step, micro]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0])), random.Random(int(state[1]))
+
+
+@dataclass
+class Frozen:
+    """The frozen encoders' outputs for one batch."""
+
+    latents: torch.Tensor  # [B, 16, t, h, w], normalised
+    y: torch.Tensor  # [B, 20, t, h, w]
+    image: torch.Tensor  # [B, L, image_dim]
+    text: torch.Tensor  # [B, 512, text_dim]
+
+
+@torch.no_grad()
+def encode_frozen(pipe: MultiAnimatePipeline, batch: dict, text: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Frozen:
+    vae = pipe.c.vae
+    video = video_to_model_range(batch["video"].to(device)).to(vae.dtype)
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
+    latents = (vae.encode(video).latent_dist.mode() - mean) / std
+    T, H, W = video.shape[2:]
+    refs = batch["ref_image"]
+    ys = []
+    for b in range(refs.shape[0]):  # diffusers' prepare_latents assumes one image per call
+        ref = video_to_model_range(refs[b : b + 1].to(device))
+        _, y = pipe.wan.prepare_latents(ref, 1, 16, H, W, T, dtype=dtype, device=device, latents=latents[b : b + 1])
+        ys.append(y)
+    images = [refs[b].permute(1, 2, 0).numpy() for b in range(refs.shape[0])]
+    image = pipe.wan.encode_image(images, device=device)
+    return Frozen(latents.to(dtype), torch.cat(ys).to(dtype), image.to(dtype), text.to(device, dtype))
+
+
+class ConditionedDenoiser(torch.nn.Module):
+    """The DiT and its condition encoders in ONE forward: FSDP2 gathers a root's parameters
+    only when the root's forward runs, so the encoders cannot be called from outside it."""
+
+    def __init__(self, dit: torch.nn.Module):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, x_t, y, timestep, text, image, pose, labels, channels, ref_pose, keep_pose):
+        dit = self.dit
+        tokens = dit.condition_tokens(pose, labels, channels) * keep_pose
+        ref_features = dit.ref_pose_guider(ref_pose) * keep_pose
+        out = dit(x_t, y, timestep, text, image, tokens.to(x_t.dtype), ref_features.to(x_t.dtype))
+        return out.clone()  # unpatchify returns a view; FSDP2 warns that in-place ops on it would skip hooks
+
+
+def training_loss(
+    model: ConditionedDenoiser,
+    label_pool: int,
+    frozen: Frozen,
+    batch: dict,
+    cfg: TrainConfig,
+    sigmas: torch.Tensor,
+    weights: torch.Tensor,
+    gen: torch.Generator,
+    rng: random.Random,
+) -> torch.Tensor:
+    """The weighted flow-matching loss of one micro-batch (module docstring)."""
+    x0 = frozen.latents
+    B, device = x0.shape[0], x0.device
+    index = torch.randint(0, NUM_TRAIN_TIMESTEPS, (B,), generator=gen)
+    sigma = sigmas[index].view(B, 1, 1, 1, 1).to(device, x0.dtype)
+    noise = torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
+    x_t = (1 - sigma) * x0 + sigma * noise
+    target = noise - x0
+    drop_pose = (torch.rand(B, generator=gen) < cfg.pose_dropout).to(device)
+    drop_image = (torch.rand(B, generator=gen) < cfg.image_dropout).to(device)
+    if not cfg.pose_condition:
+        drop_pose = torch.ones_like(drop_pose)
+    channels = stack_channels(
+        [training_channels(max(1, int(k)), label_pool, rng) for k in batch["num_persons"]]
+        if len({int(k) for k in batch["num_persons"]}) == 1
+        else _padded_channels(batch["num_persons"], label_pool, rng)
+    ).to(device)
+    keep_pose = (~drop_pose).view(B, 1, 1, 1, 1).to(x0.dtype)
+    keep_image = (~drop_image).view(B, 1, 1, 1, 1).to(x0.dtype)
+    y = frozen.y * keep_image
+    image = frozen.image * keep_image.view(B, 1, 1)
+    timestep = (sigma.view(B) * NUM_TRAIN_TIMESTEPS).to(x0.dtype)
+    pred = model(x_t, y, timestep, frozen.text, image, batch["pose"].to(device), batch["labels"].to(device), channels,
+                 batch["ref_pose"].to(device), keep_pose)  # fmt: skip
+    per_sample = (pred.float() - target.float()).square().mean(dim=(1, 2, 3, 4))
+    return (per_sample * weights[index].to(device)).mean()
+
+
+def _padded_channels(num_persons: torch.Tensor, pool: int, rng: random.Random) -> list[list[int]]:
+    """A batch of mixed person counts: each sample draws K_max + 1 distinct channels; the
+    extra ones meet all-zero one-hot channels, so they change nothing (conditions.py)."""
+    k_max = max(1, int(num_persons.max()))
+    return [training_channels(k_max, pool, rng) for _ in num_persons]
+
+
+# ---- the run -------------------------------------------------------------------------
+
+
+def _setup_distributed() -> tuple[int, int, torch.device]:
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _shard(comps: Components, dtype: torch.dtype) -> ConditionedDenoiser:
+    model = ConditionedDenoiser(comps.dit)
+    if not dist.is_initialized():
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in comps.dit.transformer.blocks:
+        fully_shard(block, mp_policy=mp)
+    return fully_shard(model, mp_policy=mp)
+
+
+def _peak_mem_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    with open("/proc/self/status") as fh:  # VmHWM: this process's resident peak
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (renamed into place only when whole)."""
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "trainer.json").is_file())
+    return done[-1] if done else None
+
+
+def _save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, rank: int, keep: int) -> None:
+    final = run_dir / "checkpoints" / f"step-{step:07d}"
+    tmp = run_dir / "checkpoints" / f".step-{step:07d}.tmp"
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    if rank == 0:
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict()}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted((run_dir / "checkpoints").glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True))  # fmt: skip
+    trainer = json.loads((path / "trainer.json").read_text())
+    scheduler.load_state_dict(trainer["scheduler"])
+    return int(trainer["step"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _metrics_writer(run_dir: Path, resume_step: int):
+    """Append to metrics.csv, first dropping rows past the resumed step (a killed attempt
+    may have logged steps that are now redone)."""
+    path = run_dir / "metrics.csv"
+    rows = []
+    if path.is_file():
+        with path.open() as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, METRIC_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    fh = path.open("a", newline="")
+    return fh, csv.DictWriter(fh, METRIC_FIELDS)
+
+
+def write_loss_curve(run_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with (run_dir / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{run_dir.name}: training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = run_dir / "loss_curve.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def _maybe_fault(rank: int, step: int, run_dir: Path) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    fault_rank, fault_step = (int(v) for v in spec.split(":"))
+    marker = run_dir / ".fault-fired"
+    if rank == fault_rank and step == fault_step and not marker.exists():
+        marker.write_text(f"rank {rank} killed itself at step {step}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def check_inputs(cfg: TrainConfig) -> list[Path]:
+    """The shards of the run; ValueError naming what is missing (shards, weights)."""
+    shards = sorted(cfg.workspace.glob(cfg.shards))
+    if not shards:
+        raise ValueError(f"no training shards match {cfg.workspace / cfg.shards} (run the preprocess flow first)")
+    cfg.model.require_weights()
+    return shards
+
+
+def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
+    rank, world, device = _setup_distributed()
+    run_dir = cfg.run_dir
+    shards = check_inputs(cfg)
+    dtype = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")) else torch.float32
+    encoder_id = profile_encoder_id(cfg.model.profile, cfg.model.wan_folder)
+    cache = EmbeddingCache(cfg.workspace / "embeddings", encoder_id)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(run_dir / "config.json") as tmp:
+            tmp.write_text(cfg.model_dump_json(indent=2))
+    _barrier()
+    (run_dir / "pids").mkdir(parents=True, exist_ok=True)
+    (run_dir / "pids" / f"rank{rank}.pid").write_text(str(os.getpid()))
+
+    torch.manual_seed(cfg.seed)  # LoRA's random initialisation: identical on every rank
+    comps = build_components(cfg.model).to(device)
+    comps.vae.requires_grad_(False)
+    comps.image_encoder.requires_grad_(False)
+    trainable = comps.dit.set_trainable()
+    comps.dit.train()
+    if cfg.activation_checkpointing:
+        comps.dit.transformer.enable_gradient_checkpointing()
+    pipe = MultiAnimatePipeline(comps)
+    model = _shard(comps, dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    if dry_run:
+        summary = {"shards": len(shards), "trainable_params": sum(p.numel() for p in trainable), "world": world}
+        if rank == 0:
+            print(json.dumps(summary))
+        return summary
+
+    step = 0
+    resume = latest_checkpoint(run_dir)
+    if resume is not None:
+        step = _load_checkpoint(resume, model, optimizer, scheduler)
+        if rank == 0:
+            print(f"resumed from {resume} at step {step}", flush=True)
+    sigmas, weights = training_sigmas(cfg.model.shift), training_weights(cfg.model.shift)
+    loader_cfg = LoaderConfig(
+        num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, max_stride=cfg.max_stride,
+        resampled=True, seed=cfg.seed, shuffle_buffer=min(100, 4 * len(shards)),
+    )  # fmt: skip
+    readers = max(1, cfg.num_workers)
+    metrics_fh = metrics = None
+    if rank == 0:
+        metrics_fh, metrics = _metrics_writer(run_dir, step)
+    samples_per_step = cfg.batch_size * cfg.grad_accum * world
+    last_loss = float("nan")
+    try:
+        while step < cfg.max_steps:
+            # one loader epoch = the steps up to the next checkpoint boundary (exact resumption)
+            epoch = step // cfg.checkpoint_every
+            epoch_end = min(cfg.max_steps, (epoch + 1) * cfg.checkpoint_every)
+            batches_needed = (epoch_end - step) * cfg.grad_accum
+            per_reader = math.ceil(batches_needed / readers)
+            loader = make_loader(
+                [str(s) for s in shards], loader_cfg, cfg.batch_size, cfg.num_workers,
+                epoch_samples=per_reader * readers * cfg.batch_size, rank=rank, world_size=world,
+            )  # fmt: skip
+            loader.dataset.set_epoch(epoch)
+            batches = iter(loader)
+            while step < epoch_end:
+                _maybe_fault(rank, step, run_dir)
+                t0 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                total = torch.zeros((), device=device)
+                for micro in range(cfg.grad_accum):
+                    batch = next(batches)
+                    gen, rng = step_generators(cfg.seed, rank, step, micro)
+                    frozen = encode_frozen(pipe, batch, cache.get_many(batch["caption"]), device, dtype)
+                    loss = training_loss(model, comps.dit.label_pool, frozen, batch, cfg, sigmas, weights, gen, rng) / cfg.grad_accum
+                    loss.backward()
+                    total += loss.detach()
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                if hasattr(grad_norm, "full_tensor"):
+                    grad_norm = grad_norm.full_tensor()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                if dist.is_initialized():
+                    dist.all_reduce(total)  # SUM: gloo has no AVG
+                    total /= world
+                last_loss = float(total)
+                elapsed = time.perf_counter() - t0
+                if metrics is not None:
+                    metrics.writerow({
+                        "step": step, "loss": f"{last_loss:.6f}", "lr": f"{scheduler.get_last_lr()[0]:.3e}",
+                        "grad_norm": f"{float(grad_norm):.4f}", "step_time_s": f"{elapsed:.4f}",
+                        "samples_per_s": f"{samples_per_step / elapsed:.3f}", "peak_mem_gib": f"{_peak_mem_gib(device):.3f}",
+                    })  # fmt: skip
+                    metrics_fh.flush()
+                    print(f"step {step}/{cfg.max_steps} loss {last_loss:.5f} ({elapsed:.2f} s)", flush=True)
+                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                    _save_checkpoint(run_dir, step, model, optimizer, scheduler, rank, cfg.keep_checkpoints)
+            del batches, loader
+    finally:
+        if metrics_fh is not None:
+            metrics_fh.close()
+
+    full = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True, full_state_dict=True, cpu_offload=True))
+    full = {k.removeprefix("dit."): v for k, v in full.items()}
+    if rank == 0:
+        save_adapter_tensors(full, run_dir / "final", comps.dit.label_pool, cfg.model.lora_rank, cfg.model.lora_alpha, dict(comps.dit.transformer.config))
+        write_loss_curve(run_dir)
+    _barrier()
+    return {"step": step, "loss": last_loss, "final": str(run_dir / "final")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="MultiAnimate LoRA fine-tuning (start with torchrun)")
+    ap.add_argument("--config", type=Path, required=True, help="TrainConfig as JSON")
+    ap.add_argument("--dry-run", action="store_true", help="check inputs and build the model, do not train")
+    args = ap.parse_args(argv)
+    cfg = TrainConfig.model_validate_json(args.config.read_text())
+    try:
+        train(cfg, dry_run=args.dry_run)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # gloo workers occasionally abort at interpreter exit after a correct run
+
+
+if __name__ == "__main__":
+    main()
