@@ -70,3 +70,18 @@ class TrainConfig(BaseModel):
     def digest(self) -> str:
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class TrainResult(BaseModel):
+    """What a finished run left behind, with its headline figures."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run_dir: Path
+    final_weights: Path = Field(description="our safetensors format: load with model.checkpoint.load_multianimate")
+    loss_curve: Path
+    steps: int
+    final_loss: float
+    mean_step_time_s: float
+    samples_per_s: float
+    peak_mem_gib: float

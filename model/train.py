@@ -258,8 +258,10 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
+    # strict=False: the frozen base weights are not in the checkpoint (dcp.load above already
+    # failed if any trained tensor was missing from it)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(ignore_frozen_params=True))  # fmt: skip
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # fmt: skip
     trainer = json.loads((path / "trainer.json").read_text())
     scheduler.load_state_dict(trainer["scheduler"])
     return int(trainer["step"])
