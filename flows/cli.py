@@ -132,6 +132,101 @@ def demo(
     console.print(f"workspace: {workspace}")
 
 
+def _job_default(name: str) -> str:
+    """A JobSpec field's description and default, for help texts (the schema owns both)."""
+    from data_schemas.job import JobSpec
+
+    field = JobSpec.model_fields[name]
+    return field.description if field.default is None else f"{field.description}; default {field.default}"
+
+
+def _person_map(text: str | None) -> dict[int, int] | None:
+    if text is None:
+        return None
+    try:
+        pairs = [item.split("=") for item in text.split(",") if item.strip()]
+        return {int(k): int(v) for k, v in pairs}
+    except ValueError as exc:
+        raise typer.BadParameter(f"{text!r}: expected DRIVING=REFERENCE pairs such as 1=2,2=1", param_hint="--person-map") from exc
+
+
+@app.command()
+def submit(
+    reference: Annotated[Path, typer.Argument(help="reference image: the persons to animate")],
+    video: Annotated[Optional[Path], typer.Option("--video", help="driving video")] = None,
+    poses: Annotated[Optional[Path], typer.Option(help="instead of --video: a poses npz as the pose stage writes it")] = None,
+    masks: Annotated[Optional[Path], typer.Option(help="with --poses: the segment stage's masks npz of the same clip")] = None,
+    person_map: Annotated[Optional[str], typer.Option(help="driving person = reference person pairs, e.g. 1=2,2=1 "
+                                                           "(persons numbered from 1; default: left to right)")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help=_job_default("prompt"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_job_default("seed"))] = None,
+    steps: Annotated[Optional[int], typer.Option(help=_job_default("steps"))] = None,
+    guidance_scale: Annotated[Optional[float], typer.Option(help=_job_default("guidance_scale"))] = None,
+    height: Annotated[Optional[int], typer.Option(help=_job_default("height"))] = None,
+    width: Annotated[Optional[int], typer.Option(help=_job_default("width"))] = None,
+    num_frames: Annotated[Optional[int], typer.Option(help=_job_default("num_frames"))] = None,
+    fps: Annotated[Optional[float], typer.Option(help=_job_default("fps"))] = None,
+    workspace: WorkspaceOpt = Path("workspace"),
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="profile YAML whose model section the job uses")] = None,
+) -> None:
+    """Queue one generation job (queue/<job_id>.json) and print its id; the same job twice is queued once."""
+    import os
+
+    from pydantic import ValidationError
+
+    from data_schemas import load_config
+    from data_schemas.job import JobSpec, submit_job
+
+    given = dict(prompt=prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+                 num_frames=num_frames, fps=fps, person_map=_person_map(person_map))  # fmt: skip
+    # Absolute paths: the job runs later, from another directory or on another worker.
+    paths = {name: Path(os.path.abspath(p)) for name, p in (("reference", reference), ("driving_video", video), ("poses", poses), ("masks", masks)) if p}
+    try:
+        model = load_config(config).model
+        model = model.model_copy(update={k: Path(os.path.abspath(v)) for k in ("wan_folder", "multianimate") if (v := getattr(model, k)) is not None})
+        spec = JobSpec(**paths, **{k: v for k, v in given.items() if v is not None}, model=model)
+    except (ValidationError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    job_id, new = submit_job(Path(workspace).absolute(), spec)
+    Console(stderr=True).print(f"{'queued' if new else 'already queued'}: {Path(workspace).absolute() / 'queue' / (job_id + '.json')}")
+    typer.echo(job_id)
+
+
+@app.command()
+def generate(
+    workspace: WorkspaceOpt = Path("workspace"),
+    config: ConfigOpt = None,
+    retry_failed: Annotated[bool, typer.Option(help="run jobs that failed before again")] = True,
+) -> None:
+    """Generate every queued job that is not finished yet (outputs/<job_id>/)."""
+    from data_schemas import load_config
+
+    try:
+        cfg = load_config(config)
+        if cfg.pose.models == "files":
+            cfg.pose.model_files()
+        if cfg.segment.models == "files":
+            cfg.segment.model_folder()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    workspace = use_workspace(workspace)
+    from data_schemas.job import read_record
+    from flows.generate import generate as generate_flow
+
+    summary = generate_flow(workspace, cfg, retry_failed=retry_failed)
+    table = Table(title="generate")
+    for column in ("queued", "finished before", "ok", "failed"):
+        table.add_column(column, justify="right")
+    table.add_row(*(str(v) for v in (summary.num_queued, len(summary.skipped), len(summary.ok), len(summary.failed))))
+    console.print(table)
+    console.print(f"outputs: {summary.outputs_dir}")
+    for job_id in summary.failed:
+        record = read_record(workspace, job_id)
+        console.print(f"[red]{job_id} failed:[/red] {record.error if record else '?'}", highlight=False)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
 @app.command()
 def weights(config: ConfigOpt = None) -> None:
     """Check that every real weight file the profile names is present; say how to get the rest."""

@@ -25,13 +25,13 @@ from preprocess.synthetic import SyntheticSpec
 from tests.test_segment_identity import write_clip_and_poses
 
 
-def make_workspace(root, num_clips: int = 4, clips_per_source: int = 2):
+def make_workspace(root, num_clips: int = 4, clips_per_source: int = 2, num_frames: int = 12, width: int = 128, height: int = 96, first_seed: int = 0):
     """A workspace with clips, poses and masks of synthetic two-person clips (ground-truth masks)."""
     clips, poses, masks, origins = [], [], [], {}
     for i in range(num_clips):
         folder = root / f"src{i}"
         folder.mkdir(parents=True)
-        spec = SyntheticSpec(width=128, height=96, num_frames=12, num_persons=2, seed=i)
+        spec = SyntheticSpec(width=width, height=height, num_frames=num_frames, num_persons=2, seed=first_seed + i)
         clip, video, pose_path, origin = write_clip_and_poses(spec, folder, seed=i)
         clip_id = f"{i // clips_per_source:016x}-{i % clips_per_source:03d}"
         os.makedirs(root / "clips", exist_ok=True)
@@ -42,10 +42,10 @@ def make_workspace(root, num_clips: int = 4, clips_per_source: int = 2):
         sha = hashlib.sha256((root / "clips" / f"{clip_id}.mp4").read_bytes()).hexdigest()
         source = f"{i // clips_per_source:064x}"
         clips.append(ClipRecord(clip_id=clip_id, source_sha256=source, source_path=f"/in/{i}.mp4", clip_index=i % clips_per_source,
-                                start_s=0.0, end_s=0.48, num_frames=12, fps=25.0, width=128, height=96,
+                                start_s=0.0, end_s=num_frames / 25, num_frames=num_frames, fps=25.0, width=width, height=height,
                                 path=f"clips/{clip_id}.mp4", sha256=sha, size_bytes=1))  # fmt: skip
-        poses.append(PoseRecord(clip_id=clip_id, path=f"poses/{clip_id}.npz", sha256="x", num_frames=12, width=128, height=96,
-                                max_persons=2, frames_with_persons=12, frames_over_limit=0, models="gt", provider="none"))  # fmt: skip
+        poses.append(PoseRecord(clip_id=clip_id, path=f"poses/{clip_id}.npz", sha256="x", num_frames=num_frames, width=width, height=height,
+                                max_persons=2, frames_with_persons=num_frames, frames_over_limit=0, models="gt", provider="none"))  # fmt: skip
         masks.append(record)
         origins[clip_id] = (clip, origin)
     write_records(clips, ClipRecord, root / "manifests" / "clips.parquet")

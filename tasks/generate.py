@@ -1,0 +1,126 @@
+"""Prefect tasks of batch generation: one job's video (GPU), and the run's artifacts."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import time
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import cv2
+import torch
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from data_schemas.config import PoseConfig
+from data_schemas.embedding import EMBEDDINGS_DIR
+from data_schemas.job import OUTPUTS_DIR, GenerationResult, JobRecord, JobSpec
+from data_schemas.model import ModelConfig
+from model.components import build_components
+from model.conditions import labels_from_masks
+from model.pipeline import Conditions, MultiAnimatePipeline, SamplingConfig, write_outputs
+from model.text_cache import EmbeddingCache, fill_cache, missing_texts
+from model.text_encoder import WAN_NEGATIVE_PROMPT, default_caption, load_profile_encoder, profile_encoder_id
+from preprocess import retarget
+
+PREVIEW_WIDTH = 768  # thumbnails in the markdown artifact: artifacts live in Prefect's database
+MAX_PREVIEWS = 16
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 3)
+
+
+@lru_cache(maxsize=1)
+def _pipeline(model: ModelConfig) -> MultiAnimatePipeline:
+    # Loading the real model takes minutes: the next job of the same profile reuses it.
+    components = build_components(model)
+    if torch.cuda.is_available():
+        components.to("cuda")
+    return MultiAnimatePipeline(components)
+
+
+def prompt_embeddings(workspace: Path, model: ModelConfig, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, negative prompt) embeddings [512, D] from the workspace cache; the profile's
+    text encoder is loaded (and released) only when one of them is missing."""
+    folder = Path(workspace) / EMBEDDINGS_DIR
+    encoder_id = profile_encoder_id(model.profile, model.wan_folder)
+    texts = [prompt, WAN_NEGATIVE_PROMPT]
+    if missing_texts(folder, encoder_id, texts):
+        encoder = load_profile_encoder(model.profile, model.wan_folder)
+        fill_cache(folder, encoder, texts)
+        del encoder
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the real encoder is 11 GB; the DiT needs the room
+    cache = EmbeddingCache(folder, encoder_id)
+    return cache.get(prompt), cache.get(WAN_NEGATIVE_PROMPT)
+
+
+@task(name="generate", task_run_name="generate {job_id}", tags=["gpu"], cache_policy=NO_CACHE, retries=0)
+def generate_video(job_id: str, spec: JobSpec, poses: Path, masks: Path, pose_config: PoseConfig, pose_files: tuple[Path, Path],
+                   workspace: Path) -> GenerationResult:  # fmt: skip
+    """Reference pose, retargeting, prompt embeddings, sampling, outputs of one job (the
+    finished-marker job.json is the flow's to write, after this)."""
+    logger = get_run_logger()
+    timings: dict[str, float] = {}
+    with _timed(timings, "reference_pose_s"):
+        image = retarget.read_reference_image(spec.reference)
+        ref_kp, ref_scores = retarget.detect_reference_poses(image, pose_config, pose_files)
+    with _timed(timings, "retarget_s"):
+        driving = retarget.load_driving(poses, masks, spec.num_frames)
+        try:
+            inputs = retarget.prepare_inputs(driving, ref_kp, ref_scores, (image.shape[1], image.shape[0]), (spec.width, spec.height),
+                                             spec.person_map, pose_config.style, pose_config.keypoint_threshold)  # fmt: skip
+        except ValueError as exc:  # persons that do not match: name both sides
+            raise ValueError(f"{spec.reference} driven by {spec.driving_video or poses} (first {spec.num_frames} frames): {exc}") from exc
+        labels = labels_from_masks(inputs.masks).numpy()
+    num_persons = len(inputs.person_map)
+    prompt = spec.prompt if spec.prompt is not None else default_caption(num_persons)
+    with _timed(timings, "embeddings_s"):
+        text, negative = prompt_embeddings(workspace, spec.model, prompt)
+    with _timed(timings, "load_model_s"):
+        pipe = _pipeline(spec.model)
+    cond = Conditions(ref_image=image, pose=inputs.pose, ref_pose=inputs.ref_pose, labels=labels, prompt_embeds=text,
+                      negative_embeds=negative, num_persons=num_persons)  # fmt: skip
+    result = pipe(cond, SamplingConfig(steps=spec.steps, guidance_scale=spec.guidance_scale, seed=spec.seed, progress=False))
+    timings |= {k: round(v, 3) for k, v in result.timings.items()}
+    with _timed(timings, "write_s"):
+        paths = write_outputs(result.frames, cond, Path(workspace) / OUTPUTS_DIR / job_id, spec.fps)
+    logger.info("%s: %d person(s) %s, %s", job_id, num_persons, inputs.person_map, timings)
+    return GenerationResult(
+        outputs={name: str(Path(path).relative_to(workspace)) for name, path in paths.items()},
+        timings=timings, num_persons=num_persons, person_map=inputs.person_map, prompt=prompt,
+    )  # fmt: skip
+
+
+def publish_jobs(workspace: Path, records: list[JobRecord]) -> None:
+    """A table of the jobs this run ran, and their previews inline in a markdown artifact."""
+    rows = [
+        {"job": r.job_id, "status": r.status, "seconds": round(r.seconds, 2), "output": r.outputs.get("video", r.error or "")}
+        for r in records
+    ]
+    create_table_artifact(key="generate-jobs", table=rows, description="Generation: the jobs of this run")
+    lines = ["### Generated videos (reference | pose | result)", ""]
+    for record in [r for r in records if r.status == "ok"][:MAX_PREVIEWS]:
+        lines += [f"#### `{record.job_id}`", "", f"`{Path(workspace) / record.outputs['video']}`", "", _inline_preview(Path(workspace) / record.outputs["preview_image"]), ""]
+    lines += [f"- `{r.job_id}` failed: {r.error}" for r in records if r.status == "failed"]
+    if not records:
+        lines.append("Nothing to do: every queued job is finished.")
+    create_markdown_artifact(key="generate-previews", markdown="\n".join(lines), description="Generation: previews and errors")
+
+
+def _inline_preview(path: Path) -> str:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        return f"(preview {path} unreadable)"
+    if image.shape[1] > PREVIEW_WIDTH:
+        image = cv2.resize(image, (PREVIEW_WIDTH, round(image.shape[0] * PREVIEW_WIDTH / image.shape[1])), interpolation=cv2.INTER_AREA)
+    _, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return f"![preview](data:image/jpeg;base64,{base64.b64encode(jpeg.tobytes()).decode()})"
