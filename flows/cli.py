@@ -228,6 +228,76 @@ def generate(
 
 
 @app.command()
+def embed(
+    workspace: WorkspaceOpt = Path("workspace"),
+    config: ConfigOpt = None,
+) -> None:
+    """Cache the text embeddings of every caption of the shards (and of the negative prompt)."""
+    from data_schemas import load_config
+
+    try:
+        model = load_config(config).model
+        model.require_weights()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    workspace = use_workspace(workspace)
+    from flows.embed import embed as embed_flow
+
+    summary = embed_flow(workspace, model.profile, model.wan_folder)
+    console.print(f"{summary.num_texts} text(s) for encoder {summary.encoder_id}: {summary.num_new} new, {summary.num_existing} cached")
+
+
+@app.command()
+def train(
+    workspace: WorkspaceOpt = Path("workspace"),
+    config: ConfigOpt = None,
+    run_name: Annotated[str, typer.Option(help="runs/<run-name>/ holds checkpoints, metrics and the final weights")] = "run",
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
+    nproc: Annotated[int, typer.Option(help="processes (GPUs) for torchrun")] = 1,
+    num_frames: Annotated[int, typer.Option(help="frames per sample (4k+1)")] = 81,
+    height: Annotated[int, typer.Option(help="sample height (divisible by 16)")] = 480,
+    width: Annotated[int, typer.Option(help="sample width (divisible by 16)")] = 832,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-4,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between resumable checkpoints")] = 100,
+    train_config: Annotated[Optional[Path], typer.Option(help="a full TrainConfig as JSON/YAML (overrides the options above)")] = None,
+) -> None:
+    """LoRA fine-tuning on the workspace's shards under torchrun (resumes a killed run)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from data_schemas import load_config
+    from data_schemas.train import TrainConfig
+
+    try:
+        if train_config is not None:
+            cfg = TrainConfig.model_validate(yaml.safe_load(train_config.read_text()))
+        else:
+            cfg = TrainConfig(workspace=workspace, model=load_config(config).model, run_name=run_name, max_steps=steps, nproc=nproc,
+                              num_frames=num_frames, height=height, width=width, lr=lr, checkpoint_every=checkpoint_every)  # fmt: skip
+    except (ValidationError, ValueError, OSError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    use_workspace(cfg.workspace)
+    from flows.train import train as train_flow
+
+    result = train_flow(cfg)
+    console.print(f"{result.steps} steps, final loss {result.final_loss:.4f}; weights: {result.final_weights}")
+
+
+@app.command()
+def deploy(
+    gpu_slots: Annotated[int, typer.Option(help="GPU tasks that may run at once (the gpu tag's concurrency limit)")] = 1,
+) -> None:
+    """Set up the Prefect server at PREFECT_API_URL (work pools cpu and gpu, the gpu limit) and deploy prefect.yaml."""
+    from flows.deploy import deploy as deploy_all
+
+    try:
+        for line in deploy_all(gpu_slots):
+            console.print(line)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+@app.command()
 def weights(config: ConfigOpt = None) -> None:
     """Check that every real weight file the profile names is present; say how to get the rest."""
     from data_schemas import load_config
