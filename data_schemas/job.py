@@ -44,6 +44,9 @@ class JobSpec(BaseModel):
     )
     poses: Path | None = Field(None, description="instead of a video: a poses npz as the pose stage writes it")
     masks: Path | None = Field(None, description="with poses: the masks npz the segment stage wrote for the same clip")
+    reference_poses: Path | None = Field(
+        None, description="the reference image's poses: a poses npz whose first frame holds them; default: DWPose on the image"
+    )
     person_map: dict[int, int] | None = Field(
         None,
         description="driving person k (label k of the masks) -> reference person j (1 = leftmost in the reference "
@@ -61,7 +64,7 @@ class JobSpec(BaseModel):
     )
     model: ModelConfig = Field(default_factory=ModelConfig, description="the model: profile, weights, constants")
 
-    @field_validator("reference", "driving_video", "poses", "masks")
+    @field_validator("reference", "driving_video", "poses", "masks", "reference_poses")
     @classmethod
     def _absolute(cls, path: Path | None, info) -> Path | None:
         # A queued job runs later, maybe elsewhere: a relative path would mean another file.
@@ -104,6 +107,8 @@ class JobSpec(BaseModel):
     def input_files(self) -> dict[str, Path]:
         """What the job reads, by role (for the up-front check that names a missing file)."""
         files = {"reference image": self.reference}
+        if self.reference_poses is not None:
+            files["reference poses"] = self.reference_poses
         if self.driving_video is not None:
             files["driving video"] = self.driving_video
         else:

@@ -122,14 +122,34 @@ def demo(
     workspace: WorkspaceOpt = Path("workspace"),
     num_videos: Annotated[int, typer.Option(help="synthetic sample videos to generate")] = 4,
     seed: Annotated[int, typer.Option(help="seed of the sample videos")] = 0,
+    train_steps: Annotated[int, typer.Option(help="optimizer steps of the demo's training run")] = 4,
+    nproc: Annotated[int, typer.Option(help="torchrun processes of the demo's training run")] = 2,
 ) -> None:
     """The whole pipeline on generated sample videos with tiny models on the CPU."""
     workspace = use_workspace(workspace)
     from flows.demo import demo as demo_flow
 
-    summary = demo_flow(workspace, num_videos=num_videos, seed=seed)
-    _print_preprocess(summary)
-    console.print(f"workspace: {workspace}")
+    summary = demo_flow(workspace, num_videos=num_videos, seed=seed, train_steps=train_steps, nproc=nproc)
+    _print_preprocess(summary.preprocess)
+    job = workspace / "outputs" / summary.job_id
+    table = Table(title="where everything is")
+    table.add_column("what")
+    table.add_column("path")
+    for what, path in (
+        ("workspace", workspace),
+        ("shards", summary.preprocess.shards_index),
+        ("embeddings", summary.embeddings.index),
+        ("training run", summary.training.run_dir),
+        ("trained weights", summary.training.final_weights),
+        ("loss curve", summary.training.loss_curve),
+        ("generated video", job / "video.mp4"),
+        ("preview (reference | pose | result)", job / "preview.mp4"),
+    ):
+        table.add_row(what, str(path))
+    console.print(table)
+    if summary.generation.failed:
+        console.print(f"[red]generation failed:[/red] see {job / 'job.json'}")
+        raise typer.Exit(1)
 
 
 def _job_default(name: str) -> str:

@@ -345,6 +345,18 @@ def detect_reference_poses(image_rgb: np.ndarray, cfg: PoseConfig, files: tuple[
     return poses[0].keypoints, poses[0].scores
 
 
+def load_reference_poses(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The persons of a poses npz's first frame (pose-stage layout): keypoints [R, 133, 2], scores [R, 133]."""
+    from preprocess.pose.stage import load_poses
+
+    try:
+        arrays = load_poses(path)
+        count = int(arrays["num_persons"][0])
+        return arrays["keypoints"][0, :count].astype(np.float64), arrays["scores"][0, :count]
+    except (OSError, KeyError, ValueError, IndexError) as exc:
+        raise ValueError(f"{path}: not a readable poses npz ({exc})") from exc
+
+
 @dataclass
 class JobInputs:
     """Everything a generation needs from the poses and masks, at the output size."""

@@ -681,3 +681,22 @@ def ground_truth_poses(clip: SyntheticClip, seed: int = 0, keep=None) -> tuple[d
         "num_persons": counts, "width": np.int32(clip.spec.width), "height": np.int32(clip.spec.height),
     }  # fmt: skip
     return arrays, origin
+
+
+def write_ground_truth_stage_files(clip: SyntheticClip, folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """``poses.npz`` and ``masks.npz`` in the pose and segment stages' layouts, made from the
+    clip's ground truth (a perfect detector and tracker): generation jobs can be driven by a
+    synthetic clip without real models."""
+    from data_schemas.arrays import write_npz
+
+    folder = Path(folder)
+    poses, origin = ground_truth_poses(clip, seed=seed)
+    num_frames, num_persons = clip.keypoints.shape[:2]
+    pose_index = np.full((num_frames, num_persons), -1, np.int16)
+    for t, rows in enumerate(origin):
+        for row, person in enumerate(rows):
+            pose_index[t, person] = row
+    write_npz(folder / "poses.npz", **poses)
+    write_npz(folder / "masks.npz", label_map=clip.label_map(), pose_index=pose_index,
+              first_frame=np.zeros(num_persons, np.int32), source=np.array("ground-truth"))  # fmt: skip
+    return folder / "poses.npz", folder / "masks.npz"

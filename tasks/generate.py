@@ -72,7 +72,10 @@ def generate_video(job_id: str, spec: JobSpec, poses: Path, masks: Path, pose_co
     timings: dict[str, float] = {}
     with _timed(timings, "reference_pose_s"):
         image = retarget.read_reference_image(spec.reference)
-        ref_kp, ref_scores = retarget.detect_reference_poses(image, pose_config, pose_files)
+        if spec.reference_poses is not None:
+            ref_kp, ref_scores = retarget.load_reference_poses(spec.reference_poses)
+        else:
+            ref_kp, ref_scores = retarget.detect_reference_poses(image, pose_config, pose_files)
     with _timed(timings, "retarget_s"):
         driving = retarget.load_driving(poses, masks, spec.num_frames)
         try:

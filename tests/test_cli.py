@@ -62,7 +62,7 @@ def test_sigkill_mid_run_then_rerun_completes_cleanly(tmp_path):
 
 def test_demo_produces_the_documented_files(tmp_path):
     workspace = tmp_path / "ws"
-    done = subprocess.run([*CLI, "demo", "--workspace", str(workspace)], env=cli_env(), capture_output=True, timeout=600)
+    done = subprocess.run([*CLI, "demo", "--workspace", str(workspace)], env=cli_env(), capture_output=True, timeout=900)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     produced = {p.relative_to(workspace).as_posix() for p in workspace.rglob("*") if p.is_file()}
     hidden = {p for p in produced if p.startswith(".")}  # Prefect's home and results, the tiny models
@@ -74,8 +74,23 @@ def test_demo_produces_the_documented_files(tmp_path):
     reports = {"reports/pose-contact-sheet.png", "reports/mask-overlays.png"}
     shards = {p for p in produced if p.startswith("shards/") and p.endswith(".tar")}
     assert shards and {p.split("/")[1].split("-")[0] for p in shards} <= {"train", "val"}
+    embeddings = {p for p in produced if p.startswith("embeddings/") and p.endswith(".safetensors")}
+    assert len(embeddings) >= 2  # the captions and the negative prompt
+    job_ids = [p.name.removesuffix(".json") for p in (workspace / "queue").iterdir()]
+    assert len(job_ids) == 1
+    job = f"outputs/{job_ids[0]}"
+    run = "runs/demo"
+    training = {f"{run}/{name}" for name in ("config.json", "launch.json", "metrics.csv", "loss_curve.png", "final/adapter.safetensors",
+                                             "final/config.json", "pids/rank0.pid", "pids/rank1.pid")}  # fmt: skip
+    training |= {f"{run}/checkpoints/step-0000004/{name}" for name in (".metadata", "__0_0.distcp", "__1_0.distcp", "trainer.json")}
+    generation = {f"queue/{job_ids[0]}.json"} | {f"{job}/{name}" for name in ("job.json", "video.mp4", "preview.mp4", "preview.png")}
+    driving = {f"samples/{folder}/{name}" for folder, names in (("driving", ("driving.mp4", "poses.npz", "masks.npz")),
+                                                                  ("reference", ("reference.png", "poses.npz", "masks.npz"))) for name in names}  # fmt: skip
     expected = manifests | samples | {c.path for c in clips} | per_clip | reports | shards | {"shards/index.parquet"}
+    expected |= embeddings | {"embeddings/index.parquet"} | training | generation | driving
     assert produced - hidden == expected
+    frames = media.count_and_check_frames(workspace / job / "video.mp4")[0]
+    assert frames == 17
     # Sample 2 has a scene cut: four videos give five clips.
     assert len(clips) == 5 and all(v.status == "ok" for v in read_records(workspace / "manifests/videos.parquet", VideoRecord))
     for clip in clips:

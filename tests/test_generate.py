@@ -10,12 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from data_schemas.arrays import write_npz
 from data_schemas.config import PoseConfig, ProjectConfig
 from data_schemas.job import JobRecord, JobSpec, queue_path, record_path, submit_job
 from preprocess import retarget
 from preprocess.retarget import BODY_SEGMENTS, ROOT, PersonTransform
-from preprocess.synthetic import SyntheticSpec, ground_truth_poses, make_synthetic_video, render_clip
+from preprocess.synthetic import SyntheticSpec, ground_truth_poses, make_synthetic_video, render_clip, write_ground_truth_stage_files
 
 THRESHOLD = 0.3
 L_SH, R_SH, L_HIP, R_HIP, L_WRIST = 5, 6, 11, 12, 9
@@ -135,16 +134,7 @@ def test_masks_move_with_their_person():
 
 def _driving_files(tmp_path: Path, spec: SyntheticSpec) -> tuple[Path, Path]:
     """Pose-stage and segment-stage npz files made from a synthetic clip's ground truth."""
-    clip = render_clip(spec)
-    poses, origin = ground_truth_poses(clip, seed=3)
-    pose_index = np.full((spec.num_frames, spec.num_persons), -1, np.int16)
-    for t, rows in enumerate(origin):
-        for row, person in enumerate(rows):
-            pose_index[t, person] = row
-    write_npz(tmp_path / "poses.npz", **poses)
-    write_npz(tmp_path / "masks.npz", label_map=clip.label_map(), pose_index=pose_index, first_frame=np.zeros(spec.num_persons, np.int32),
-              source=np.array("ground-truth"))  # fmt: skip
-    return tmp_path / "poses.npz", tmp_path / "masks.npz"
+    return write_ground_truth_stage_files(render_clip(spec), tmp_path, seed=3)
 
 
 def test_job_inputs_from_ground_truth_poses_and_masks(tmp_path):
