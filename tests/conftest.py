@@ -27,6 +27,23 @@ def prefect_api():
         yield PREFECT_API_URL.value()
 
 
+@pytest.fixture(scope="session")
+def train_workspace(tmp_path_factory) -> Path:
+    """A workspace with shards of four synthetic two-person clips and their embeddings."""
+    from data_schemas.config import ShardConfig
+    from model.text_cache import captions_from_shards, fill_cache
+    from model.text_encoder import WAN_NEGATIVE_PROMPT, build_tiny_text_encoder
+    from preprocess.shards import write_shards
+    from tests.test_shards import make_workspace
+
+    ws = tmp_path_factory.mktemp("train-ws")
+    make_workspace(ws, num_clips=4)
+    write_shards(ws, ShardConfig(val_fraction=0.0))
+    texts = captions_from_shards(ws / "shards" / "index.parquet") + [WAN_NEGATIVE_PROMPT]
+    fill_cache(ws / "embeddings", build_tiny_text_encoder(), texts)
+    return ws
+
+
 def ffmpeg(*args: str) -> None:
     """Run ffmpeg quietly with an argument list; fail the test with its message."""
     done = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *args], capture_output=True)

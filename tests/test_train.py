@@ -12,13 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_schemas.config import ShardConfig
 from data_schemas.train import TrainConfig
-from model.text_cache import captions_from_shards, fill_cache
-from model.text_encoder import WAN_NEGATIVE_PROMPT, build_tiny_text_encoder
 from model.train import FAULT_ENV, training_sigmas, training_weights
-from preprocess.shards import write_shards
-from tests.test_shards import make_workspace
 
 
 def test_training_schedule_and_weights_follow_the_spec():
@@ -32,16 +27,6 @@ def test_training_schedule_and_weights_follow_the_spec():
     got = training_weights(shift).numpy()
     np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
     assert math.isclose(got.sum(), 1000, rel_tol=1e-5) and got.min() == 0 and got.argmax() == np.argmin(abs(t - 500))
-
-
-@pytest.fixture(scope="module")
-def train_workspace(tmp_path_factory) -> Path:
-    ws = tmp_path_factory.mktemp("train-ws")
-    make_workspace(ws, num_clips=4)
-    write_shards(ws, ShardConfig(val_fraction=0.0))
-    texts = captions_from_shards(ws / "shards" / "index.parquet") + [WAN_NEGATIVE_PROMPT]
-    fill_cache(ws / "embeddings", build_tiny_text_encoder(), texts)
-    return ws
 
 
 def run_config(ws: Path, name: str, **overrides) -> TrainConfig:
