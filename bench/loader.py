@@ -2,14 +2,15 @@
 
 Both read the same synthetic source clips (200 frames each at the real size, 480x832, with
 textured, moving content) and produce the same tensors: 81-frame samples at 480x832 with a
-random crop, the video in [-1,1], pose images and per-person masks / the label map.
+random crop, the video (the seed's float in [-1,1]; ours uint8, which the trainer maps to
+[-1,1] on its device, data_schemas/batch.py), pose images and per-person masks / the label map.
 
 * seed: one pickle per video each for frames, pose images and two masks, all JPEG bytes
   (D.7); per sample: unpickle, PIL-decode every frame, pose image and mask of the window,
   crop, resize with torchvision, stack.
 * ours: the WebDataset shards of preprocess.shards (the normalised mp4 clip, keypoints and
   the label map), read by model.data: only the window's frames are decoded, pose images
-  are rendered at the target size.
+  are rendered at the target size, samples are written once into shared memory.
 
 Each loader runs in its own process (same DataLoader worker count) so peak memories are
 separate. Headline figures, printed last: speedup_vs_seed (samples/s, ours / seed; goal

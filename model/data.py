@@ -12,17 +12,23 @@ Sampling and augmentation follow the seed (spec D.5), generalised to a frame str
 4. pose images are rendered ON THE FLY at the target size from the transformed keypoints;
 5. the reference image and pose are the window's FIRST frame and pose image.
 
-Only the needed frames are decoded (decord over the mp4 bytes in memory, ``get_batch``) and
-only the label-map frames up to the last needed one are decompressed.
+Only the needed frames are decoded (decord over the mp4 bytes in memory, one frame at a time)
+and only the label-map frames up to the last needed one are decompressed. Each output frame
+is made once, in a small reused buffer, and written into the planes of its final
+[3, T, H, W] layout; inside a DataLoader worker the outputs are allocated in shared memory,
+so nothing is copied to hand them to the trainer (a batch of one is a view of the sample;
+larger batches are stacked once).
 
 Shape legend (T = cfg.num_frames, H x W = cfg.height x cfg.width, K = persons, U = distinct
 clip frames read for a window, h x w = clip size; see data_schemas/batch.py for the output)::
 
-    frames_UhwC      uint8   [U, h, w, 3]     decoded frames (RGB)
+    frame_hwC        uint8   [h, w, 3]        one decoded frame (RGB)
     labels_Uhw       uint8   [U, h, w]        label-map frames
     keypoints_UK     float32 [U, K, 133, 2]   COCO-WholeBody pixels, -1 = missing
     scores_UK        float32 [U, K, 133]
-    video_CTHW       float32 [3, T, H, W]     in [-1, 1]
+    scratch_CHW      uint8   [3, H, W]        one output frame (video, pose or label rows)
+    canvas_HW        uint8   [H, W]           one pose image as palette indices (render.py)
+    video_CTHW       uint8   [3, T, H, W]
     pose_CTHW        uint8   [3, T, H, W]
     labels_THW       uint8   [T, H, W]
 
@@ -61,6 +67,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -71,7 +78,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_schemas import batch as B
 from data_schemas.batch import Batch, Sample
 from preprocess.pose.convert import wholebody_to_openpose
-from preprocess.pose.render import draw_pose
+from preprocess.pose.render import draw_pose_indices, pose_palette
 
 __all__ = [
     "SKIP_REASONS",
@@ -309,18 +316,70 @@ def _load_pose(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     return keypoints, scores
 
 
-def _decode_frames(data: bytes, indices: np.ndarray) -> tuple[int, np.ndarray]:
-    """Number of frames in the mp4 and the frames at ``indices`` (uint8 [U, h, w, 3] RGB)."""
+def _open_video(data: bytes) -> Any:
     import decord  # imported here: it loads its own ffmpeg, only needed in workers
 
     # One decoder thread: the parallelism comes from DataLoader workers.
-    reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-    n = len(reader)
-    if len(indices) and indices[-1] >= n:
-        return n, np.empty((0, 0, 0, 3), np.uint8)  # caller reports the mismatch
-    frames = reader.get_batch([int(i) for i in indices]).asnumpy()
-    del reader
-    return n, frames
+    return decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+
+
+def _frame_at(reader: Any, index: int, position: int) -> torch.Tensor:
+    """Frame ``index`` (uint8 [h, w, 3] RGB) of a reader whose next frame is ``position``."""
+    if index != position:
+        reader.seek_accurate(index)  # within a GOP decord decodes forward instead of seeking
+    # DLPack shares decord's buffer: asnumpy() would copy every frame once more.
+    return torch.utils.dlpack.from_dlpack(reader.next().to_dlpack())
+
+
+def _resize_into(crop_hwC: torch.Tensor, out_CHW: np.ndarray) -> None:
+    """Antialiased bilinear resize of one uint8 frame into the planes of ``out_CHW``."""
+    # torch's uint8 channels-last kernel (several times faster than float) gives the pixels
+    # torchvision/PIL give the seed's uint8 images. Frame by frame, so that the planes are
+    # split off a result that is still in cache (a permute of the whole window costs more
+    # than the resize).
+    resized_1CHW = F.interpolate(
+        crop_hwC[None].permute(0, 3, 1, 2), size=out_CHW.shape[1:], mode="bilinear", align_corners=False, antialias=True
+    )
+    # No copy: the input is channels-last (the unsqueeze before the permute keeps it so) and so is the output.
+    resized_HWC = resized_1CHW[0].permute(1, 2, 0).contiguous().numpy()
+    cv2.split(resized_HWC, list(out_CHW))  # writes into the given planes (views of out_CHW)
+
+
+def _shared_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    # A new shared-memory file, as default_collate makes for batches; it reads as zeros.
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes)).view(*shape)
+
+
+class _PlaneWriter:
+    """A zero-filled uint8 tensor [..., H, W], written one band of rows of one plane at a time.
+
+    Inside a DataLoader worker the tensor lives in shared memory, so handing it to the trainer
+    copies nothing (writing a sample there in the first place saves copying 200+ MB into it
+    again). There the rows go in with pwrite through the shared-memory file: the page faults
+    of writing through a fresh shared mapping cost about twice the copy (90 vs 50 ms for a
+    97 MB video). Rows never written stay zero.
+    """
+
+    def __init__(self, shape: tuple[int, ...]):
+        *lead, self.height, self.width = shape
+        self._fd: int | None = None
+        if get_worker_info() is None:
+            self.tensor = torch.from_numpy(np.zeros(shape, np.uint8))
+        else:
+            self.tensor = _shared_empty(shape, torch.uint8)
+            if torch.multiprocessing.get_sharing_strategy() == "file_descriptor":
+                self._fd = self.tensor.untyped_storage()._share_fd_cpu_()[0]  # owned by the storage
+        self._planes = self.tensor.numpy().reshape(math.prod(lead), self.height, self.width)
+
+    def write(self, plane: int, row: int, rows_hW: np.ndarray) -> None:
+        """Rows ``row, row + 1, ...`` of ``plane`` (an index into the flattened leading dims)."""
+        if self._fd is None:
+            self._planes[plane, row : row + len(rows_hW)] = rows_hW
+            return
+        data = np.ascontiguousarray(rows_hW)
+        written = os.pwrite(self._fd, data, (plane * self.height + row) * self.width)
+        assert written == data.nbytes, f"short write to shared memory: {written} of {data.nbytes} bytes"
 
 
 def _guard(reason: str, key: str, fn: Any, *args: Any) -> Any:
@@ -349,9 +408,9 @@ def decode_sample(raw: dict[str, Any], cfg: LoaderConfig, rng: np.random.Generat
     if not isinstance(meta, dict):
         raise SampleError("bad_meta", key, "json is not an object")
     keypoints, scores = _guard("bad_pose", key, _load_pose, raw["pose.npz"])
-    mask_shape, _ = _guard("bad_mask", key, _npz_frames, raw["mask.npz"], "label_map", np.empty(0, np.int64))
-    if len(mask_shape) != 3:
-        raise SampleError("bad_mask", key, f"label_map has shape {mask_shape}, expected [T,H,W]")
+    mask_shape, mask_head = _guard("bad_mask", key, _npz_frames, raw["mask.npz"], "label_map", np.empty(0, np.int64))
+    if len(mask_shape) != 3 or mask_head.dtype != np.uint8:
+        raise SampleError("bad_mask", key, f"label_map is {mask_head.dtype} {mask_shape}, expected uint8 [T,H,W]")
 
     num_clip, num_persons = keypoints.shape[:2]
     height, width = int(mask_shape[1]), int(mask_shape[2])
@@ -372,45 +431,73 @@ def decode_sample(raw: dict[str, Any], cfg: LoaderConfig, rng: np.random.Generat
         raise SampleError("inconsistent", key, "; ".join(problems))
 
     indices, _ = sample_window(num_clip, cfg.num_frames, cfg.max_stride, rng)
-    unique, inverse = np.unique(indices, return_inverse=True)  # padding repeats: read once
+    unique, inverse = np.unique(indices, return_inverse=True)
+    # Window positions of each distinct clip frame: padding repeats one, made once.
+    positions: list[list[int]] = [[] for _ in unique]
+    for t, u in enumerate(inverse.reshape(-1).tolist()):
+        positions[u].append(t)
 
-    num_video, frames_UhwC = _guard("bad_video", key, _decode_frames, raw["mp4"], unique)
-    if num_video != num_clip:
-        raise SampleError("inconsistent", key, f"mp4 has {num_video} frames, poses {num_clip}")
-    if frames_UhwC.shape != (len(unique), height, width, 3):
-        raise SampleError("inconsistent", key, f"decoded frames {frames_UhwC.shape} vs mask {height}x{width}")
-    _, labels_Uhw = _guard("bad_mask", key, _npz_frames, raw["mask.npz"], "label_map", unique)
+    reader = _guard("bad_video", key, _open_video, raw["mp4"])
+    if len(reader) != num_clip:
+        raise SampleError("inconsistent", key, f"mp4 has {len(reader)} frames, poses {num_clip}")
 
     x0, y0, x1, y1 = crop = draw_crop(width, height, cfg.crop_fraction, rng)
-    out_h, out_w = cfg.height, cfg.width
+    num_frames, out_h, out_w = cfg.num_frames, cfg.height, cfg.width
+    scratch_CHW = np.empty((3, out_h, out_w), np.uint8)  # one output frame, reused: stays in cache
 
-    # Frames: crop, antialiased bilinear resize on uint8 like torchvision/PIL on the seed's
-    # uint8 images (torch's uint8 channels-last kernel is several times faster than float).
+    # Frames: decoded one by one, cropped (a view), resized and split into planes of [3, T, H, W].
     # They stay uint8: the trainer maps them to [-1, 1] on its device (data_schemas.batch).
-    crop_UChw = torch.from_numpy(frames_UhwC)[:, y0:y1, x0:x1].permute(0, 3, 1, 2)  # a view, no copy
-    resized_UCHW = F.interpolate(crop_UChw, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
+    video = _PlaneWriter((3, num_frames, out_h, out_w))
+    position = 0
+    for u, index in enumerate(unique.tolist()):
+        frame_hwC = _guard("bad_video", key, _frame_at, reader, index, position)
+        position = index + 1
+        if frame_hwC.shape != (height, width, 3):
+            raise SampleError("inconsistent", key, f"decoded frame {tuple(frame_hwC.shape)} vs mask {height}x{width}")
+        _resize_into(frame_hwC[y0:y1, x0:x1], scratch_CHW)
+        for t in positions[u]:
+            for c in range(3):
+                video.write(c * num_frames + t, 0, scratch_CHW[c])
+    del frame_hwC, reader
+    _, labels_Uhw = _guard("bad_mask", key, _npz_frames, raw["mask.npz"], "label_map", unique)
 
-    # Label map: nearest neighbour through the same crop.
+    # Label map: nearest neighbour through the same crop, rows then columns (two contiguous
+    # gathers; one 2-D fancy index gives a transposed layout). Only the rows that show
+    # something are written, here and for the pose images below: the outputs start zeroed,
+    # and most of a pose image is black.
     rows, cols = _nearest_rows(y0, y1 - y0, out_h), _nearest_rows(x0, x1 - x0, out_w)
-    labels_UHW = labels_Uhw[:, rows[:, None], cols[None, :]]
+    labels = _PlaneWriter((num_frames, out_h, out_w))
+    for u in range(len(unique)):
+        _, top, _, band = cv2.boundingRect(labels_Uhw[u, y0:y1, x0:x1])
+        r0, r1 = np.searchsorted(rows, [y0 + top, y0 + top + band])
+        labels_band = np.take(labels_Uhw[u, rows[r0:r1]], cols, axis=1, out=scratch_CHW[0, r0:r1])
+        for t in positions[u]:
+            labels.write(t, r0, labels_band)
 
-    # Poses: the same affine map, then rendered at the output size.
+    # Poses: the same affine map, then rendered at the output size as palette indices, which
+    # one table lookup per channel turns into the planes of [3, T, H, W].
     keypoints_UK = crop_resize_keypoints(keypoints[unique], crop, out_w, out_h)
     scores_UK = scores[unique]
-    pose_UHWC = np.stack([
-        draw_pose(wholebody_to_openpose(keypoints_UK[u], scores_UK[u], out_w, out_h, cfg.keypoint_threshold),
-                  out_h, out_w, cfg.pose_style)
-        for u in range(len(unique))
-    ])  # fmt: skip
+    palette_C = np.ascontiguousarray(pose_palette(cfg.pose_style).T)  # [3, 256]
+    assert not palette_C[:, 0].any(), "index 0 (nothing drawn) must be black"
+    pose = _PlaneWriter((3, num_frames, out_h, out_w))
+    canvas_HW = np.empty((out_h, out_w), np.uint8)
+    for u in range(len(unique)):
+        canvas_HW.fill(0)
+        frame = wholebody_to_openpose(keypoints_UK[u], scores_UK[u], out_w, out_h, cfg.keypoint_threshold)
+        draw_pose_indices(frame, canvas_HW, cfg.pose_style)
+        _, top, _, band = cv2.boundingRect(canvas_HW)
+        if band:
+            for c in range(3):
+                cv2.LUT(canvas_HW[top : top + band], palette_C[c], dst=scratch_CHW[c, top : top + band])
+                for t in positions[u]:
+                    pose.write(c * num_frames + t, top, scratch_CHW[c, top : top + band])
 
-    inv = torch.from_numpy(inverse.reshape(-1))
-    video_CTHW = resized_UCHW[inv].permute(1, 0, 2, 3).contiguous()
-    pose_CTHW = torch.from_numpy(pose_UHWC).permute(3, 0, 1, 2)[:, inv].contiguous()
-    labels_THW = torch.from_numpy(np.ascontiguousarray(labels_UHW))[inv].contiguous()
+    video_CTHW, pose_CTHW = video.tensor, pose.tensor
     return Sample(
         video=video_CTHW,
         pose=pose_CTHW,
-        labels=labels_THW,
+        labels=labels.tensor,
         ref_image=video_CTHW[:, 0].clone(),  # seed D.5: the window's first frame
         ref_pose=pose_CTHW[:, 0].clone(),
         num_persons=int(num_persons),
@@ -593,10 +680,19 @@ def collate_samples(samples: list[Sample]) -> Batch:
     """Stack tensors (leading B), num_persons -> int64 [B], strings -> list[str]."""
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
-    out: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in B.TENSOR_KEYS}  # type: ignore[literal-required]
+    out: dict[str, Any] = {k: _stack([s[k] for s in samples]) for k in B.TENSOR_KEYS}  # type: ignore[literal-required]
     out.update({k: torch.tensor([s[k] for s in samples], dtype=torch.int64) for k in B.INT_KEYS})  # type: ignore[literal-required]
     out.update({k: [s[k] for s in samples] for k in B.STRING_KEYS})  # type: ignore[literal-required]
     return Batch(**out)
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if len(tensors) == 1:
+        return tensors[0].unsqueeze(0)  # a view: a worker's sample is in shared memory already
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    # Straight into shared memory, which the main process maps (as default_collate does).
+    return torch.stack(tensors, out=_shared_empty((len(tensors), *tensors[0].shape), tensors[0].dtype))
 
 
 def make_loader(

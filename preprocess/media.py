@@ -145,6 +145,12 @@ def _unopenable_reason(path: Path) -> str:
     return "undecodable" if looks_like_video else "not_a_video"
 
 
+# x264 options of every clip we encode. CAVLC instead of CABAC entropy coding: the same
+# pictures at the same CRF for ~17 % more bytes, and ~30 % less decoding work in the training
+# loader, which decodes the frames of every sample again in every epoch.
+X264_DECODE_OPTIONS: dict[str, str] = {"coder": "cavlc"}
+
+
 def normalise(
     path: Path,
     out: Path,
@@ -161,7 +167,8 @@ def normalise(
     One filter graph: timestamps from 0 -> fixed fps -> scaled -> split into the encoder and
     a 64 px thumbnail branch that scores scene changes. ffmpeg applies the rotation first
     (autorotate). x264 places an IDR frame at every scene change it sees (min-keyint 1) and
-    at least every ``gop`` frames, so clips can later be cut without re-encoding.
+    at least every ``gop`` frames, so clips can later be cut without re-encoding; it encodes
+    with X264_DECODE_OPTIONS.
     Returns (scene score of each output frame, decoder error text).
     """
 
@@ -192,6 +199,7 @@ def normalise(
             keyint_min=1,
             movflags="+faststart",
             map_metadata=-1,
+            **X264_DECODE_OPTIONS,
         )
         graph = ffmpeg.merge_outputs(encoded, scores.output("-", format="null"))
         args = graph.global_args("-nostdin", "-v", "error", "-y").compile()
@@ -230,10 +238,15 @@ def keyframes(clip: Path, fps: float, timeout: float = 60.0) -> set[int]:
 
 def split(clip: Path, out_pattern: Path, cut_frames: list[int], fps: float, *, reencode: dict | None, timeout: float):
     """Split one of OUR clips at frame indices: by stream copy when every cut is a keyframe,
-    else (``reencode`` = encoder options) by encoding again with keyframes forced at the cuts."""
+    else (``reencode`` = encoder options) by encoding again with keyframes forced at the cuts
+    (with libx264: X264_DECODE_OPTIONS unless ``reencode`` sets them otherwise)."""
     # Half a frame early: the segment muxer cuts at the first keyframe at or after the time.
     times = ",".join(f"{(f - 0.5) / fps:.6f}" for f in cut_frames)
-    codec = dict(vcodec="copy") if reencode is None else dict(reencode, force_key_frames=times)
+    if reencode is None:
+        codec = dict(vcodec="copy")
+    else:
+        defaults = X264_DECODE_OPTIONS if reencode.get("vcodec") == "libx264" else {}
+        codec = dict(defaults, **reencode, force_key_frames=times)
     args = (
         ffmpeg.input(input_url(clip))
         .output(

@@ -31,6 +31,8 @@ from model.data import (
     sample_window,
 )
 from preprocess.media import read_frames
+from preprocess.pose.convert import wholebody_to_openpose
+from preprocess.pose.render import draw_pose
 from preprocess.synthetic import OPENPOSE_TO_WHOLEBODY, SyntheticClip, SyntheticSpec, render_clip, write_video
 
 SRC_W, SRC_H, FPS = 128, 96, 25.0
@@ -258,6 +260,58 @@ def test_crop_consistency(data: dict) -> None:
                         missed += not (labels[win] == p + 1).any()
     assert cropped >= 8 and interior > 100 and checked > 500, (cropped, interior, checked)
     assert missed <= 0.02 * checked, (missed, checked)
+
+
+def _nearest(start: int, length: int, out: int) -> np.ndarray:
+    """Source pixels of a nearest-neighbour resize, pixel centres (PIL's NEAREST), written out."""
+    return start + np.array([min(int((i + 0.5) * length / out), length - 1) for i in range(out)])
+
+
+def _check_against_references(s: dict, c: Clip, height: int, width: int, style: str) -> None:
+    """Every output against an independent computation from the documented conventions: labels
+    by nearest neighbour, pose images by draw_pose from the mapped keypoints, frames by the
+    reference resize (up to the uint8 rounding)."""
+    x0, y0, x1, y1 = crop = tuple(s[B.CROP_BOX].tolist())
+    idx = s[B.FRAME_INDICES].numpy()
+    labels = c.clip.label_map()[idx][:, _nearest(y0, y1 - y0, height)][:, :, _nearest(x0, x1 - x0, width)]
+    assert np.array_equal(s[B.LABELS].numpy(), labels)
+    keypoints, scores = _wholebody(c.clip)
+    for t, f in enumerate(idx):
+        frame = wholebody_to_openpose(crop_resize_keypoints(keypoints[f], crop, width, height), scores[f], width, height)
+        assert np.array_equal(s[B.POSE][:, t].permute(1, 2, 0).numpy(), draw_pose(frame, height, width, style)), (c.key, t)
+    ref = resize_reference(read_frames(c.mp4)[idx], crop, height, width)
+    assert torch.allclose(B.video_to_model_range(s[B.VIDEO]), ref, atol=2 / 127.5)
+    assert torch.equal(s[B.REF_IMAGE], s[B.VIDEO][:, 0]) and torch.equal(s[B.REF_POSE], s[B.POSE][:, 0])
+    for k in (B.VIDEO, B.POSE, B.LABELS):
+        assert s[k].is_contiguous()
+
+
+@pytest.mark.parametrize("style", ["unianimate", "dwpose"])
+def test_outputs_exact_under_crop_and_stride(data: dict, style: str) -> None:
+    cfg = cfg_for(height=64, width=96, crop_fraction=0.2, max_stride=2, seed=5, pose_style=style)
+    cropped = 0
+    for s in make_dataset(data["shards"], cfg, rank=0, world_size=1):
+        _check_against_references(s, data["clips"][s[B.CLIP_ID]], 64, 96, style)
+        cropped += tuple(s[B.CROP_BOX].tolist()) != (0, 0, SRC_W, SRC_H)
+    assert cropped >= 4
+
+
+def test_batches_from_workers(data: dict) -> None:
+    # Workers write samples into shared memory (through its file); a batch of one is a view
+    # of that, larger batches are stacked into new shared memory: both must carry the very
+    # same, correct tensors.
+    cfg = cfg_for(crop_fraction=0.1, max_stride=2, seed=2)
+
+    def by_clip(batch_size: int) -> dict[str, dict[str, torch.Tensor]]:
+        loader = make_loader(data["shards"], cfg, batch_size=batch_size, num_workers=2, rank=0, world_size=1)
+        return {cid: {k: batch[k][i] for k in B.TENSOR_KEYS} for batch in loader for i, cid in enumerate(batch[B.CLIP_ID])}
+
+    ones, twos = by_clip(1), by_clip(2)
+    assert sorted(ones) == sorted(twos) == sorted(k for k in data["clips"] if k.startswith("clip"))
+    for cid, sample in ones.items():
+        for k in B.TENSOR_KEYS:
+            assert torch.equal(sample[k], twos[cid][k]), (cid, k)
+        _check_against_references(sample, data["clips"][cid], 48, 64, "unianimate")
 
 
 # ------------------------------------------------------------------------ padding and stride

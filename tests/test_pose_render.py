@@ -6,6 +6,9 @@ not recomputed with the code under test.
 
 from __future__ import annotations
 
+import math
+
+import cv2
 import numpy as np
 import pytest
 
@@ -20,7 +23,7 @@ from preprocess.pose.convert import (
     OpenPoseFrame,
     wholebody_to_openpose,
 )
-from preprocess.pose.render import draw_pose, draw_pose_sequence
+from preprocess.pose.render import draw_pose, draw_pose_indices, draw_pose_sequence, hand_edge_color, pose_palette
 
 # ---------------------------------------------------------------------------------------
 # Conversion
@@ -404,3 +407,80 @@ def test_sequence_and_bad_style(person: tuple[np.ndarray, np.ndarray]) -> None:
     assert draw_pose_sequence([], 4, 6).shape == (0, 4, 6, 3)
     with pytest.raises(ValueError):
         draw_pose(f, S, S, "openpose")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------
+# The palette-index renderer against the drawing rules applied literally
+# ---------------------------------------------------------------------------------------
+
+
+def reference_draw_pose(frame: OpenPoseFrame, h: int, w: int, style: str) -> np.ndarray:
+    """A.6 step by step: listed colours drawn into a 3-channel canvas, canvas * 0.6 cast to
+    uint8 after the limbs, then points, hands, faces; UniAnimate reads the canvas as BGR."""
+    uni = style == "unianimate"
+    canvas = np.zeros((h, w, 3), np.uint8)
+    pts, sc = (frame.body_and_feet, frame.body_and_feet_scores) if uni else (frame.body, frame.body_scores)
+    limbs = BODY_LIMBS[:BODY_LIMBS_DRAWN] + (FOOT_LIMBS if uni else ())
+    colors = BODY_COLORS + FOOT_COLORS
+    present = (sc > frame.threshold) & ~((pts[..., 0] == -1) & (pts[..., 1] == -1))
+    for i, (ja, jb) in enumerate(limbs):
+        for n in range(frame.num_persons):
+            if present[n, ja - 1] and present[n, jb - 1]:
+                (xa, ya), (xb, yb) = pts[n, ja - 1] * [w, h], pts[n, jb - 1] * [w, h]
+                length = ((xa - xb) ** 2 + (ya - yb) ** 2) ** 0.5
+                angle = int(math.degrees(math.atan2(ya - yb, xa - xb)))
+                poly = cv2.ellipse2Poly((int((xa + xb) / 2), int((ya + yb) / 2)), (int(length / 2), 4), angle, 0, 360, 1)
+                cv2.fillConvexPoly(canvas, poly, colors[i])
+    canvas = (canvas * 0.6).astype(np.uint8)
+    for i in range(pts.shape[1]):
+        for n in range(frame.num_persons):
+            if present[n, i]:
+                cv2.circle(canvas, (int(pts[n, i, 0] * w), int(pts[n, i, 1] * h)), 4, colors[i], thickness=-1)
+    for hand in list(frame.left_hands) + list(frame.right_hands):
+        xy = [(int(x * w), int(y * h)) for x, y in hand]
+        ok = [x > 0.01 and y > 0.01 for x, y in xy]
+        for k, (a, b) in enumerate(HAND_EDGES):
+            if ok[a] and ok[b]:
+                cv2.line(canvas, xy[a], xy[b], hand_edge_color(k), thickness=2)
+        for point, good in zip(xy, ok):
+            if good:
+                cv2.circle(canvas, point, 4, (0, 0, 255), thickness=-1)
+    if not uni:
+        for face in frame.faces:
+            for x, y in face:
+                if int(x * w) > 0.01 and int(y * h) > 0.01:
+                    cv2.circle(canvas, (int(x * w), int(y * h)), 3, (255, 255, 255), thickness=-1)
+    return np.ascontiguousarray(canvas[..., ::-1]) if uni else canvas
+
+
+def test_pixel_identical_to_the_literal_rules() -> None:
+    # Random persons (some points off the canvas, -1 placeholders, scores at the threshold),
+    # random sizes and thresholds, both styles: every pixel equal.
+    rng = np.random.default_rng(0)
+    drawn = 0
+    for _ in range(150):
+        h, w = (int(v) for v in rng.integers(1, 260, size=2))
+        persons = int(rng.integers(0, 4))
+        kp = rng.uniform(-0.2, 1.2, (persons, 133, 2)) * [w, h]
+        kp[rng.random((persons, 133)) < 0.1] = -1.0
+        sc = rng.uniform(0.0, 1.0, (persons, 133))
+        sc[rng.random((persons, 133)) < 0.1] = 0.3
+        frame = wholebody_to_openpose(kp, sc, w, h, float(rng.choice([0.1, 0.3, 0.5])))
+        for style in ("unianimate", "dwpose"):
+            img = draw_pose(frame, h, w, style)  # type: ignore[arg-type]
+            np.testing.assert_array_equal(img, reference_draw_pose(frame, h, w, style))
+            canvas = draw_pose_indices(frame, np.zeros((h, w), np.uint8), style)  # type: ignore[arg-type]
+            np.testing.assert_array_equal(pose_palette(style)[canvas], img)  # type: ignore[arg-type]
+            drawn += bool(img.any())
+    assert drawn > 150
+
+
+def test_palette_and_index_canvas_contract() -> None:
+    for style in ("unianimate", "dwpose"):
+        palette = pose_palette(style)  # type: ignore[arg-type]
+        assert palette.shape == (256, 3) and palette.dtype == np.uint8 and not palette.flags.writeable
+        assert not palette[0].any()  # nothing drawn = black
+    with pytest.raises(ValueError):
+        pose_palette("openpose")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        draw_pose_indices(OpenPoseFrame.empty(), np.zeros((4, 4, 3), np.uint8))

@@ -31,6 +31,13 @@ Drawing rules (A.6), identical for both styles apart from the lists above:
   coordinates, which also rejects the -1 placeholder). Hand dots: radius 4, (0, 0, 255)
   listed, same eps test.
 * Face dot: radius 3, (255, 255, 255), same eps test.
+
+How: every shape is drawn as a palette index into one uint8 channel (``draw_pose_indices``)
+and looked up in ``pose_palette(style)``, whose entries hold the dimmed limb colours and the
+channel order of the style. Drawing is opaque and its pixel coverage does not depend on the
+number of channels, so this gives the pixels of the rules above (tests/test_pose_render.py
+compares the two on random poses) with a third of the memory traffic; the training loader
+looks indices up straight into its channel planes.
 """
 
 from __future__ import annotations
@@ -55,7 +62,15 @@ from preprocess.pose.convert import (
     OpenPoseFrame,
 )
 
-__all__ = ["PoseStyle", "POSE_STYLES", "draw_pose", "draw_pose_sequence", "hand_edge_color"]
+__all__ = [
+    "PoseStyle",
+    "POSE_STYLES",
+    "draw_pose",
+    "draw_pose_indices",
+    "draw_pose_sequence",
+    "hand_edge_color",
+    "pose_palette",
+]
 
 PoseStyle = Literal["unianimate", "dwpose"]
 POSE_STYLES: tuple[str, ...] = ("unianimate", "dwpose")
@@ -70,11 +85,58 @@ EPS = 0.01
 
 _COLORS_20 = BODY_COLORS + FOOT_COLORS  # colour i for limb i and keypoint i
 
+# Palette indices (module docstring, "How"); 0 = nothing drawn.
+_LIMB = 1  # + limb i (dimmed colour i)
+_BODY_POINT = _LIMB + len(_COLORS_20)  # + keypoint i (full colour i)
+_HAND_EDGE = _BODY_POINT + len(_COLORS_20)  # + hand edge k
+_HAND_POINT = _HAND_EDGE + len(HAND_EDGES)
+_FACE_POINT = _HAND_POINT + 1
+
 
 def hand_edge_color(k: int, n_edges: int = len(HAND_EDGES)) -> tuple[float, float, float]:
     """Listed colour of hand edge k: HSV(k/n, 1, 1) * 255 as floats (OpenCV rounds them)."""
     r, g, b = colorsys.hsv_to_rgb(k / float(n_edges), 1.0, 1.0)
     return (r * 255.0, g * 255.0, b * 255.0)
+
+
+def _stored_color(color: Sequence[float]) -> tuple[int, ...]:
+    # What OpenCV writes for a (float) colour: asked from OpenCV itself, so its rounding is used.
+    pixel = np.zeros((1, 1, 3), np.uint8)
+    cv2.rectangle(pixel, (0, 0), (0, 0), tuple(color), thickness=-1)
+    return tuple(int(v) for v in pixel[0, 0])
+
+
+# The limbs are dimmed by the float multiply then uint8 cast (truncation) of the reference:
+# a table built from that very expression.
+_DIM_LUT = (np.arange(256) * LIMB_DIM).astype(np.uint8)
+
+
+def _listed_palette() -> np.ndarray:
+    """uint8 [256, 3]: index -> the colour a canvas in the listed channel order gets."""
+    palette = np.zeros((256, 3), np.uint8)
+    for i, color in enumerate(_COLORS_20):
+        palette[_LIMB + i] = _DIM_LUT[list(color)]
+        palette[_BODY_POINT + i] = color
+    for k in range(len(HAND_EDGES)):
+        palette[_HAND_EDGE + k] = _stored_color(hand_edge_color(k))
+    palette[_HAND_POINT] = HAND_POINT_COLOR
+    palette[_FACE_POINT] = FACE_POINT_COLOR
+    return palette
+
+
+# UniAnimate drew the listed colours as if channel 0 were Blue (its OpenCV canvas, A.7):
+# read back as RGB that is a swap of channels 0 and 2.
+_LISTED_PALETTE = _listed_palette()
+_PALETTES: dict[str, np.ndarray] = {"dwpose": _LISTED_PALETTE, "unianimate": np.ascontiguousarray(_LISTED_PALETTE[:, ::-1])}
+for _table in _PALETTES.values():
+    _table.flags.writeable = False  # shared by every caller
+
+
+def pose_palette(style: PoseStyle = "unianimate") -> np.ndarray:
+    """uint8 [256, 3] (read-only): RGB colour of each index ``draw_pose_indices`` draws."""
+    if style not in POSE_STYLES:
+        raise ValueError(f"unknown pose style {style!r}; expected one of {POSE_STYLES}")
+    return _PALETTES[style]
 
 
 def _present(points: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
@@ -83,17 +145,14 @@ def _present(points: np.ndarray, scores: np.ndarray, threshold: float) -> np.nda
     return (scores > threshold) & ~placeholder
 
 
-def _draw_limb(canvas: np.ndarray, a: tuple[float, float], b: tuple[float, float], color: Sequence[int]) -> None:
+def _draw_limb(canvas: np.ndarray, a: tuple[float, float], b: tuple[float, float], index: int) -> None:
     (xa, ya), (xb, yb) = a, b
     mx, my = (xa + xb) / 2.0, (ya + yb) / 2.0
     length = ((xa - xb) ** 2 + (ya - yb) ** 2) ** 0.5
     # Direction measured from the second end point to the first, truncated like the source.
     angle = math.degrees(math.atan2(ya - yb, xa - xb))
     polygon = cv2.ellipse2Poly((int(mx), int(my)), (int(length / 2), STICK_WIDTH), int(angle), 0, 360, 1)
-    cv2.fillConvexPoly(canvas, polygon, tuple(int(c) for c in color))
-
-
-_DIM_LUT = (np.arange(256) * LIMB_DIM).astype(np.uint8)
+    cv2.fillConvexPoly(canvas, polygon, index)
 
 
 def _draw_body(canvas: np.ndarray, frame: OpenPoseFrame, with_feet: bool) -> None:
@@ -104,24 +163,21 @@ def _draw_body(canvas: np.ndarray, frame: OpenPoseFrame, with_feet: bool) -> Non
     else:
         pts, scores = frame.body, frame.body_scores
         limbs = BODY_LIMBS[:BODY_LIMBS_DRAWN]
-    present = _present(pts, scores, frame.threshold)
-    px = pts * np.array([float(w), float(h)])  # pixels, still float (truncated at use)
+    present = _present(pts, scores, frame.threshold).tolist()
+    px = (pts * np.array([float(w), float(h)])).tolist()  # pixels, still float (truncated at use)
 
     for i, (ja, jb) in enumerate(limbs):  # limb-major over persons, as the source loops
         a, b = ja - 1, jb - 1  # the limb lists are 1-based
         for n in range(frame.num_persons):
-            if present[n, a] and present[n, b]:
-                _draw_limb(canvas, (px[n, a, 0], px[n, a, 1]), (px[n, b, 0], px[n, b, 1]), _COLORS_20[i])
+            if present[n][a] and present[n][b]:
+                _draw_limb(canvas, px[n][a], px[n][b], _LIMB + i)
 
-    # Dim the limbs: the float multiply then uint8 cast (truncation) of the reference, as a
-    # lookup table built from that very expression, so equal by construction but ~10x faster.
-    cv2.LUT(canvas, _DIM_LUT, dst=canvas)
-
+    # No dimming pass after the limbs: the palette entries of limb indices are the dimmed colours.
     for i in range(pts.shape[1]):
         for n in range(frame.num_persons):
-            if present[n, i]:
+            if present[n][i]:
                 centre = (int(pts[n, i, 0] * w), int(pts[n, i, 1] * h))
-                cv2.circle(canvas, centre, BODY_POINT_RADIUS, _COLORS_20[i], thickness=-1)
+                cv2.circle(canvas, centre, BODY_POINT_RADIUS, _BODY_POINT + i, thickness=-1)
 
 
 def _draw_hands(canvas: np.ndarray, frame: OpenPoseFrame) -> None:
@@ -133,10 +189,10 @@ def _draw_hands(canvas: np.ndarray, frame: OpenPoseFrame) -> None:
         ok = [x > EPS and y > EPS for x, y in zip(xs, ys)]
         for k, (a, b) in enumerate(HAND_EDGES):
             if ok[a] and ok[b]:
-                cv2.line(canvas, (xs[a], ys[a]), (xs[b], ys[b]), hand_edge_color(k), thickness=HAND_LINE_THICKNESS)
+                cv2.line(canvas, (xs[a], ys[a]), (xs[b], ys[b]), _HAND_EDGE + k, thickness=HAND_LINE_THICKNESS)
         for x, y, good in zip(xs, ys, ok):
             if good:
-                cv2.circle(canvas, (x, y), HAND_POINT_RADIUS, HAND_POINT_COLOR, thickness=-1)
+                cv2.circle(canvas, (x, y), HAND_POINT_RADIUS, _HAND_POINT, thickness=-1)
 
 
 def _draw_faces(canvas: np.ndarray, frame: OpenPoseFrame) -> None:
@@ -145,26 +201,31 @@ def _draw_faces(canvas: np.ndarray, frame: OpenPoseFrame) -> None:
         for xf, yf in face:
             x, y = int(xf * w), int(yf * h)
             if x > EPS and y > EPS:
-                cv2.circle(canvas, (x, y), FACE_POINT_RADIUS, FACE_POINT_COLOR, thickness=-1)
+                cv2.circle(canvas, (x, y), FACE_POINT_RADIUS, _FACE_POINT, thickness=-1)
 
 
-def draw_pose(frame: OpenPoseFrame, height: int, width: int, style: PoseStyle = "unianimate") -> np.ndarray:
-    """Render one frame's poses; returns uint8 [H, W, 3] in RGB channel order (see module doc)."""
+def draw_pose_indices(frame: OpenPoseFrame, canvas: np.ndarray, style: PoseStyle = "unianimate") -> np.ndarray:
+    """Draw one frame's poses into ``canvas`` (uint8 [H, W], all zeros) as palette indices;
+    ``pose_palette(style)[canvas]`` is the ``draw_pose`` image. Returns ``canvas``."""
     if style not in POSE_STYLES:
         raise ValueError(f"unknown pose style {style!r}; expected one of {POSE_STYLES}")
-    if height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive, got {height}x{width}")
-    canvas = np.zeros((int(height), int(width), 3), dtype=np.uint8)
+    if canvas.ndim != 2 or canvas.dtype != np.uint8:
+        raise ValueError(f"canvas must be uint8 [H, W], got {canvas.dtype} {canvas.shape}")
     unianimate = style == "unianimate"
     _draw_body(canvas, frame, with_feet=unianimate)
     _draw_hands(canvas, frame)
     if not unianimate:
         _draw_faces(canvas, frame)
-    if unianimate:
-        # The lists were drawn as if channel 0 were Blue (UniAnimate's OpenCV canvas, A.7):
-        # read back as RGB that is a swap of channels 0 and 2.
-        cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB, dst=canvas)
     return canvas
+
+
+def draw_pose(frame: OpenPoseFrame, height: int, width: int, style: PoseStyle = "unianimate") -> np.ndarray:
+    """Render one frame's poses; returns uint8 [H, W, 3] in RGB channel order (see module doc)."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive, got {height}x{width}")
+    canvas = draw_pose_indices(frame, np.zeros((int(height), int(width)), np.uint8), style)
+    # One lookup through a 3-channel table: twice as fast as numpy's palette[canvas].
+    return cv2.LUT(cv2.merge((canvas, canvas, canvas)), pose_palette(style).reshape(256, 1, 3))
 
 
 def draw_pose_sequence(
