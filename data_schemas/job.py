@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_schemas.atomic import atomic_write_bytes
-from data_schemas.model import ModelConfig
+from data_schemas.model import ModelConfig, check_wan_frames, check_wan_size
 
 QUEUE_DIR = "queue"
 OUTPUTS_DIR = "outputs"
@@ -79,12 +79,9 @@ class JobSpec(BaseModel):
             raise ValueError("give either driving_video or poses + masks, not both")
         if self.driving_video is None and not all(arrays):
             raise ValueError("give a driving_video, or both poses and masks (one clip's npz files)")
-        if (self.num_frames - 1) % 4:
-            n = self.num_frames
-            raise ValueError(f"num_frames={n}: Wan needs 4k+1 frames (e.g. {n - (n - 1) % 4} or {n + 4 - (n - 1) % 4})")
-        for name in ("height", "width"):
-            if getattr(self, name) % 16:
-                raise ValueError(f"{name}={getattr(self, name)} must be divisible by 16 (Wan's VAE and patch sizes)")
+        check_wan_frames(self.num_frames)
+        check_wan_size(self.height, "height")
+        check_wan_size(self.width, "width")
         if self.person_map is not None:
             if not self.person_map:
                 raise ValueError("person_map is empty: map at least one driving person, or leave it out")

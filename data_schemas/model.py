@@ -30,6 +30,21 @@ WAN_REPO = "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers"
 MULTIANIMATE_REPO = "N00B0DY/MultiAnimate"
 
 
+def check_wan_frames(n: int, name: str = "num_frames") -> int:
+    """Wan's VAE keeps the first frame and compresses the rest 4x: frame counts must be 4k+1
+    (diffusers would round silently)."""
+    if (n - 1) % 4:
+        raise ValueError(f"{name}={n}: Wan needs 4k+1 frames (e.g. {n - (n - 1) % 4} or {n + 4 - (n - 1) % 4})")
+    return n
+
+
+def check_wan_size(n: int, name: str) -> int:
+    """Heights and widths must be divisible by 16 (the VAE's 8x and the patch's 2x)."""
+    if n % 16:
+        raise ValueError(f"{name}={n} must be divisible by 16 (Wan's VAE and patch sizes)")
+    return n
+
+
 class MissingWeightsError(ValueError):
     """Real weights are not where the configuration says; the message says how to get them."""
 

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from data_schemas.model import ModelConfig
+from data_schemas.model import ModelConfig, check_wan_frames, check_wan_size
 
 
 class TrainConfig(BaseModel):
@@ -46,16 +46,12 @@ class TrainConfig(BaseModel):
     @field_validator("num_frames")
     @classmethod
     def _four_k_plus_one(cls, v: int) -> int:
-        if (v - 1) % 4:
-            raise ValueError(f"num_frames must be of the form 4k+1 (e.g. 81), got {v}")
-        return v
+        return check_wan_frames(v)
 
     @field_validator("height", "width")
     @classmethod
-    def _multiple_of_16(cls, v: int, info) -> int:
-        if v % 16:
-            raise ValueError(f"{info.field_name} must be divisible by 16, got {v}")
-        return v
+    def _multiple_of_16(cls, v: int, info: ValidationInfo) -> int:
+        return check_wan_size(v, info.field_name)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

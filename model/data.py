@@ -72,11 +72,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_schemas import batch as B
 from data_schemas.batch import Batch, Sample
+from data_schemas.model import check_wan_frames, check_wan_size
 from preprocess.pose.convert import wholebody_to_openpose
 from preprocess.pose.render import draw_pose_indices, pose_palette
 
@@ -146,17 +147,12 @@ class LoaderConfig(BaseModel):
     @field_validator("num_frames")
     @classmethod
     def _four_k_plus_one(cls, v: int) -> int:
-        # The Wan VAE compresses time 4x after the first frame; diffusers would round silently.
-        if (v - 1) % 4:
-            raise ValueError(f"num_frames must be of the form 4k+1 (e.g. 81), got {v}")
-        return v
+        return check_wan_frames(v)
 
     @field_validator("height", "width")
     @classmethod
-    def _multiple_of_16(cls, v: int, info: Any) -> int:
-        if v % 16:
-            raise ValueError(f"{info.field_name} must be divisible by 16, got {v}")
-        return v
+    def _multiple_of_16(cls, v: int, info: ValidationInfo) -> int:
+        return check_wan_size(v, info.field_name)
 
 
 # --------------------------------------------------------------------------- failures

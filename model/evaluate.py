@@ -92,10 +92,7 @@ def denoised_latents(pipe: MultiAnimatePipeline, cond: Conditions, truth: torch.
     T, H, W = cond.check(dit.label_pool - 1)
     image, y = pipe.encode_reference(cond.ref_image, T, H, W)
     dtype = y.dtype
-    ref_pose = torch.from_numpy(np.ascontiguousarray(cond.ref_pose)).permute(2, 0, 1)[None].to(device)
-    pose = torch.from_numpy(np.ascontiguousarray(cond.pose)).permute(3, 0, 1, 2)[None].to(device)
-    labels = torch.from_numpy(np.ascontiguousarray(cond.labels))[None].to(device)
-    channels = torch.tensor([list(range(cond.persons() + 1))], device=device)
+    pose, labels, ref_pose, channels = pipe.condition_tensors(cond)
     tokens = dit.condition_tokens(pose, labels, channels).to(dtype)
     ref_features = dit.ref_pose_guider(ref_pose).to(dtype)
     noise = torch.randn(truth.shape, generator=torch.Generator().manual_seed(seed))

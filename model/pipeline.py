@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from data_schemas.atomic import atomic_path
+from data_schemas.model import check_wan_frames, check_wan_size
 from model.components import Components
 from model.conditions import inference_channels, stack_channels
 
@@ -74,10 +75,9 @@ class Conditions:
         T, H, W, C = self.pose.shape
         if C != 3 or self.pose.dtype != np.uint8:
             raise ValueError(f"pose must be uint8 [T, H, W, 3], got {self.pose.dtype} {self.pose.shape}")
-        if (T - 1) % 4:
-            raise ValueError(f"{T} frames: Wan needs 4k+1 frames (e.g. {T - (T - 1) % 4} or {T + 4 - (T - 1) % 4})")
-        if H % 16 or W % 16:
-            raise ValueError(f"size {W}x{H}: height and width must be divisible by 16")
+        check_wan_frames(T, "pose frames")
+        check_wan_size(H, "height")
+        check_wan_size(W, "width")
         if self.labels.shape != (T, H, W):
             raise ValueError(f"labels {self.labels.shape} must be [T, H, W] = {(T, H, W)}")
         if self.ref_pose.shape != (H, W, 3):
@@ -150,6 +150,16 @@ class MultiAnimatePipeline:
         _, y = self.wan.prepare_latents(video_range, 1, 16, H, W, T, dtype=dtype, device=self.device)
         return image_tokens.to(dtype), y
 
+    def condition_tensors(self, cond: Conditions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """On the device: pose [1,3,T,H,W] and ref_pose [1,3,H,W] uint8, labels [1,T,H,W], and
+        the inference identifier channels [1, K+1]."""
+        device = self.device
+        pose = torch.from_numpy(np.ascontiguousarray(cond.pose)).permute(3, 0, 1, 2)[None].to(device)
+        labels = torch.from_numpy(np.ascontiguousarray(cond.labels))[None].to(device)
+        ref_pose = torch.from_numpy(np.ascontiguousarray(cond.ref_pose)).permute(2, 0, 1)[None].to(device)
+        channels = stack_channels([inference_channels(cond.persons(), self.c.dit.label_pool)]).to(device)
+        return pose, labels, ref_pose, channels
+
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         vae = self.c.vae
         mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
@@ -206,13 +216,10 @@ class MultiAnimatePipeline:
             windows = latent_windows(num_latents, cfg.window_latents, cfg.window_overlap)
             window_T = 4 * (len(windows[0]) - 1) + 1
             image, y = self.encode_reference(cond.ref_image, window_T, H, W)
-            ref_pose = torch.from_numpy(np.ascontiguousarray(cond.ref_pose)).permute(2, 0, 1)[None].to(device)
+            pose, labels, ref_pose, channels = self.condition_tensors(cond)
             ref_features = dit.ref_pose_guider(ref_pose).to(dtype)
             text = cond.prompt_embeds[None].to(device, dtype)
             negative = None if cond.negative_embeds is None else cond.negative_embeds[None].to(device, dtype)
-            channels = stack_channels([inference_channels(cond.persons(), dit.label_pool)]).to(device)
-            pose = torch.from_numpy(np.ascontiguousarray(cond.pose)).permute(3, 0, 1, 2)[None].to(device)
-            labels = torch.from_numpy(np.ascontiguousarray(cond.labels))[None].to(device)
             tokens = [
                 dit.condition_tokens(pose[:, :, 4 * w[0] : 4 * w[-1] + 1], labels[:, 4 * w[0] : 4 * w[-1] + 1], channels).to(dtype)
                 for w in windows

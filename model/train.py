@@ -169,11 +169,7 @@ def training_loss(
     drop_image = (torch.rand(B, generator=gen) < cfg.image_dropout).to(device)
     if not cfg.pose_condition:
         drop_pose = torch.ones_like(drop_pose)
-    channels = stack_channels(
-        [training_channels(max(1, int(k)), label_pool, rng) for k in batch["num_persons"]]
-        if len({int(k) for k in batch["num_persons"]}) == 1
-        else _padded_channels(batch["num_persons"], label_pool, rng)
-    ).to(device)
+    channels = stack_channels(_batch_channels(batch["num_persons"], label_pool, rng)).to(device)
     keep_pose = (~drop_pose).view(B, 1, 1, 1, 1).to(x0.dtype)
     keep_image = (~drop_image).view(B, 1, 1, 1, 1).to(x0.dtype)
     y = frozen.y * keep_image
@@ -185,9 +181,10 @@ def training_loss(
     return (per_sample * weights[index].to(device)).mean()
 
 
-def _padded_channels(num_persons: torch.Tensor, pool: int, rng: random.Random) -> list[list[int]]:
-    """A batch of mixed person counts: each sample draws K_max + 1 distinct channels; the
-    extra ones meet all-zero one-hot channels, so they change nothing (conditions.py)."""
+def _batch_channels(num_persons: torch.Tensor, pool: int, rng: random.Random) -> list[list[int]]:
+    """Each sample draws K_max + 1 distinct channels (K_max: the batch's most persons); in a
+    sample with fewer persons the extra ones meet all-zero one-hot channels, so they change
+    nothing (conditions.py)."""
     k_max = max(1, int(num_persons.max()))
     return [training_channels(k_max, pool, rng) for _ in num_persons]
 
@@ -349,7 +346,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     comps = build_components(cfg.model).to(device)
     comps.vae.requires_grad_(False)
     comps.image_encoder.requires_grad_(False)
-    trainable = comps.dit.set_trainable()
+    comps.dit.set_trainable()
     comps.dit.train()
     if cfg.activation_checkpointing:
         comps.dit.transformer.enable_gradient_checkpointing()
