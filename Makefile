@@ -5,7 +5,7 @@ VENV   := .venv
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test bench clean-workspace
+.PHONY: setup browser demo test bench clean-workspace
 
 setup: $(STAMP)
 
@@ -20,7 +20,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/multianimate demo
 
-test: setup
+# headless Chromium and its driver for the UI test (tests/test_deployments.py); not needed by the demo
+browser:
+	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || \
+		{ echo "installing Debian's chromium and chromium-driver"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: setup browser
 	$(VENV)/bin/python -m pytest -ra
 
 bench: setup

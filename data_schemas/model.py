@@ -88,10 +88,14 @@ class ModelConfig(BaseModel):
         None, description="MultiAnimate weights: the released output_dir of shards, or a folder in our format"
     )
     label_pool: int = Field(8, ge=2, le=64, description="identifier channels: up to label_pool - 1 persons + background")
-    lora_rank: int = Field(
+    # None (filled in by _profile_defaults) must be valid in the JSON schema too: the UI's run
+    # form sends it, and the server checks parameters against the schema
+    lora_rank: int | None = Field(
         None, ge=1, description="LoRA rank of the DiT's attention and FFN projections (default 128; tiny: 8)"
     )
-    lora_alpha: float = Field(None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank (default = rank)")
+    lora_alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank (default = rank)"
+    )
     shift: float = Field(5.0, gt=0, description="flow-matching sigma shift (the release trains and samples with 5)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype of the DiT, VAE and encoders at inference"

@@ -176,3 +176,17 @@ def test_real_profile_names_the_dwpose_files():
     assert segment.models == "files"
     with pytest.raises(ValueError, match=r"(?s)SAM2 weights missing: .*sam2.1-hiera-large.*facebook/sam2.1-hiera-large"):
         segment.model_folder()
+
+
+def test_train_form_defaults_pass_the_servers_parameter_check():
+    """The UI's run form sends every field, None where the default is None (the LoRA sizes
+    a profile fills in); the server checks them against the deployment's schema."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import validate
+
+    from data_schemas.train import TrainConfig
+    from flows.train import train
+
+    config = TrainConfig().model_dump(mode="json")
+    config["model"] |= {"lora_rank": None, "lora_alpha": None}
+    validate({"config": config}, parameter_schema(train).model_dump_for_openapi(), raise_on_error=True)
