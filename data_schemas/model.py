@@ -67,8 +67,10 @@ class DiTShape(BaseModel):
         return self.num_attention_heads * self.attention_head_dim
 
 
+# 128 wide: narrower than a patch's 64 latent values (16 channels x 2 x 2), the residual
+# stream could not carry the noisy latent through, and no training would get far
 TINY_DIT = DiTShape(
-    num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, text_dim=32, image_dim=24, freq_dim=32
+    num_layers=2, num_attention_heads=4, attention_head_dim=32, ffn_dim=256, text_dim=32, image_dim=24, freq_dim=32
 )
 WAN_14B_DIT = DiTShape(
     num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, text_dim=4096, image_dim=1280, freq_dim=256
@@ -83,6 +85,11 @@ class ModelConfig(BaseModel):
     profile: Profile = Field("tiny", description="tiny = random weights in code; wan-i2v-14b-720p = real weights")
     wan_folder: Path | None = Field(
         None, description="diffusers-layout Wan2.1-I2V-14B-720P folder (real profile)"
+    )
+    tiny_transformer: Path | None = Field(
+        None,
+        description="tiny profile: a pretrained tiny base transformer (diffusers layout, written by "
+        "model/pretrain.py) in place of the seeded random one",
     )
     multianimate: Path | None = Field(
         None, description="MultiAnimate weights: the released output_dir of shards, or a folder in our format"
@@ -117,6 +124,8 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        if self.profile != "tiny" and self.tiny_transformer is not None:
+            raise ValueError("tiny_transformer belongs to the tiny profile; the real one loads wan_folder/transformer")
         if self.profile != "tiny" and self.wan_folder is None:
             raise ValueError(f"profile {self.profile!r} needs wan_folder (a diffusers-layout {WAN_REPO} folder)")
         if self.window_overlap >= self.window_latents:
@@ -138,6 +147,9 @@ class ModelConfig(BaseModel):
     def missing_weights(self) -> list[str]:
         """Every expected file or folder that is absent (empty for ``tiny``)."""
         if self.profile == "tiny":
+            folder = self.tiny_transformer
+            if folder is not None and not ((folder / "config.json").is_file() and any(folder.glob("*.safetensors"))):
+                return [f"{folder}/config.json and *.safetensors (run model/pretrain.py's pretrain_tiny_base)"]
             return []
         assert self.wan_folder is not None
         missing = [
@@ -160,6 +172,12 @@ class ModelConfig(BaseModel):
     def require_weights(self) -> None:
         """Raise one ``MissingWeightsError`` listing everything missing and how to get it."""
         missing = self.missing_weights()
+        if missing and self.profile == "tiny":
+            raise MissingWeightsError(
+                f"profile 'tiny': missing the pretrained tiny transformer {missing[0]}; write it with "
+                "`python -m model.pretrain --config RUN.json --out FOLDER`, or leave tiny_transformer unset "
+                "for seeded random weights"
+            )
         if missing:
             ma = self.multianimate
             ma_dir = ma.parent.parent if ma is not None and ma.name == "output_dir" else "<folder>"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
@@ -49,13 +50,45 @@ def _squashing_processor(size: int) -> CLIPImageProcessor:
     )  # fmt: skip
 
 
+# The tiny VAE's own latent normalisation, measured by measure_latent_statistics (and
+# re-measured by tests/test_model.py). Wan's published constants belong to the real VAE: on
+# the random tiny one they leave the picture content at ~6 % of the noise's scale, and a
+# tiny model then has almost nothing to learn from.
+TINY_LATENTS_MEAN = (0.0933, -0.1151, -0.2231, 0.0840, -0.1298, -0.0663, 0.2475, 0.0874, 0.2213, -0.0497, 0.0206, -0.1976, 0.0707, -0.1165, -0.1680, 0.1743)
+TINY_LATENTS_STD = (0.1834, 0.1087, 0.1804, 0.1171, 0.1383, 0.1242, 0.1230, 0.1457, 0.1499, 0.1018, 0.1197, 0.1664, 0.1322, 0.1393, 0.1359, 0.1281)
+
+
+def measure_latent_statistics(vae: AutoencoderKLWan, num_clips: int = 8) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of a VAE's latents (posterior mode) over synthetic two-person
+    clips (9 frames, 64x48; textured and flat backgrounds alternately): how Wan's published
+    ``latents_mean``/``latents_std`` normalise its latents, measured for the tiny VAE."""
+    from preprocess.synthetic import SyntheticSpec, render_clip
+
+    clips = [
+        render_clip(SyntheticSpec(width=64, height=48, num_frames=9, seed=s, background=("texture", "flat")[s % 2])).frames
+        for s in range(num_clips)
+    ]  # fmt: skip
+    video = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    with torch.no_grad():
+        z = vae.encode(video.to(vae.dtype)).latent_dist.mode().double()
+    return z.mean(dim=(0, 2, 3, 4)).tolist(), z.std(dim=(0, 2, 3, 4)).tolist()
+
+
 def build_tiny(cfg: ModelConfig) -> Components:
     """Seeded random weights: the same config gives the same networks in every process."""
     assert cfg.profile == "tiny"
     torch.manual_seed(cfg.seed)
-    dit = MultiAnimateDiT(build_transformer(cfg.dit), cfg.label_pool)
+    cfg.require_weights()
+    transformer = (
+        WanTransformer3DModel.from_pretrained(cfg.tiny_transformer, local_files_only=True)
+        if cfg.tiny_transformer is not None
+        else build_transformer(cfg.dit)
+    )
+    dit = MultiAnimateDiT(transformer, cfg.label_pool)
+    torch.manual_seed(cfg.seed + 1)  # the VAE's own stream: its measured statistics hold for any DiT shape
     vae = AutoencoderKLWan(
-        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=list(TINY_LATENTS_MEAN), latents_std=list(TINY_LATENTS_STD),
     )
     clip = CLIPVisionModel(
         CLIPVisionConfig(

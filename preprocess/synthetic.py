@@ -37,7 +37,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import cv2
 import numpy as np
@@ -80,6 +80,11 @@ class SyntheticSpec(BaseModel, frozen=True):
     motions: Optional[tuple[str, ...]] = Field(
         None,
         description="Motion per person from ('walk', 'wave', 'dance'); None cycles through them.",
+    )
+    background: Literal["texture", "flat"] = Field(
+        "texture",
+        description="'texture': drifting low-saturation texture; 'flat': one uniform grey per scene, "
+        "static (the persons are then the only content, as in the learning check)",
     )
     scene_cut_frames: tuple[int, ...] = Field(
         (),
@@ -455,8 +460,11 @@ def _scenes(spec: SyntheticSpec) -> list[_Scene]:
     scenes = []
     for s, (start, stop) in enumerate(zip(bounds, bounds[1:])):
         rng = np.random.default_rng([spec.seed, 100 + s])  # independent stream per scene
-        texture = _background_texture(rng, spec.height, spec.width, 75.0 + 90.0 * ((first_bright + s) % 2))
+        level = 75.0 + 90.0 * ((first_bright + s) % 2)
+        texture = _background_texture(rng, spec.height, spec.width, level)
         amp = (float(rng.uniform(3, _BG_PAD - 1)), float(rng.uniform(2, _BG_PAD - 1)))
+        if spec.background == "flat":  # the same draws as a texture, so the figures do not change
+            texture, amp = np.full_like(texture, int(level)), (0.0, 0.0)
         scenes.append(
             _Scene(
                 start=start,

@@ -351,3 +351,16 @@ def test_real_profile_without_weights_says_what_is_missing(tmp_path):
                  "image_processor/preprocessor_config.json", "output_dir/*.safetensors", f"--local-dir {tmp_path / 'ma'}"):  # fmt: skip
         assert name in text, name
     assert "transformer/config.json" not in text
+
+
+def test_tiny_vae_normalisation_is_its_own_measurement():
+    """The tiny VAE's latents_mean/std are what measure_latent_statistics finds for its seeded
+    weights, so its normalised latents have zero mean and unit variance per channel."""
+    from data_schemas.model import ModelConfig
+    from model.components import TINY_LATENTS_MEAN, TINY_LATENTS_STD, build_components, measure_latent_statistics
+
+    vae = build_components(ModelConfig()).vae
+    mean, std = measure_latent_statistics(vae)
+    assert vae.config.latents_mean == list(TINY_LATENTS_MEAN) and vae.config.latents_std == list(TINY_LATENTS_STD)
+    np.testing.assert_allclose(mean, TINY_LATENTS_MEAN, atol=2e-4)
+    np.testing.assert_allclose(std, TINY_LATENTS_STD, atol=2e-4)
