@@ -109,20 +109,24 @@ def evaluate(
     prompt_embeds: list[torch.Tensor],
     sampling: SamplingConfig,
     denoise_sigmas: tuple[float, ...] = (0.5, 0.8),
+    driving: list[dict] | None = None,
 ) -> EvalResult:
     """Generate every held-out sample (loader output, data_schemas/batch.py) from its first
-    frame, poses and label map, and score it against its own latents."""
+    frame, poses and label map, and score it against its own latents. ``driving`` (one per
+    sample) replaces the poses and label map the model is given, not those it is scored
+    with: with another clip's motion, a model that follows the driving poses scores worse."""
     errors: list[float] = []
     denoise: list[float] = []
     correct: list[bool] = []
-    for sample, text in zip(samples, prompt_embeds):
+    for i, (sample, text) in enumerate(zip(samples, prompt_embeds)):
+        drive = sample if driving is None else driving[i]
         cond = Conditions(
             ref_image=sample["ref_image"].permute(1, 2, 0).numpy(),
-            pose=sample["pose"].permute(1, 2, 3, 0).numpy(),
+            pose=drive["pose"].permute(1, 2, 3, 0).numpy(),
             ref_pose=sample["ref_pose"].permute(1, 2, 0).numpy(),
-            labels=sample["labels"].numpy(),
+            labels=drive["labels"].numpy(),
             prompt_embeds=text,
-            num_persons=int(sample["num_persons"]),
+            num_persons=int(drive["num_persons"]),
         )
         generated = pipe(cond, sampling).latents[0].float().cpu()
         truth = vae_latents(pipe, sample["video"])
