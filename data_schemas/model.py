@@ -149,7 +149,7 @@ class ModelConfig(BaseModel):
         if self.profile == "tiny":
             folder = self.tiny_transformer
             if folder is not None and not ((folder / "config.json").is_file() and any(folder.glob("*.safetensors"))):
-                return [f"{folder}/config.json and *.safetensors (run model/pretrain.py's pretrain_tiny_base)"]
+                return [f"{folder}/config.json and *.safetensors"]
             return []
         assert self.wan_folder is not None
         missing = [

@@ -39,7 +39,7 @@ def pretrain_tiny_base(cfg: TrainConfig, out: Path, steps: int = 300, lr: float 
     if cfg.model.profile != "tiny":
         raise ValueError("only the tiny profile has a base to pretrain (the real one is Wan2.1)")
     shards = check_inputs(cfg)
-    cache = EmbeddingCache(cfg.workspace / "embeddings", profile_encoder_id("tiny", None))
+    cache = EmbeddingCache(cfg.workspace / "embeddings", profile_encoder_id(cfg.model.profile, cfg.model.wan_folder))
     comps = build_tiny(cfg.model)  # no LoRA: the base itself is trained
     pipe = MultiAnimatePipeline(comps)
     transformer = comps.dit.transformer.train().requires_grad_(True)
