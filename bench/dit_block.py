@@ -66,7 +66,7 @@ def main() -> None:
     block = WanTransformerBlock(dim, ffn, heads, "rms_norm_across_heads", True, 1e-6, added_kv_proj_dim=dim).to(device, dtype)
     t, h, w = (args.frames - 1) // 4 + 1, args.height // 16, args.width // 16
     tokens, context = t * h * w, 257 + 512
-    rope = WanRotaryPosEmbed(s.attention_head_dim, (1, 2, 2), 1024)(torch.empty(1, 16, t, 2 * h, 2 * w, device=device))
+    rope = WanRotaryPosEmbed(s.attention_head_dim, (1, 2, 2), 1024).to(device)(torch.empty(1, 16, t, 2 * h, 2 * w, device=device))
     inputs = (
         torch.randn(1, tokens, dim, device=device, dtype=dtype),
         torch.randn(1, context, dim, device=device, dtype=dtype),

@@ -5,7 +5,8 @@ FSDP2), same per-process batch, on synthetic two-person shards.
 
 Step times exclude the first two steps (start-up, first all-gathers). Prints its headline
 figures last: ``steps_per_s_1proc`` and ``scaling_2proc`` (samples/s with 2 processes over
-samples/s with 1), and the peak resident memory of a rank.
+samples/s with 1), and the peak resident memory of a rank. On a GPU, bench/train_fullsize.py
+measures full-size blocks under FSDP and activation checkpointing (tokens/s, MFU).
 """
 
 from __future__ import annotations

@@ -205,15 +205,21 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def _shard(comps: Components, dtype: torch.dtype) -> ConditionedDenoiser:
-    model = ConditionedDenoiser(comps.dit)
+def shard_denoiser(dit: torch.nn.Module, dtype: torch.dtype) -> ConditionedDenoiser:
+    """FSDP2 per transformer block and at the root (compute in ``dtype``, gradients reduced in
+    fp32); unsharded when no process group runs."""
+    model = ConditionedDenoiser(dit)
     if not dist.is_initialized():
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for block in comps.dit.transformer.blocks:
-        fully_shard(block, mp_policy=mp)
+    # Blocks take their inputs as the root made them. If FSDP cast them (the fp32 rotary
+    # tables to bf16), torch < 2.14 would skip that cast when activation checkpointing
+    # recomputes a block, and the recomputed tensors' dtypes would not match (seen on a GPU).
+    block_mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in dit.transformer.blocks:
+        fully_shard(block, mp_policy=block_mp)
     return fully_shard(model, mp_policy=mp)
 
 
@@ -351,7 +357,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     if cfg.activation_checkpointing:
         comps.dit.transformer.enable_gradient_checkpointing()
     pipe = MultiAnimatePipeline(comps)
-    model = _shard(comps, dtype)
+    model = shard_denoiser(comps.dit, dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
