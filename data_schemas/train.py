@@ -25,11 +25,15 @@ class TrainConfig(BaseModel):
     height: int = Field(480, ge=16, description="sample height, divisible by 16")
     width: int = Field(832, ge=16, description="sample width, divisible by 16")
     max_stride: int = Field(1, ge=1, description="largest frame stride drawn per sample")
+    min_stride: int = Field(1, ge=1, description="smallest frame stride drawn per sample")
     batch_size: int = Field(1, ge=1, description="samples per rank per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank")
     max_steps: int = Field(1000, ge=1, description="optimizer steps of the run")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate (the release: 1e-4)")
+    encoder_lr: float | None = Field(
+        None, gt=0, description="learning rate of the condition encoders, trained from scratch; None = lr (the release)"
+    )
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (torch's default)")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up")
     grad_clip: float = Field(1.0, gt=0, description="gradient norm clipping")
@@ -55,6 +59,8 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.min_stride > self.max_stride:
+            raise ValueError(f"min_stride {self.min_stride} exceeds max_stride {self.max_stride}")
         if self.model.multianimate is not None and self.model.multianimate.resolve() == self.run_dir.resolve():
             raise ValueError("model.multianimate must not be the run's own folder")
         return self

@@ -43,11 +43,21 @@ def _hidden(conv: nn.Module) -> nn.Module:
     return conv
 
 
+def _zero(conv: nn.Module) -> nn.Module:
+    """Zero-initialise an encoder's output conv (ControlNet's zero convolution): a fresh
+    encoder adds nothing, so fine-tuning starts from the base model's own predictions and the
+    only gradient is towards using the condition (with a random output layer the fresh tokens
+    act as noise, and training shrank them to a constant instead of learning from them)."""
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
 def _stack_3d(in_channels: int, out_dim: int, width: int) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for i, stride in enumerate(_STRIDES_3D):
         layers += [_hidden(nn.Conv3d(in_channels if i == 0 else width, width, 3, stride=stride, padding=1)), nn.SiLU()]
-    layers.append(nn.Conv3d(width, out_dim, (1, 2, 2), stride=(1, 2, 2)))
+    layers.append(_zero(nn.Conv3d(width, out_dim, (1, 2, 2), stride=(1, 2, 2))))
     return layers
 
 
@@ -116,7 +126,7 @@ class RefPoseGuider(nn.Sequential):
         for i, stride in enumerate(_STRIDES_2D):
             last = i == len(_STRIDES_2D) - 1
             conv = nn.Conv2d(3 if i == 0 else width, out_channels if last else width, 3, stride, padding=1)
-            layers += [conv] if last else [_hidden(conv), nn.SiLU()]
+            layers += [_zero(conv)] if last else [_hidden(conv), nn.SiLU()]
         super().__init__(*layers)
 
     def forward(self, ref_pose_BCHW: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Sampling and augmentation follow the seed (spec D.5), generalised to a frame stride:
 
-1. draw a stride s in 1..max_stride (among the strides whose window fits the clip, see
+1. draw a stride s in min_stride..max_stride (among the strides whose window fits the clip, see
    ``sample_window``); draw the start uniformly so that the ``num_frames`` frames at stride s
    fit; a clip shorter than the window is read whole and its last frame repeated (padding);
 2. one random crop (0..W*crop_fraction px off the left and, independently, off the right;
@@ -72,7 +72,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_schemas import batch as B
@@ -126,6 +126,7 @@ class LoaderConfig(BaseModel):
     height: int = Field(480, ge=16, description="output height in pixels, divisible by 16")
     width: int = Field(832, ge=16, description="output width in pixels, divisible by 16")
     max_stride: int = Field(1, ge=1, description="largest frame stride drawn per sample (the seed uses 1)")
+    min_stride: int = Field(1, ge=1, description="smallest frame stride drawn (evaluation at a fixed stride: min = max)")
     crop_fraction: float = Field(
         1.0 / 14.0, ge=0.0, lt=0.5,
         description="each side loses 0..floor(size*fraction) px, drawn independently (seed: W//14, H//14); 0 = no crop",
@@ -153,6 +154,12 @@ class LoaderConfig(BaseModel):
     @classmethod
     def _multiple_of_16(cls, v: int, info: ValidationInfo) -> int:
         return check_wan_size(v, info.field_name)
+
+    @model_validator(mode="after")
+    def _strides(self) -> LoaderConfig:
+        if self.min_stride > self.max_stride:
+            raise ValueError(f"min_stride {self.min_stride} exceeds max_stride {self.max_stride}")
+        return self
 
 
 # --------------------------------------------------------------------------- failures
@@ -216,19 +223,21 @@ class SkipCounter:
 
 
 def sample_window(
-    num_clip_frames: int, num_frames: int, max_stride: int, rng: np.random.Generator
+    num_clip_frames: int, num_frames: int, max_stride: int, rng: np.random.Generator, min_stride: int = 1
 ) -> tuple[np.ndarray, int]:
     """Clip frame indices int64 [num_frames] of one window, and its stride.
 
-    The stride is drawn uniformly among 1..max_stride restricted to strides whose window
-    fits the clip (so a clip that fits at stride 1 is never padded); the start is uniform
+    The stride is drawn uniformly among min_stride..max_stride restricted to strides whose
+    window fits the clip (so a clip that fits at stride 1 is never padded; if none from
+    min_stride up fits, the largest that fits, at least 1); the start is uniform
     over all positions where the window fits (the seed's extra 5-frame margin is dropped).
     A clip shorter than the window gives 0..n-1 followed by repeats of n-1.
     """
     if num_clip_frames < 1:
         raise ValueError(f"num_clip_frames must be >= 1, got {num_clip_frames}")
     fitting = (num_clip_frames - 1) // (num_frames - 1) if num_frames > 1 else max_stride
-    stride = int(rng.integers(1, max(1, min(max_stride, fitting)) + 1))
+    high = max(1, min(max_stride, fitting))
+    stride = int(rng.integers(min(min_stride, high), high + 1))
     span = (num_frames - 1) * stride + 1
     start = int(rng.integers(0, max(0, num_clip_frames - span) + 1))
     indices = np.minimum(start + stride * np.arange(num_frames, dtype=np.int64), num_clip_frames - 1)
@@ -426,7 +435,7 @@ def decode_sample(raw: dict[str, Any], cfg: LoaderConfig, rng: np.random.Generat
     if problems:
         raise SampleError("inconsistent", key, "; ".join(problems))
 
-    indices, _ = sample_window(num_clip, cfg.num_frames, cfg.max_stride, rng)
+    indices, _ = sample_window(num_clip, cfg.num_frames, cfg.max_stride, rng, cfg.min_stride)
     unique, inverse = np.unique(indices, return_inverse=True)
     # Window positions of each distinct clip frame: padding repeats one, made once.
     positions: list[list[int]] = [[] for _ in unique]

@@ -45,7 +45,7 @@ def pretrain_tiny_base(cfg: TrainConfig, out: Path, steps: int = 300, lr: float 
     transformer = comps.dit.transformer.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
     loader_cfg = LoaderConfig(
-        num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, max_stride=cfg.max_stride,
+        num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, max_stride=cfg.max_stride, min_stride=cfg.min_stride,
         resampled=True, seed=cfg.seed + 1, shuffle_buffer=min(100, 4 * len(shards)),
     )  # fmt: skip
     batches = iter(make_loader([str(s) for s in shards], loader_cfg, batch_size, 0, epoch_samples=steps * batch_size))

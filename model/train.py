@@ -223,6 +223,15 @@ def shard_denoiser(dit: torch.nn.Module, dtype: torch.dtype) -> ConditionedDenoi
     return fully_shard(model, mp_policy=mp)
 
 
+def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """The trained parameters: LoRA at ``lr``, the condition encoders at ``encoder_lr``."""
+    lora, encoders = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (lora if ".lora_" in name else encoders).append(p)
+    return [{"params": lora, "lr": cfg.lr}, {"params": encoders, "lr": cfg.encoder_lr or cfg.lr}]
+
+
 def _peak_mem_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -359,7 +368,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     pipe = MultiAnimatePipeline(comps)
     model = shard_denoiser(comps.dit, dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     if dry_run:
         summary = {"shards": len(shards), "trainable_params": sum(p.numel() for p in trainable), "world": world}
@@ -375,7 +384,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
             print(f"resumed from {resume} at step {step}", flush=True)
     sigmas, weights = training_sigmas(cfg.model.shift), training_weights(cfg.model.shift)
     loader_cfg = LoaderConfig(
-        num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, max_stride=cfg.max_stride,
+        num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, max_stride=cfg.max_stride, min_stride=cfg.min_stride,
         resampled=True, seed=cfg.seed, shuffle_buffer=min(100, 4 * len(shards)),
     )  # fmt: skip
     readers = max(1, cfg.num_workers)

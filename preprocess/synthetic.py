@@ -31,6 +31,7 @@ Ground-truth conventions
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import subprocess
@@ -85,6 +86,12 @@ class SyntheticSpec(BaseModel, frozen=True):
         "texture",
         description="'texture': drifting low-saturation texture; 'flat': one uniform grey per scene, "
         "static (the persons are then the only content, as in the learning check)",
+    )
+    walk_speed: Optional[float] = Field(
+        None,
+        gt=0.0,
+        description="Walkers' speed in frame widths per second (they turn at the edges, so position "
+        "does not tell direction); None: they cross ~2/3 of the width once per scene.",
     )
     scene_cut_frames: tuple[int, ...] = Field(
         (),
@@ -242,6 +249,7 @@ class _PersonLayout:
     depth_freq: float  # rad / s
     phase: float
     tempo: float  # rad / s of the motion cycle
+    track_offset: float = 0.0  # px along the walker's back-and-forth track (walk_speed clips)
 
 
 def _scene_layouts(spec: SyntheticSpec, rng: np.random.Generator, length: int) -> tuple[_PersonLayout, ...]:
@@ -250,7 +258,7 @@ def _scene_layouts(spec: SyntheticSpec, rng: np.random.Generator, length: int) -
     motions = spec.person_motions()
     duration = max(length - 1, 1) / spec.fps
     # Walkers travel ~2/3 of the width during the scene (clamped for very short/long scenes).
-    speed = float(np.clip(0.65 * w / duration, 0.1 * w, 0.45 * w))
+    speed = float(np.clip(0.65 * w / duration, 0.1 * w, 0.45 * w)) if spec.walk_speed is None else spec.walk_speed * w
     ranks = rng.permutation(n)
     size0 = 0.62 * h * min(1.0, math.sqrt(2.5 / max(n, 1)))
     walkers = [i for i in range(n) if motions[i] == "walk"]
@@ -281,6 +289,11 @@ def _scene_layouts(spec: SyntheticSpec, rng: np.random.Generator, length: int) -
                 tempo=2 * np.pi * rng.uniform(1.0, 1.5),
             )
         )
+    if spec.walk_speed is not None:
+        # fast walkers start anywhere along their back-and-forth track, so neither position
+        # nor the scene's timing tells where they go (an own stream: other clips keep their draws)
+        track = np.random.default_rng(int(rng.integers(2**32))).uniform(0, 4 * 0.42 * w, size=n)
+        layouts = [dataclasses.replace(lay, track_offset=float(o)) for lay, o in zip(layouts, track)]
     return tuple(layouts)
 
 
@@ -361,7 +374,7 @@ def _pose(lay: _PersonLayout, t: float, t_mid: float, spec: SyntheticSpec) -> tu
     feet_y = h * (0.94 - (0.16 if spec.num_persons <= 3 else 0.3) * depth)
     x = lay.home_x
     if lay.motion == "walk":
-        x += _fold(lay.direction * lay.speed * (t - t_mid), 0.42 * w)
+        x += _fold(lay.direction * lay.speed * (t - t_mid) + lay.track_offset, 0.42 * w)
     a = _motion_angles(lay.motion, t, lay)
     hip = np.array([x + a.dx * size, feet_y - (_THIGH + _SHIN) * size + a.dy * size])
     up, right = _rot((0.0, -1.0), a.lean), _rot((1.0, 0.0), a.lean)

@@ -150,6 +150,9 @@ def test_sample_window_and_crop() -> None:
     assert seen == {1, 2}
     idx, s = sample_window(17, 9, 2, np.random.default_rng(1))
     assert (s == 1 and idx[-1] - idx[0] == 8) or idx.tolist() == [0, 2, 4, 6, 8, 10, 12, 14, 16]
+    # a fixed stride (min = max), and min_stride falling back to the largest that fits
+    assert {sample_window(100, 9, 4, rng, min_stride=4)[1] for _ in range(20)} == {4}
+    assert {sample_window(17, 9, 4, rng, min_stride=3)[1] for _ in range(20)} == {2}
     # crop: 0..W//14 off each side (seed D.5), never more
     for _ in range(200):
         x0, y0, x1, y1 = draw_crop(832, 480, 1 / 14, rng)

@@ -36,8 +36,19 @@ D = TINY_DIT.inner_dim
 
 
 def make_dit(pool: int = 8, seed: int = 0) -> MultiAnimateDiT:
+    """A tiny DiT whose encoders' output convs are random, as trained ones are (fresh ones are
+    zero: model/conditions.py)."""
     torch.manual_seed(seed)
-    return MultiAnimateDiT(build_transformer(TINY_DIT), pool).eval()
+    dit = MultiAnimateDiT(build_transformer(TINY_DIT), pool).eval()
+    randomise_encoder_outputs(dit)
+    return dit
+
+
+def randomise_encoder_outputs(dit: MultiAnimateDiT) -> None:
+    with torch.no_grad():
+        for encoder in (dit.pose_guider, dit.identifier_adapter, dit.ref_pose_guider):
+            encoder[-1].weight.normal_(0, 0.05)
+            encoder[-1].bias.normal_(0, 0.05)
 
 
 def randomise_lora(dit: MultiAnimateDiT, seed: int = 1) -> None:

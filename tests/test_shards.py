@@ -26,13 +26,14 @@ from tests.test_segment_identity import write_clip_and_poses
 
 
 def make_workspace(root, num_clips: int = 4, clips_per_source: int = 2, num_frames: int = 12, width: int = 128, height: int = 96, first_seed: int = 0,
-                   background: str = "texture"):
-    """A workspace with clips, poses and masks of synthetic two-person clips (ground-truth masks)."""
+                   **spec_fields):
+    """A workspace with clips, poses and masks of synthetic two-person clips (ground-truth masks);
+    ``spec_fields``: further SyntheticSpec fields (background, motions, walk_speed)."""
     clips, poses, masks, origins = [], [], [], {}
     for i in range(num_clips):
         folder = root / f"src{i}"
         folder.mkdir(parents=True)
-        spec = SyntheticSpec(width=width, height=height, num_frames=num_frames, num_persons=2, seed=first_seed + i, background=background)
+        spec = SyntheticSpec(width=width, height=height, num_frames=num_frames, num_persons=2, seed=first_seed + i, **spec_fields)
         clip, video, pose_path, origin = write_clip_and_poses(spec, folder, seed=i)
         clip_id = f"{i // clips_per_source:016x}-{i % clips_per_source:03d}"
         os.makedirs(root / "clips", exist_ok=True)
