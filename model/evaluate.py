@@ -103,6 +103,20 @@ def denoised_latents(pipe: MultiAnimatePipeline, cond: Conditions, truth: torch.
     return (x_t - sigma * v)[0].float().cpu()
 
 
+@torch.no_grad()
+def frozen_figures_mse(pipe: MultiAnimatePipeline, samples: list[dict]) -> float:
+    """``person_mse`` of a video whose figures never move from where the reference frame shows
+    them (every frame replaced by the first, then VAE-encoded): what a model scores that
+    ignores the driving motion, so a model that follows the poses must score below it."""
+    errors: list[float] = []
+    for sample in samples:
+        video = sample["video"]
+        frozen = video[:, :1].expand_as(video).contiguous()
+        labels = latent_labels(sample["labels"].numpy())
+        errors += region_scores(vae_latents(pipe, frozen), vae_latents(pipe, video), labels, int(sample["num_persons"]))[0]
+    return float(np.mean(errors))
+
+
 def evaluate(
     pipe: MultiAnimatePipeline,
     samples: list[dict],

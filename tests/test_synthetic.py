@@ -303,3 +303,20 @@ def test_make_sample_folder(tmp_path):
         assert g2.spec == g.spec
         np.testing.assert_array_equal(g2.keypoints, g.keypoints)
         np.testing.assert_array_equal(g2.masks, g.masks)
+
+
+def test_fast_walkers_start_anywhere_and_other_clips_keep_their_draws():
+    """walk_speed: the track offset comes from its own stream, so clips without it are
+    unchanged, and the walkers' first positions (and directions) vary from seed to seed."""
+    plain = SyntheticSpec(width=64, height=48, num_frames=20, motions=("walk", "walk"), seed=3)
+    assert plain.walk_speed is None
+    fast = plain.model_copy(update={"walk_speed": 0.8})
+    a, b = render_clip(plain), render_clip(fast)
+    np.testing.assert_array_equal(a.colours, b.colours)
+    neck = KP["neck"]
+    speed = np.median(np.abs(np.diff(b.keypoints[:, :, neck, 0], axis=0)), axis=0)  # px per frame
+    np.testing.assert_allclose(speed, 0.8 * 64 / 25, rtol=0.2)  # 0.8 widths per second at 25 fps (+-10 % per walker)
+    starts = np.array([render_clip(fast.model_copy(update={"seed": s})).keypoints[0, :, neck, 0] for s in range(12)])
+    assert starts.min() < 64 * 0.25 and starts.max() > 64 * 0.75  # anywhere on the track, not only mid-frame
+    with pytest.raises(ValueError, match="walk_speed"):
+        SyntheticSpec(walk_speed=0.0)

@@ -87,3 +87,22 @@ def test_train_flow_checks_its_inputs(train_workspace, tmp_path, prefect_api):
         (empty / "shards" / f.name).write_bytes(f.read_bytes())
     with pytest.raises(ValueError, match="person are dancing.*run the embed flow"):
         train(run_config(empty, "no-embeddings"))
+
+
+def test_encoders_train_at_their_own_rate_when_asked():
+    from data_schemas.model import ModelConfig
+    from model.components import build_components
+    from model.train import ConditionedDenoiser, parameter_groups
+
+    dit = build_components(ModelConfig()).dit
+    dit.set_trainable()
+    model = ConditionedDenoiser(dit)
+    lora, encoders = parameter_groups(model, TrainConfig(lr=1e-4))
+    assert lora["lr"] == encoders["lr"] == 1e-4  # the release: one rate
+    assert lora["params"] and all(p.ndim == 2 for p in lora["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(".lora_" not in names[id(p)] and not names[id(p)].startswith("dit.transformer.") for p in encoders["params"])
+    assert len(lora["params"]) + len(encoders["params"]) == sum(p.requires_grad for p in model.parameters())
+    assert parameter_groups(model, TrainConfig(lr=1e-4, encoder_lr=1e-3))[1]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="min_stride"):
+        TrainConfig(min_stride=3, max_stride=2)
