@@ -64,7 +64,8 @@ def train_run(ws: Path, name: str, pose_condition: bool, base: Path) -> Path:
     return cfg.run_dir / "final"
 
 
-def main(tmp_path: Path) -> None:
+def prepare(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Training and held-out workspaces (shards, prompt cache) and the pretrained tiny base."""
     ws, held_out = tmp_path / "train", tmp_path / "held-out"
     ws.mkdir()
     held_out.mkdir()
@@ -79,6 +80,12 @@ def main(tmp_path: Path) -> None:
     base = tmp_path / "tiny-base"
     shape = TrainConfig(workspace=ws, num_frames=FRAMES, height=HEIGHT, width=WIDTH, max_stride=STRIDE, min_stride=STRIDE)
     print("base pretraining:", pretrain_tiny_base(shape, base, steps=BASE_STEPS), flush=True)
+    return ws, held_out, base
+
+
+def main(tmp_path: Path) -> None:
+    ws, held_out, base = prepare(tmp_path)
+    encoder = build_tiny_text_encoder()
     weights = {"full": train_run(ws, "full", True, base), "pose-blind": train_run(ws, "pose-blind", False, base)}
 
     loader_cfg = LoaderConfig(num_frames=FRAMES, height=HEIGHT, width=WIDTH, max_stride=STRIDE, min_stride=STRIDE, crop_fraction=0, shuffle_buffer=0)
