@@ -33,7 +33,7 @@ from model.components import build_components
 from model.data import LoaderConfig, make_loader
 from model.pipeline import MultiAnimatePipeline
 from model.text_cache import EmbeddingCache
-from model.text_encoder import build_tiny_text_encoder
+from model.text_encoder import profile_encoder_id
 from model.train import (
     ConditionedDenoiser,
     encode_frozen,
@@ -71,12 +71,13 @@ def main() -> None:
         with_conditions = TrainConfig(workspace=ws, num_frames=FRAMES, height=HEIGHT, width=WIDTH, max_stride=STRIDE,
                                       min_stride=STRIDE, image_dropout=0.0, pose_dropout=0.0)  # fmt: skip
         without = with_conditions.model_copy(update={"pose_condition": False})
-        cache = EmbeddingCache(ws / "embeddings", build_tiny_text_encoder().encoder_id)
+        cache = EmbeddingCache(ws / "embeddings", profile_encoder_id("tiny"))
         loader_cfg = LoaderConfig(num_frames=FRAMES, height=HEIGHT, width=WIDTH, max_stride=STRIDE, min_stride=STRIDE,
                                   resampled=True, seed=0, shuffle_buffer=64)  # fmt: skip
         shards = sorted(str(p) for p in (ws / "shards").glob("*.tar"))
         batches = iter(make_loader(shards, loader_cfg, args.batch_size, 0, epoch_samples=args.steps * args.batch_size))
-        sigmas, weights = training_sigmas(5.0), training_weights(5.0)
+        shift = comps.config.shift
+        sigmas, weights = training_sigmas(shift), training_weights(shift)
         losses = []
         for step in range(args.steps):
             batch = next(batches)

@@ -40,7 +40,7 @@ from model.evaluate import PoseBlindPipeline, evaluate, frozen_figures_mse
 from model.pretrain import pretrain_tiny_base
 from model.pipeline import MultiAnimatePipeline, SamplingConfig
 from model.text_cache import EmbeddingCache, captions_from_shards, fill_cache
-from model.text_encoder import WAN_NEGATIVE_PROMPT, build_tiny_text_encoder
+from model.text_encoder import WAN_NEGATIVE_PROMPT, build_tiny_text_encoder, profile_encoder_id
 from model.train import launch_command
 from preprocess.shards import write_shards
 from tests.test_shards import make_workspace
@@ -85,12 +85,11 @@ def prepare(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 def main(tmp_path: Path) -> None:
     ws, held_out, base = prepare(tmp_path)
-    encoder = build_tiny_text_encoder()
     weights = {"full": train_run(ws, "full", True, base), "pose-blind": train_run(ws, "pose-blind", False, base)}
 
     loader_cfg = LoaderConfig(num_frames=FRAMES, height=HEIGHT, width=WIDTH, max_stride=STRIDE, min_stride=STRIDE, crop_fraction=0, shuffle_buffer=0)
     samples = list(make_dataset(sorted(str(p) for p in (held_out / "shards").glob("*.tar")), loader_cfg, rank=0, world_size=1))
-    cache = EmbeddingCache(ws / "embeddings", encoder.encoder_id)
+    cache = EmbeddingCache(ws / "embeddings", profile_encoder_id("tiny"))
     prompts = [cache.get(s["caption"]) for s in samples]
     sampling = SamplingConfig(steps=10, guidance_scale=1.0, progress=False)
     def pipeline(weights: Path | None, kind: type[MultiAnimatePipeline] = MultiAnimatePipeline) -> MultiAnimatePipeline:

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
 from data_schemas.model import ModelConfig
 from model.checkpoint import LoadReport, load_multianimate
+from model.conditions import he_init
 from model.dit import MultiAnimateDiT, build_transformer
 
 # Wan's image path: the whole frame squashed (aspect not kept) to the CLIP size, bicubic,
@@ -82,8 +83,7 @@ def he_init_encoder(vae: AutoencoderKLWan) -> None:
     with this init), so no latent-space check could see whether a model follows the poses."""
     for module in vae.encoder.modules():
         if isinstance(module, (nn.Conv2d, nn.Conv3d)):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-            nn.init.zeros_(module.bias)
+            he_init(module)
 
 
 def build_tiny(cfg: ModelConfig) -> Components:

@@ -26,11 +26,11 @@ import torch
 
 from data_schemas.train import TrainConfig
 from model.components import build_tiny
-from model.data import LoaderConfig, make_loader
+from model.data import make_loader
 from model.pipeline import MultiAnimatePipeline
 from model.text_cache import EmbeddingCache
 from model.text_encoder import profile_encoder_id
-from model.train import NUM_TRAIN_TIMESTEPS, check_inputs, encode_frozen, training_sigmas
+from model.train import NUM_TRAIN_TIMESTEPS, check_inputs, encode_frozen, training_loader_config, training_sigmas
 
 
 def pretrain_tiny_base(cfg: TrainConfig, out: Path, steps: int = 300, lr: float = 2e-3, batch_size: int = 2) -> dict:
@@ -44,10 +44,7 @@ def pretrain_tiny_base(cfg: TrainConfig, out: Path, steps: int = 300, lr: float 
     pipe = MultiAnimatePipeline(comps)
     transformer = comps.dit.transformer.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
-    loader_cfg = LoaderConfig(
-        num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, max_stride=cfg.max_stride, min_stride=cfg.min_stride,
-        resampled=True, seed=cfg.seed + 1, shuffle_buffer=min(100, 4 * len(shards)),
-    )  # fmt: skip
+    loader_cfg = training_loader_config(cfg, len(shards), cfg.seed + 1)
     batches = iter(make_loader([str(s) for s in shards], loader_cfg, batch_size, 0, epoch_samples=steps * batch_size))
     sigmas, gen, device = training_sigmas(cfg.model.shift), torch.Generator().manual_seed(cfg.seed), torch.device("cpu")
     losses, t0 = [], time.perf_counter()

@@ -58,7 +58,7 @@ from data_schemas.atomic import atomic_path
 from data_schemas.batch import video_to_model_range
 from data_schemas.train import TrainConfig
 from model.checkpoint import save_adapter_tensors
-from model.components import Components, build_components
+from model.components import build_components
 from model.conditions import stack_channels, training_channels
 from model.data import LoaderConfig, make_loader
 from model.pipeline import MultiAnimatePipeline, sampling_sigmas
@@ -232,6 +232,14 @@ def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     return [{"params": lora, "lr": cfg.lr}, {"params": encoders, "lr": cfg.encoder_lr or cfg.lr}]
 
 
+def training_loader_config(cfg: TrainConfig, num_shards: int, seed: int) -> LoaderConfig:
+    """The run's clip shape and strides, drawn endlessly (resampled shards) from ``seed``."""
+    return LoaderConfig(
+        num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, max_stride=cfg.max_stride, min_stride=cfg.min_stride,
+        resampled=True, seed=seed, shuffle_buffer=min(100, 4 * num_shards),
+    )  # fmt: skip
+
+
 def _peak_mem_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -383,10 +391,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
         if rank == 0:
             print(f"resumed from {resume} at step {step}", flush=True)
     sigmas, weights = training_sigmas(cfg.model.shift), training_weights(cfg.model.shift)
-    loader_cfg = LoaderConfig(
-        num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, max_stride=cfg.max_stride, min_stride=cfg.min_stride,
-        resampled=True, seed=cfg.seed, shuffle_buffer=min(100, 4 * len(shards)),
-    )  # fmt: skip
+    loader_cfg = training_loader_config(cfg, len(shards), cfg.seed)
     readers = max(1, cfg.num_workers)
     metrics_fh = metrics = None
     if rank == 0:
