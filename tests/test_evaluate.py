@@ -7,7 +7,7 @@ import torch
 
 from data_schemas.model import ModelConfig
 from model.components import build_components
-from model.evaluate import frozen_figures_mse, latent_labels, region_scores
+from model.evaluate import foreground_share, frozen_figures_mse, latent_labels, region_scores, vae_latents
 from model.pipeline import MultiAnimatePipeline
 from preprocess.synthetic import SyntheticSpec, render_clip
 
@@ -47,3 +47,31 @@ def test_frozen_figures_cost_nothing_without_motion_and_much_with_fast_walkers()
     assert frozen_figures_mse(pipe, [still]) == 0.0
     moving = sample(seed=0, motions=("walk", "walk"), walk_speed=0.8)
     assert frozen_figures_mse(pipe, [moving]) > 0.1  # the tiny VAE's latents see where the figures went
+
+
+def test_foreground_share_against_a_direct_computation():
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(16, 3, 6, 8, generator=g)
+    labels = np.zeros((3, 6, 8), np.uint8)
+    labels[0, :2, :2], labels[1:, 2:4, 3:6] = 1, 2
+    background = np.mean([latents[:, 0, i, j].numpy() for i in range(6) for j in range(8) if labels[0, i, j] == 0], axis=0)
+    energy = {(t, i, j): float(((latents[:, t, i, j].numpy() - background) ** 2).sum()) for t in (1, 2) for i in range(6) for j in range(8)}
+    want = sum(e for (t, i, j), e in energy.items() if labels[t, i, j] > 0) / sum(energy.values())
+    assert abs(foreground_share(latents, labels) - want) < 1e-5
+    # all the foreground inside the persons' regions -> 1; none -> 0
+    placed = latents[:, :1].mean(dim=(2, 3), keepdim=True).expand(16, 3, 6, 8).clone()
+    placed[:, 1:, 2:4, 3:6] += 1.0
+    assert abs(foreground_share(placed, labels) - 1.0) < 1e-6
+    labels_elsewhere = labels.copy()
+    labels_elsewhere[1:] = 0
+    labels_elsewhere[1:, 0, 0] = 1
+    assert foreground_share(placed, labels_elsewhere) < 1e-6
+
+
+def test_true_clips_put_their_foreground_in_the_persons_regions():
+    """The measure sees the figures in the tiny VAE's latents: a true clip of slow walkers
+    (the learning check's data) puts several times the regions' share of the frame there."""
+    pipe = MultiAnimatePipeline(build_components(ModelConfig()))
+    clip = sample(seed=3, motions=("walk", "walk"), walk_speed=0.3)
+    labels = latent_labels(clip["labels"].numpy())
+    assert foreground_share(vae_latents(pipe, clip["video"]), labels) > 2 * float((labels[1:] > 0).mean())

@@ -375,3 +375,21 @@ def test_tiny_vae_normalisation_is_its_own_measurement():
     assert vae.config.latents_mean == list(TINY_LATENTS_MEAN) and vae.config.latents_std == list(TINY_LATENTS_STD)
     np.testing.assert_allclose(mean, TINY_LATENTS_MEAN, atol=2e-4)
     np.testing.assert_allclose(std, TINY_LATENTS_STD, atol=2e-4)
+
+
+def test_tiny_vae_encoder_is_local():
+    """The tiny VAE's encoder (components.smooth_init_encoder) makes each latent cell from its
+    own 8x8-pixel block only, as a real VAE's latents are local: a change inside one block
+    moves that cell and no other, in every latent frame it reaches."""
+    from data_schemas.model import ModelConfig
+    from model.components import build_components
+
+    vae = build_components(ModelConfig()).vae
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(1, 3, 9, 48, 64, generator=g) * 2 - 1
+    changed = video.clone()
+    changed[:, :, 5:, 8:16, 16:24] = torch.rand(1, 3, 4, 8, 8, generator=g) * 2 - 1  # block (1, 2), frames 5-8
+    with torch.no_grad():
+        diff = (vae.encode(changed).latent_dist.mode() - vae.encode(video).latent_dist.mode()).abs().amax(dim=1)[0]
+    moved = (diff > 1e-6).nonzero().tolist()
+    assert moved == [[2, 1, 2]], moved  # latent frame 2 holds pixel frames 5-8
