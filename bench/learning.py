@@ -42,7 +42,9 @@ from data_schemas.model import ModelConfig
 from data_schemas.train import TrainConfig
 from model.components import build_components
 from model.data import LoaderConfig, make_dataset
-from model.evaluate import EvalResult, PoseBlindPipeline, evaluate, foreground_share, frozen_figures_mse, latent_labels, vae_latents
+from model.evaluate import (
+    EvalResult, PoseBlindPipeline, evaluate, foreground_share, frozen_figures, frozen_figures_mse, latent_labels, vae_latents,
+)
 from model.pretrain import pretrain_tiny_base
 from model.pipeline import MultiAnimatePipeline, SamplingConfig
 from model.text_cache import EmbeddingCache, captions_from_shards, fill_cache
@@ -118,8 +120,9 @@ def run(tmp_path: Path) -> tuple[dict[str, EvalResult], dict[str, float]]:
     for name, result in results.items():
         print(f"{name}: {result}")
     shares = {name: result.foreground_share for name, result in results.items()}
-    for name, make in (("true clip", lambda v: v), ("frozen figures", lambda v: v[:, :1].expand_as(v).contiguous())):
-        shares[name] = float(np.mean([foreground_share(vae_latents(full_pipe, make(s["video"])), latent_labels(s["labels"].numpy())) for s in samples]))
+    labels = [latent_labels(s["labels"].numpy()) for s in samples]
+    for name, videos in (("true clip", [s["video"] for s in samples]), ("frozen figures", [frozen_figures(s["video"]) for s in samples])):
+        shares[name] = float(np.mean([foreground_share(vae_latents(full_pipe, v), lab) for v, lab in zip(videos, labels)]))
         print(f"{name}: foreground_share {shares[name]:.3f}")
     print(f"frozen figures: person_mse {frozen_figures_mse(full_pipe, samples):.4f}")
     return results, shares

@@ -120,17 +120,21 @@ def denoised_latents(pipe: MultiAnimatePipeline, cond: Conditions, truth: torch.
     return (x_t - sigma * v)[0].float().cpu()
 
 
+def frozen_figures(video_CTHW: torch.Tensor) -> torch.Tensor:
+    """The clip with every frame replaced by the first: its figures never move from where the
+    reference frame shows them, what a model that ignores the driving motion would make."""
+    return video_CTHW[:, :1].expand_as(video_CTHW).contiguous()
+
+
 @torch.no_grad()
 def frozen_figures_mse(pipe: MultiAnimatePipeline, samples: list[dict]) -> float:
-    """``person_mse`` of a video whose figures never move from where the reference frame shows
-    them (every frame replaced by the first, then VAE-encoded): what a model scores that
-    ignores the driving motion, so a model that follows the poses must score below it."""
+    """``person_mse`` of the VAE-encoded ``frozen_figures`` clips: a model that follows the
+    poses must score below it."""
     errors: list[float] = []
     for sample in samples:
         video = sample["video"]
-        frozen = video[:, :1].expand_as(video).contiguous()
         labels = latent_labels(sample["labels"].numpy())
-        errors += region_scores(vae_latents(pipe, frozen), vae_latents(pipe, video), labels, int(sample["num_persons"]))[0]
+        errors += region_scores(vae_latents(pipe, frozen_figures(video)), vae_latents(pipe, video), labels, int(sample["num_persons"]))[0]
     return float(np.mean(errors))
 
 
@@ -169,7 +173,7 @@ def evaluate(
         errors += e
         correct += c
         shares.append(foreground_share(generated, labels))
-        for i, sigma in enumerate(denoise_sigmas):
-            x0 = denoised_latents(pipe, cond, truth, sigma, seed=sampling.seed + i)
+        for j, sigma in enumerate(denoise_sigmas):
+            x0 = denoised_latents(pipe, cond, truth, sigma, seed=sampling.seed + j)
             denoise += region_scores(x0, truth, labels, int(sample["num_persons"]))[0]
     return EvalResult(float(np.mean(errors)), float(np.mean(correct)), float(np.mean(denoise)), float(np.mean(shares)), len(samples))

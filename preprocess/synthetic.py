@@ -290,7 +290,7 @@ def _scene_layouts(spec: SyntheticSpec, rng: np.random.Generator, length: int) -
             )
         )
     if spec.walk_speed is not None:
-        # fast walkers start anywhere along their back-and-forth track, so neither position
+        # walkers of a given speed start anywhere along their back-and-forth track, so neither position
         # nor the scene's timing tells where they go (an own stream: other clips keep their draws)
         track = np.random.default_rng(int(rng.integers(2**32))).uniform(0, 4 * 0.42 * w, size=n)
         layouts = [dataclasses.replace(lay, track_offset=float(o)) for lay, o in zip(layouts, track)]

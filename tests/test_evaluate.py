@@ -7,7 +7,7 @@ import torch
 
 from data_schemas.model import ModelConfig
 from model.components import build_components
-from model.evaluate import foreground_share, frozen_figures_mse, latent_labels, region_scores, vae_latents
+from model.evaluate import foreground_share, frozen_figures, frozen_figures_mse, latent_labels, region_scores, vae_latents
 from model.pipeline import MultiAnimatePipeline
 from preprocess.synthetic import SyntheticSpec, render_clip
 
@@ -43,7 +43,7 @@ def test_latent_labels_take_the_last_pixel_frame_of_each_latent_frame():
 def test_frozen_figures_cost_nothing_without_motion_and_much_with_fast_walkers():
     pipe = MultiAnimatePipeline(build_components(ModelConfig()))
     still = sample(seed=0, motions=("walk", "walk"))
-    still["video"] = still["video"][:, :1].expand_as(still["video"]).contiguous()
+    still["video"] = frozen_figures(still["video"])
     assert frozen_figures_mse(pipe, [still]) == 0.0
     moving = sample(seed=0, motions=("walk", "walk"), walk_speed=0.8)
     assert frozen_figures_mse(pipe, [moving]) > 0.1  # the tiny VAE's latents see where the figures went
