@@ -104,8 +104,10 @@ class ModelConfig(BaseModel):
         None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank (default = rank)"
     )
     shift: float = Field(5.0, gt=0, description="flow-matching sigma shift (the release trains and samples with 5)")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype of the DiT, VAE and encoders at inference"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="dtype of the frozen DiT base (default: bfloat16 for real profiles, float32 for tiny); LoRA and "
+        "the condition encoders stay float32 master weights, the VAE and CLIP float32",
     )
     seed: int = Field(0, description="seed of the tiny profile's random weights")
     window_latents: int = Field(21, ge=3, description="latent frames per window of a long video (21 = 81 frames)")
@@ -120,6 +122,9 @@ class ModelConfig(BaseModel):
                 data["lora_rank"] = 8 if data.get("profile", "tiny") == "tiny" else 128
             if data.get("lora_alpha") is None:
                 data["lora_alpha"] = float(data["lora_rank"])
+            if data.get("dtype") is None:
+                # a real profile that omitted it would otherwise load the 14B DiT as ~57 GB of fp32
+                data["dtype"] = "float32" if data.get("profile", "tiny") == "tiny" else "bfloat16"
         return data
 
     @model_validator(mode="after")
@@ -139,6 +144,13 @@ class ModelConfig(BaseModel):
     @property
     def max_persons(self) -> int:
         return self.label_pool - 1
+
+    @property
+    def torch_dtype(self):
+        """The frozen base's ``torch.dtype``."""
+        import torch
+
+        return getattr(torch, self.dtype)
 
     def digest(self) -> str:
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)

@@ -36,11 +36,15 @@ class TrainConfig(BaseModel):
     )
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (torch's default)")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up")
-    grad_clip: float = Field(1.0, gt=0, description="gradient norm clipping")
+    grad_clip: float | None = Field(
+        None, gt=0, description="gradient norm clipping; None = off, as the release trains (the norm is still logged)"
+    )
     pose_dropout: float = Field(0.05, ge=0, le=1, description="P(pose, identity and reference-pose features are zeroed)")
     image_dropout: float = Field(0.10, ge=0, le=1, description="P(CLIP features and the I2V condition y are zeroed)")
     pose_condition: bool = Field(True, description="False: a pose-blind control (pose tokens always zero)")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 on GPUs, fp32 on CPUs")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="compute dtype under FSDP2; auto = the frozen base's dtype (model.dtype)"
+    )
     activation_checkpointing: bool = Field(True, description="recompute block activations in the backward pass")
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between resumable checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="resumable checkpoints kept (oldest deleted)")
@@ -64,6 +68,15 @@ class TrainConfig(BaseModel):
         if self.model.multianimate is not None and self.model.multianimate.resolve() == self.run_dir.resolve():
             raise ValueError("model.multianimate must not be the run's own folder")
         return self
+
+    @property
+    def compute_dtype(self):
+        """The dtype FSDP2 computes in; trained weights stay float32 whatever it is."""
+        import torch
+
+        if self.precision == "auto":
+            return self.model.torch_dtype
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
     @property
     def run_dir(self) -> Path:

@@ -210,10 +210,14 @@ def load_released(dit: MultiAnimateDiT, folder: Path) -> LoadReport:
     report.lora_rank = rank
     _ensure_lora(dit, rank, float(rank), folder)
     label_key = "identifier_adapter.0.weight"
-    if label_key in tensors and tensors[label_key].shape[1] != dit.label_pool:
-        report.widened[label_key] = (tensors[label_key].shape[1], dit.label_pool)
+    trained_pool = tensors[label_key].shape[1] if label_key in tensors else dit.label_pool
+    if trained_pool != dit.label_pool:
+        # Widening (spec D.3) gives a fine-tuning run a larger pool to learn; the channels past
+        # the checkpoint's own are copies, so it still animates only the persons it learned.
+        report.widened[label_key] = (trained_pool, dit.label_pool)
         tensors[label_key] = widen_label_weight(tensors[label_key], dit.label_pool)
     _assign(dit, tensors, folder)
+    dit.max_persons = min(dit.label_pool, trained_pool) - 1
     report.placed = len(tensors)
     return report
 

@@ -19,6 +19,7 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 from data_schemas.model import ModelConfig
 from model.checkpoint import LoadReport, load_multianimate
 from model.dit import MultiAnimateDiT, build_transformer
+from model.loading import keep_in_fp32, meta_transformer
 
 # Wan's image path: the whole frame squashed (aspect not kept) to the CLIP size, bicubic,
 # normalised with CLIP's mean and std (spec C.1).
@@ -135,26 +136,40 @@ def build_tiny(cfg: ModelConfig) -> Components:
     return Components(dit.eval(), vae.eval(), clip.eval(), _squashing_processor(TINY_CLIP_SIZE), cfg)
 
 
-def load_real(cfg: ModelConfig) -> Components:
-    """Wan2.1-I2V-14B-720P (diffusers layout) from ``cfg.wan_folder``; never downloads."""
+def load_real(cfg: ModelConfig, dit_on_meta: bool = False) -> Components:
+    """Wan2.1-I2V-14B-720P (diffusers layout) from ``cfg.wan_folder``; never downloads.
+
+    The frozen DiT base in ``cfg.dtype`` (diffusers keeps its norms, time embedder and
+    modulation in fp32); the condition encoders fp32 master weights; VAE and CLIP fp32.
+    ``dit_on_meta``: the DiT's parameters stay on the meta device for training to shard
+    and fill per rank (model/loading.py) instead of every rank loading all of it."""
     cfg.require_weights()
     assert cfg.wan_folder is not None
-    dtype = getattr(torch, cfg.dtype)
+    dtype = cfg.torch_dtype
     folder = cfg.wan_folder
-    transformer = WanTransformer3DModel.from_pretrained(folder / "transformer", torch_dtype=dtype, local_files_only=True)
+    if dit_on_meta:
+        transformer = meta_transformer(folder / "transformer", dtype)
+    else:
+        transformer = WanTransformer3DModel.from_pretrained(folder / "transformer", torch_dtype=dtype, local_files_only=True)
     # the VAE stays float32: diffusers' Wan examples do so, bf16 decoding bands visibly
     vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32, local_files_only=True)
     clip = CLIPVisionModel.from_pretrained(folder / "image_encoder", torch_dtype=torch.float32, local_files_only=True)
     processor = CLIPImageProcessor.from_pretrained(folder / "image_processor", local_files_only=True)
     size = processor.crop_size.get("height", 224) if processor.crop_size else 224
-    dit = MultiAnimateDiT(transformer, cfg.label_pool).to(dtype)
+    dit = MultiAnimateDiT(transformer, cfg.label_pool)
     return Components(dit.eval(), vae.eval(), clip.eval(), _squashing_processor(size), cfg)
 
 
-def build_components(cfg: ModelConfig) -> Components:
+def build_components(cfg: ModelConfig, dit_on_meta: bool = False) -> Components:
     """The profile's networks, with MultiAnimate weights loaded when ``cfg.multianimate`` is set
-    (else a LoRA of ``cfg.lora_rank`` at PEFT's no-op initialisation)."""
-    comps = build_tiny(cfg) if cfg.profile == "tiny" else load_real(cfg)
+    (else a LoRA of ``cfg.lora_rank`` at PEFT's no-op initialisation). ``dit_on_meta`` (real
+    profiles): the DiT base is left on the meta device for ``model.loading.load_sharded``."""
+    comps = build_tiny(cfg) if cfg.profile == "tiny" else load_real(cfg, dit_on_meta=dit_on_meta)
+    if cfg.profile == "tiny" and cfg.dtype != "float32":
+        # the tiny profile's base in the profile dtype too, so tests can run the bf16 path
+        for name, p in comps.dit.transformer.named_parameters():
+            if not keep_in_fp32(name, WanTransformer3DModel._keep_in_fp32_modules):
+                p.data = p.data.to(cfg.torch_dtype)
     if cfg.multianimate is not None:
         comps.loaded = load_multianimate(comps.dit, cfg.multianimate)
     else:

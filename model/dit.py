@@ -65,6 +65,9 @@ class MultiAnimateDiT(nn.Module):
         self.pose_guider = PoseGuider(dim)
         self.identifier_adapter = IdentifierAdapter(label_pool, dim)
         self.ref_pose_guider = RefPoseGuider(cfg.in_channels - cfg.out_channels)
+        # Persons the loaded weights were trained for: lower than the pool's label_pool - 1
+        # when a checkpoint's label layer was widened for fine-tuning (model/checkpoint.py).
+        self.max_persons = label_pool - 1
         self._pending: torch.Tensor | None = None
         transformer.patch_embedding.register_forward_hook(self._add_condition)
 
@@ -111,11 +114,22 @@ class MultiAnimateDiT(nn.Module):
     # ---- LoRA ----------------------------------------------------------------------
 
     def add_lora(self, rank: int, alpha: float) -> None:
-        """LoRA (peft) on the release's targets; A kaiming-uniform, B zero, as PEFT initialises."""
+        """LoRA (peft) on the release's targets; A kaiming-uniform, B zero, as PEFT initialises.
+        LoRA weights are float32 master weights whatever the base's dtype (the release upcasts
+        them too): in bf16, AdamW at lr 1e-4 would lose most updates to rounding. On a base
+        built on the meta device, they are made real on the CPU and initialised here."""
         self.transformer.add_adapter(
             LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights=True),
             adapter_name=ADAPTER,
         )
+        for module in self._lora_layers():
+            pair = (module.lora_A[ADAPTER], module.lora_B[ADAPTER])
+            if any(p.is_meta for m in pair for p in m.parameters()):
+                for m in pair:
+                    m.to_empty(device="cpu")
+                module.reset_lora_parameters(ADAPTER, init_lora_weights=True)
+            for m in pair:
+                m.float()
 
     @property
     def has_lora(self) -> bool:

@@ -58,9 +58,10 @@ from data_schemas.atomic import atomic_path
 from data_schemas.batch import video_to_model_range
 from data_schemas.train import TrainConfig
 from model.checkpoint import save_adapter_tensors
-from model.components import build_components
+from model.components import Components, build_components
 from model.conditions import stack_channels, training_channels
 from model.data import LoaderConfig, make_loader
+from model.loading import load_sharded
 from model.pipeline import MultiAnimatePipeline, sampling_sigmas
 from model.text_cache import EmbeddingCache
 from model.text_encoder import profile_encoder_id
@@ -93,6 +94,16 @@ def training_weights(shift: float) -> torch.Tensor:
     w = torch.exp(-2 * ((t - NUM_TRAIN_TIMESTEPS / 2) / NUM_TRAIN_TIMESTEPS) ** 2)
     w = w - w.min()
     return (w * NUM_TRAIN_TIMESTEPS / w.sum()).float()
+
+
+def seen_timestep_index(index: torch.Tensor, sigmas: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The training index whose timestep is nearest to ``1000 sigma`` rounded to ``dtype``.
+    The model sees the rounded timestep; the release noises and weights with the sigma of
+    that nearest timestep (its scheduler looks the rounded value up), so in bf16 the three
+    agree. The identity in fp32; ties go to the first (larger) timestep, as argmin does."""
+    timesteps = sigmas.double() * NUM_TRAIN_TIMESTEPS
+    seen = (sigmas[index] * NUM_TRAIN_TIMESTEPS).to(dtype).double()
+    return (timesteps[None, :] - seen[:, None]).abs().argmin(dim=1)
 
 
 def step_generators(seed: int, rank: int, step: int, micro: int) -> tuple[torch.Generator, random.Random]:
@@ -160,7 +171,7 @@ def training_loss(
     """The weighted flow-matching loss of one micro-batch (module docstring)."""
     x0 = frozen.latents
     B, device = x0.shape[0], x0.device
-    index = torch.randint(0, NUM_TRAIN_TIMESTEPS, (B,), generator=gen)
+    index = seen_timestep_index(torch.randint(0, NUM_TRAIN_TIMESTEPS, (B,), generator=gen), sigmas, x0.dtype)
     sigma = sigmas[index].view(B, 1, 1, 1, 1).to(device, x0.dtype)
     noise = torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
     x_t = (1 - sigma) * x0 + sigma * noise
@@ -174,7 +185,7 @@ def training_loss(
     keep_image = (~drop_image).view(B, 1, 1, 1, 1).to(x0.dtype)
     y = frozen.y * keep_image
     image = frozen.image * keep_image.view(B, 1, 1)
-    timestep = (sigma.view(B) * NUM_TRAIN_TIMESTEPS).to(x0.dtype)
+    timestep = (sigmas[index] * NUM_TRAIN_TIMESTEPS).to(device, x0.dtype)  # rounded from fp32, as the release
     pred = model(x_t, y, timestep, frozen.text, image, batch["pose"].to(device), batch["labels"].to(device), channels,
                  batch["ref_pose"].to(device), keep_pose)  # fmt: skip
     per_sample = (pred.float() - target.float()).square().mean(dim=(1, 2, 3, 4))
@@ -350,11 +361,108 @@ def check_inputs(cfg: TrainConfig) -> list[Path]:
     return shards
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Built:
+    """The model of a run, ready to train, and what loading it cost."""
+
+    comps: Components
+    pipe: MultiAnimatePipeline
+    model: torch.nn.Module  # the (FSDP2-sharded when distributed) ConditionedDenoiser
+    dit_bytes: int  # the frozen DiT base's bytes in its dtype
+    dit_read_bytes: int  # what this rank read of it from the weight files (0: built in code or whole)
+    rss_added_bytes: int  # host memory this rank's peak grew by while building
+
+
+def build_training_model(cfg: TrainConfig, device: torch.device) -> Built:
+    """The model as training builds it: under torchrun, a real profile's DiT on the meta
+    device, sharded by FSDP2, each rank reading only its rows of the weight files; LoRA and
+    the condition encoders fp32 master weights, computed in ``cfg.compute_dtype``."""
+    dtype = cfg.compute_dtype
+    sharded = dist.is_initialized()
+    on_meta = sharded and cfg.model.profile != "tiny"
+    if not sharded and dtype != cfg.model.torch_dtype:
+        raise ValueError(
+            f"precision {cfg.precision!r} computes in {dtype} but the frozen base is {cfg.model.dtype}: "
+            "without FSDP2 (one process, no torchrun) they must agree; use precision 'auto'"
+        )
+    rss0 = _peak_rss_reset()
+    torch.manual_seed(cfg.seed)  # LoRA's random initialisation: identical on every rank
+    comps = build_components(cfg.model, dit_on_meta=on_meta)
+    comps.vae.requires_grad_(False).to(device)
+    comps.image_encoder.requires_grad_(False).to(device)
+    if not sharded:
+        comps.dit.to(device)
+    comps.dit.set_trainable()
+    comps.dit.train()
+    if cfg.activation_checkpointing:
+        comps.dit.transformer.enable_gradient_checkpointing()
+    pipe = MultiAnimatePipeline(comps)
+    model = shard_denoiser(comps.dit, dtype)
+    read = 0
+    if on_meta:
+        assert cfg.model.wan_folder is not None
+        read = load_sharded(model, cfg.model.wan_folder / "transformer", "dit.transformer.", device)
+    dit_bytes = sum(p.numel() * p.element_size() for n, p in comps.dit.transformer.named_parameters() if ".lora_" not in n)
+    return Built(comps, pipe, model, dit_bytes, read, _peak_rss() - rss0)
+
+
+def _peak_rss_reset() -> int:
+    """Reset the kernel's resident-peak counter (VmHWM) and return the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    return _rss_bytes()
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return _rss_bytes()
+
+
+def describe(built: Built) -> list[str]:
+    """The dry run's lines: trained and frozen parameters by dtype, the persons allowed."""
+    dit = built.comps.dit
+    trainable = [p for p in dit.parameters() if p.requires_grad]
+    frozen = [p for p in dit.transformer.parameters() if not p.requires_grad]
+    base = built.comps.config.torch_dtype
+    t_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trainable})
+    lines = [
+        f"trainable: {sum(p.numel() for p in trainable)} parameters ({', '.join(t_dtypes)}); "
+        f"frozen: {sum(p.numel() for p in frozen if p.dtype == base)} parameters ({str(base).removeprefix('torch.')})",
+    ]
+    kept = sum(p.numel() for p in frozen if p.dtype != base)
+    if kept:
+        lines.append(f"frozen in float32 (diffusers keeps the norms, time embedder and modulation so): {kept} parameters")
+    lines.append(f"vae: {built.comps.vae.dtype}; image encoder: {built.comps.image_encoder.dtype}")
+    loaded = built.comps.loaded
+    source = f"checkpoint {loaded.source}" if loaded is not None else "fresh LoRA and encoders"
+    lines.append(f"persons: at most {dit.max_persons} ({source}; label pool {dit.label_pool})")
+    if loaded is not None and loaded.widened:
+        (old, new), = loaded.widened.values()
+        lines.append(f"label layer widened {old} -> {new} channels for fine-tuning; the checkpoint itself animates {old - 1}")
+    return lines
+
+
 def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     rank, world, device = _setup_distributed()
     run_dir = cfg.run_dir
+    if dry_run:  # builds the model as training would; needs no shards or embeddings
+        built = build_training_model(cfg, device)
+        if rank == 0:
+            print("\n".join(describe(built)), flush=True)
+        trainable = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
+        return {"trainable_params": trainable, "world": world, "shards": len(sorted(cfg.workspace.glob(cfg.shards)))}
     shards = check_inputs(cfg)
-    dtype = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")) else torch.float32
     encoder_id = profile_encoder_id(cfg.model.profile, cfg.model.wan_folder)
     cache = EmbeddingCache(cfg.workspace / "embeddings", encoder_id)
     if rank == 0:
@@ -365,24 +473,14 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     (run_dir / "pids").mkdir(parents=True, exist_ok=True)
     (run_dir / "pids" / f"rank{rank}.pid").write_text(str(os.getpid()))
 
-    torch.manual_seed(cfg.seed)  # LoRA's random initialisation: identical on every rank
-    comps = build_components(cfg.model).to(device)
-    comps.vae.requires_grad_(False)
-    comps.image_encoder.requires_grad_(False)
-    comps.dit.set_trainable()
-    comps.dit.train()
-    if cfg.activation_checkpointing:
-        comps.dit.transformer.enable_gradient_checkpointing()
-    pipe = MultiAnimatePipeline(comps)
-    model = shard_denoiser(comps.dit, dtype)
+    built = build_training_model(cfg, device)
+    comps, pipe, model, dtype = built.comps, built.pipe, built.model, cfg.compute_dtype
+    if built.dit_read_bytes:
+        print(f"rank {rank}: read {built.dit_read_bytes / 2**30:.2f} of the DiT's {built.dit_bytes / 2**30:.2f} GiB; "
+              f"host memory +{built.rss_added_bytes / 2**30:.2f} GiB", flush=True)  # fmt: skip
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    if dry_run:
-        summary = {"shards": len(shards), "trainable_params": sum(p.numel() for p in trainable), "world": world}
-        if rank == 0:
-            print(json.dumps(summary))
-        return summary
 
     step = 0
     resume = latest_checkpoint(run_dir)
@@ -423,7 +521,8 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
                     loss = training_loss(model, comps.dit.label_pool, frozen, batch, cfg, sigmas, weights, gen, rng) / cfg.grad_accum
                     loss.backward()
                     total += loss.detach()
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                # max_norm inf: no clipping (the release's default), the norm is still logged
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or math.inf)
                 if hasattr(grad_norm, "full_tensor"):
                     grad_norm = grad_norm.full_tensor()
                 optimizer.step()
@@ -461,7 +560,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="MultiAnimate LoRA fine-tuning (start with torchrun)")
     ap.add_argument("--config", type=Path, required=True, help="TrainConfig as JSON")
-    ap.add_argument("--dry-run", action="store_true", help="check inputs and build the model, do not train")
+    ap.add_argument("--dry-run", action="store_true", help="build the model as training would and describe it, do not train")
     args = ap.parse_args(argv)
     cfg = TrainConfig.model_validate_json(args.config.read_text())
     try:
