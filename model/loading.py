@@ -102,25 +102,33 @@ def _file_key(name: str, prefix: str) -> str:
     return name.removeprefix(prefix).replace(".base_layer.", ".")
 
 
-def load_sharded(model: nn.Module, folder: Path, prefix: str, device: torch.device) -> int:
-    """Materialise every meta parameter of ``model`` under ``prefix`` on ``device`` and fill
-    it from the safetensors of ``folder``; each FSDP2-sharded parameter gets only this rank's
-    rows. Returns the bytes read. Every missing or mis-shaped tensor is one error naming it."""
+def check_files(model: nn.Module, folder: Path, prefix: str) -> SafetensorsFolder:
+    """The weight files of ``folder`` hold every meta parameter of ``model`` under ``prefix``
+    with its shape (headers only, no data read); one error naming every problem."""
     source = SafetensorsFolder(folder)
-    meta = {name for name, p in model.named_parameters() if p.is_meta}
     problems = []
-    for name in sorted(meta):
+    for name, param in model.named_parameters():
+        if not param.is_meta:
+            continue
         if not name.startswith(prefix):
             problems.append(f"{name}: on the meta device but not under {prefix!r}")
             continue
         key = _file_key(name, prefix)
-        shape = tuple(dict(model.named_parameters())[name].shape)
         if key not in source.entries:
             problems.append(f"{key}: missing")
-        elif source.entries[key][2] != shape:
-            problems.append(f"{key}: file {source.entries[key][2]} vs model {shape}")
+        elif source.entries[key][2] != tuple(param.shape):
+            problems.append(f"{key}: file {source.entries[key][2]} vs model {tuple(param.shape)}")
     if problems:
         raise ValueError(f"{folder}: the weights do not fit the model:\n  " + "\n  ".join(problems[:25]))
+    return source
+
+
+def load_sharded(model: nn.Module, folder: Path, prefix: str, device: torch.device) -> int:
+    """Materialise every meta parameter of ``model`` under ``prefix`` on ``device`` and fill
+    it from the safetensors of ``folder``; each FSDP2-sharded parameter gets only this rank's
+    rows. Returns the bytes read. Every missing or mis-shaped tensor is one error naming it."""
+    source = check_files(model, folder, prefix)
+    meta = {name for name, p in model.named_parameters() if p.is_meta}
     # Real storage for the meta parameters only (FSDP2's _apply re-registers its shards).
     model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
     total = 0

@@ -61,7 +61,7 @@ from model.checkpoint import save_adapter_tensors
 from model.components import Components, build_components
 from model.conditions import stack_channels, training_channels
 from model.data import LoaderConfig, make_loader
-from model.loading import load_sharded
+from model.loading import check_files, load_sharded
 from model.pipeline import MultiAnimatePipeline, sampling_sigmas
 from model.text_cache import EmbeddingCache
 from model.text_encoder import profile_encoder_id
@@ -378,13 +378,15 @@ class Built:
     rss_added_bytes: int  # host memory this rank's peak grew by while building
 
 
-def build_training_model(cfg: TrainConfig, device: torch.device) -> Built:
+def build_training_model(cfg: TrainConfig, device: torch.device, describe_only: bool = False) -> Built:
     """The model as training builds it: under torchrun, a real profile's DiT on the meta
     device, sharded by FSDP2, each rank reading only its rows of the weight files; LoRA and
-    the condition encoders fp32 master weights, computed in ``cfg.compute_dtype``."""
+    the condition encoders fp32 master weights, computed in ``cfg.compute_dtype``.
+    ``describe_only``: the DiT base stays on the meta device, its files checked (headers) but
+    not read, so a dry run of the 14B model needs no 28 GB."""
     dtype = cfg.compute_dtype
     sharded = dist.is_initialized()
-    on_meta = sharded and cfg.model.profile != "tiny"
+    on_meta = (sharded or describe_only) and cfg.model.profile != "tiny"
     if not sharded and dtype != cfg.model.torch_dtype:
         raise ValueError(
             f"precision {cfg.precision!r} computes in {dtype} but the frozen base is {cfg.model.dtype}: "
@@ -395,13 +397,19 @@ def build_training_model(cfg: TrainConfig, device: torch.device) -> Built:
     comps = build_components(cfg.model, dit_on_meta=on_meta)
     comps.vae.requires_grad_(False).to(device)
     comps.image_encoder.requires_grad_(False).to(device)
-    if not sharded:
+    if not on_meta:
         comps.dit.to(device)
     comps.dit.set_trainable()
     comps.dit.train()
     if cfg.activation_checkpointing:
         comps.dit.transformer.enable_gradient_checkpointing()
     pipe = MultiAnimatePipeline(comps)
+    if describe_only:
+        if on_meta:
+            assert cfg.model.wan_folder is not None
+            check_files(comps.dit, cfg.model.wan_folder / "transformer", "transformer.")
+        dit_bytes = sum(p.numel() * p.element_size() for n, p in comps.dit.transformer.named_parameters() if ".lora_" not in n)
+        return Built(comps, pipe, ConditionedDenoiser(comps.dit), dit_bytes, 0, _peak_rss() - rss0)
     model = shard_denoiser(comps.dit, dtype)
     read = 0
     if on_meta:
@@ -457,7 +465,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     rank, world, device = _setup_distributed()
     run_dir = cfg.run_dir
     if dry_run:  # builds the model as training would; needs no shards or embeddings
-        built = build_training_model(cfg, device)
+        built = build_training_model(cfg, device, describe_only=True)
         if rank == 0:
             print("\n".join(describe(built)), flush=True)
         trainable = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
