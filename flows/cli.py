@@ -280,6 +280,8 @@ def train(
     lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-4,
     checkpoint_every: Annotated[int, typer.Option(help="steps between resumable checkpoints")] = 100,
     train_config: Annotated[Optional[Path], typer.Option(help="a full TrainConfig as JSON/YAML (overrides the options above)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="build the profile's model as training would (no shards or "
+                                          "embeddings needed), describe its parameters and persons, do not train")] = False,
 ) -> None:
     """LoRA fine-tuning on the workspace's shards under torchrun (resumes a killed run)."""
     import yaml
@@ -296,6 +298,14 @@ def train(
                               num_frames=num_frames, height=height, width=width, lr=lr, checkpoint_every=checkpoint_every)  # fmt: skip
     except (ValidationError, ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if dry_run:
+        from model.train import train as build_and_describe
+
+        try:
+            build_and_describe(cfg, dry_run=True)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        return
     use_workspace(cfg.workspace)
     from flows.train import train as train_flow
 
@@ -318,8 +328,56 @@ def deploy(
 
 
 @app.command()
-def weights(config: ConfigOpt = None) -> None:
-    """Check that every real weight file the profile names is present; say how to get the rest."""
+def weights(
+    config: ConfigOpt = None,
+    random_real_architecture: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--random-real-architecture", metavar="FOLDER",
+            help="instead of checking: write Wan2.1-I2V-14B-720P (diffusers layout) and a MultiAnimate checkpoint "
+            "with the REAL configs and RANDOM weights (depth cut) into FOLDER, plus FOLDER/profile.yaml, for CI",
+        ),
+    ] = None,
+    num_layers: Annotated[
+        Optional[int],
+        typer.Option(min=1, max=40, help="with --random-real-architecture: transformer blocks (real: 40) [default: 2]"),
+    ] = None,
+    seed: Annotated[
+        Optional[int], typer.Option(help="with --random-real-architecture: seed of the weights [default: 0]")
+    ] = None,
+) -> None:
+    """Check that every real weight file the profile names is present; say how to get the rest.
+
+    With --random-real-architecture FOLDER: write random weights in the real layout instead."""
+    if random_real_architecture is not None:
+        import time
+
+        from model.real_architecture import part_sizes, read_marker, write_random_real_architecture
+
+        if config is not None:
+            console.print("[yellow]warning: --config has no effect with --random-real-architecture[/yellow]")
+        folder, start = random_real_architecture, time.monotonic()
+        complete = read_marker(folder) is not None
+        try:
+            profile = write_random_real_architecture(
+                folder, num_layers=2 if num_layers is None else num_layers, seed=seed or 0,
+                progress=lambda message: console.print(message, markup=False, highlight=False),
+            )  # fmt: skip
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--random-real-architecture") from exc
+        if not complete:
+            table = Table(title=f"random weights, real architecture ({time.monotonic() - start:.0f} s)")
+            table.add_column("part")
+            table.add_column("size", justify="right")
+            sizes = part_sizes(folder)
+            for part, size in [*sizes.items(), ("total", sum(sizes.values()))]:
+                table.add_row(part, f"{size / 1e6:,.1f} MB")
+            console.print(table)
+        console.print(f"profile: {profile}", markup=False, highlight=False)
+        return
+    for name, value in (("--num-layers", num_layers), ("--seed", seed)):
+        if value is not None:
+            console.print(f"[yellow]warning: {name} has no effect without --random-real-architecture[/yellow]")
     from data_schemas import load_config
 
     try:

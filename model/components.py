@@ -145,19 +145,34 @@ def load_real(cfg: ModelConfig, dit_on_meta: bool = False) -> Components:
     and fill per rank (model/loading.py) instead of every rank loading all of it."""
     cfg.require_weights()
     assert cfg.wan_folder is not None
-    dtype = cfg.torch_dtype
     folder = cfg.wan_folder
-    if dit_on_meta:
-        transformer = meta_transformer(folder / "transformer", dtype)
-    else:
-        transformer = WanTransformer3DModel.from_pretrained(folder / "transformer", torch_dtype=dtype, local_files_only=True)
     # the VAE stays float32: diffusers' Wan examples do so, bf16 decoding bands visibly
     vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32, local_files_only=True)
     clip = CLIPVisionModel.from_pretrained(folder / "image_encoder", torch_dtype=torch.float32, local_files_only=True)
     processor = CLIPImageProcessor.from_pretrained(folder / "image_processor", local_files_only=True)
     size = processor.crop_size.get("height", 224) if processor.crop_size else 224
-    dit = MultiAnimateDiT(transformer, cfg.label_pool)
-    return Components(dit.eval(), vae.eval(), clip.eval(), _squashing_processor(size), cfg)
+    return Components(load_real_dit(cfg, dit_on_meta).eval(), vae.eval(), clip.eval(), _squashing_processor(size), cfg)
+
+
+def load_real_dit(cfg: ModelConfig, on_meta: bool = False) -> MultiAnimateDiT:
+    """The real DiT base in ``cfg.dtype`` (on the meta device when ``on_meta``) with fresh
+    fp32 condition encoders; no LoRA yet (``attach_trained``)."""
+    assert cfg.wan_folder is not None
+    folder = cfg.wan_folder / "transformer"
+    if on_meta:
+        transformer = meta_transformer(folder, cfg.torch_dtype)
+    else:
+        transformer = WanTransformer3DModel.from_pretrained(folder, torch_dtype=cfg.torch_dtype, local_files_only=True)
+    return MultiAnimateDiT(transformer, cfg.label_pool)
+
+
+def attach_trained(dit: MultiAnimateDiT, cfg: ModelConfig) -> LoadReport | None:
+    """MultiAnimate weights from ``cfg.multianimate``, else a LoRA of ``cfg.lora_rank`` at
+    PEFT's no-op initialisation (fp32 either way)."""
+    if cfg.multianimate is not None:
+        return load_multianimate(dit, cfg.multianimate)
+    dit.add_lora(cfg.lora_rank, cfg.lora_alpha)
+    return None
 
 
 def build_components(cfg: ModelConfig, dit_on_meta: bool = False) -> Components:
@@ -170,8 +185,5 @@ def build_components(cfg: ModelConfig, dit_on_meta: bool = False) -> Components:
         for name, p in comps.dit.transformer.named_parameters():
             if not keep_in_fp32(name, WanTransformer3DModel._keep_in_fp32_modules):
                 p.data = p.data.to(cfg.torch_dtype)
-    if cfg.multianimate is not None:
-        comps.loaded = load_multianimate(comps.dit, cfg.multianimate)
-    else:
-        comps.dit.add_lora(cfg.lora_rank, cfg.lora_alpha)
+    comps.loaded = attach_trained(comps.dit, cfg)
     return comps
