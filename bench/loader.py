@@ -10,7 +10,8 @@ random crop, the video (the seed's float in [-1,1]; ours uint8, which the traine
   crop, resize with torchvision, stack.
 * ours: the WebDataset shards of preprocess.shards (the normalised mp4 clip, keypoints and
   the label map), read by model.data: only the window's frames are decoded, pose images
-  are rendered at the target size, samples are written once into shared memory.
+  are rendered on the fly as the seed's were made (drawn at the clip's size, cropped,
+  resized), samples are written once into shared memory.
 
 Each loader runs in its own process (same DataLoader worker count) so peak memories are
 separate. Headline figures, printed last: speedup_vs_seed (samples/s, ours / seed; goal

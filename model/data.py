@@ -8,8 +8,10 @@ Sampling and augmentation follow the seed (spec D.5), generalised to a frame str
 2. one random crop (0..W*crop_fraction px off the left and, independently, off the right;
    the same for top and bottom) shared by frames, keypoints and label map;
 3. frames are resized bilinearly (antialiased, like torchvision/PIL), the label map with
-   nearest neighbour (pixel centres), keypoints by the same affine map;
-4. pose images are rendered ON THE FLY at the target size from the transformed keypoints;
+   nearest neighbour (pixel centres);
+4. pose images are rendered ON THE FLY from the keypoints as the release made them (spec A.7):
+   drawn on a canvas of the clip's size (stick widths are source pixels), cut by the same
+   crop, resized like the frames (``render.draw_pose_rows``: the same pixels, less work);
 5. the reference image and pose are the window's FIRST frame and pose image.
 
 Only the needed frames are decoded (decord over the mp4 bytes in memory, one frame at a time)
@@ -27,7 +29,8 @@ clip frames read for a window, h x w = clip size; see data_schemas/batch.py for 
     keypoints_UK     float32 [U, K, 133, 2]   COCO-WholeBody pixels, -1 = missing
     scores_UK        float32 [U, K, 133]
     scratch_CHW      uint8   [3, H, W]        one output frame (video, pose or label rows)
-    canvas_HW        uint8   [H, W]           one pose image as palette indices (render.py)
+    canvas_hw        uint8   [h, w]           one pose image as palette indices, clip size (render.py)
+    rows_nWC         uint8   [n, W, 3]        the non-black rows of one resized pose image
     video_CTHW       uint8   [3, T, H, W]
     pose_CTHW        uint8   [3, T, H, W]
     labels_THW       uint8   [T, H, W]
@@ -79,7 +82,7 @@ from data_schemas import batch as B
 from data_schemas.batch import Batch, Sample
 from data_schemas.model import check_wan_frames, check_wan_size
 from preprocess.pose.convert import wholebody_to_openpose
-from preprocess.pose.render import draw_pose_indices, pose_palette
+from preprocess.pose.render import draw_pose_rows
 
 __all__ = [
     "SKIP_REASONS",
@@ -479,22 +482,17 @@ def decode_sample(raw: dict[str, Any], cfg: LoaderConfig, rng: np.random.Generat
         for t in positions[u]:
             labels.write(t, r0, labels_band)
 
-    # Poses: the same affine map, then rendered at the output size as palette indices, which
-    # one table lookup per channel turns into the planes of [3, T, H, W].
-    keypoints_UK = crop_resize_keypoints(keypoints[unique], crop, out_w, out_h)
-    scores_UK = scores[unique]
-    palette_C = np.ascontiguousarray(pose_palette(cfg.pose_style).T)  # [3, 256]
-    assert not palette_C[:, 0].any(), "index 0 (nothing drawn) must be black"
+    # Poses: drawn at the clip's size (the keypoints' own pixels), cropped and resized as the
+    # release did (module docstring, 4.); only their non-black rows are split into planes.
     pose = _PlaneWriter((3, num_frames, out_h, out_w))
-    canvas_HW = np.empty((out_h, out_w), np.uint8)
-    for u in range(len(unique)):
-        canvas_HW.fill(0)
-        frame = wholebody_to_openpose(keypoints_UK[u], scores_UK[u], out_w, out_h, cfg.keypoint_threshold)
-        draw_pose_indices(frame, canvas_HW, cfg.pose_style)
-        _, top, _, band = cv2.boundingRect(canvas_HW)
+    canvas_hw = np.empty((height, width), np.uint8)
+    for u, index in enumerate(unique.tolist()):
+        frame = wholebody_to_openpose(keypoints[index], scores[index], width, height, cfg.keypoint_threshold)
+        top, rows_nWC = draw_pose_rows(frame, (height, width), (out_h, out_w), cfg.pose_style, crop, canvas_hw)
+        band = len(rows_nWC)
         if band:
+            cv2.split(rows_nWC, [scratch_CHW[c, top : top + band] for c in range(3)])
             for c in range(3):
-                cv2.LUT(canvas_HW[top : top + band], palette_C[c], dst=scratch_CHW[c, top : top + band])
                 for t in positions[u]:
                     pose.write(c * num_frames + t, top, scratch_CHW[c, top : top + band])
 

@@ -18,6 +18,7 @@ condition dropout. Single process. The folder is in diffusers layout (``config.j
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import time
 from pathlib import Path
@@ -58,7 +59,7 @@ def pretrain_tiny_base(cfg: TrainConfig, out: Path, steps: int = 300, lr: float 
         loss = (pred - (noise - x0)).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), cfg.grad_clip or math.inf)
         optimizer.step()
         losses.append(float(loss.detach()))
     tmp = out.with_name(f".{out.name}.tmp")

@@ -57,7 +57,7 @@ import numpy as np
 from data_schemas.arrays import read_npz
 from data_schemas.config import PoseConfig
 from preprocess.pose.convert import wholebody_to_openpose
-from preprocess.pose.render import PoseStyle, draw_pose, draw_pose_sequence
+from preprocess.pose.render import PoseStyle, draw_pose_resized
 
 ROOT = -1  # the neck: mean of the shoulders, not a WholeBody point of its own
 L_SHOULDER, R_SHOULDER, L_HIP, R_HIP = 5, 6, 11, 12
@@ -88,7 +88,7 @@ _EPS = 1e-6
 
 def present(scores: np.ndarray, threshold: float) -> np.ndarray:
     """Points the converter keeps (score >= threshold; a zero score is padding)."""
-    scores = np.asarray(scores)
+    scores = np.asarray(scores, np.float64)  # compared as doubles, as the converter does
     return (scores >= threshold) & (scores > 0)
 
 
@@ -361,8 +361,8 @@ def load_reference_poses(path: Path) -> tuple[np.ndarray, np.ndarray]:
 class JobInputs:
     """Everything a generation needs from the poses and masks, at the output size."""
 
-    pose: np.ndarray  # uint8 [T, H, W, 3] rendered retargeted poses
-    ref_pose: np.ndarray  # uint8 [H, W, 3] the reference image's poses
+    pose: np.ndarray  # uint8 [T, H, W, 3] rendered retargeted poses (drawn at the reference size, resized)
+    ref_pose: np.ndarray  # uint8 [H, W, 3] the reference image's poses (likewise)
     masks: np.ndarray  # bool [K, T, H, W]: person i = the i-th mapped driving person
     keypoints: np.ndarray  # float64 [T, K, 133, 2] retargeted, reference pixels (-1: missing)
     scores: np.ndarray  # float32 [T, K, 133]
@@ -408,12 +408,18 @@ def prepare_inputs(
         scores[:, i] = driving.scores[:, label - 1]
         masks[i] = warp_person_masks(driving.label_map, label, transform, ref_size, out_size)
         transforms.append(transform)
+    # Poses are drawn on a canvas of the reference image's size and then resized, as the
+    # release's pose images were (spec A.7): stick widths are reference-image pixels.
     ref_w, ref_h = ref_size
-    frames = [wholebody_to_openpose(keypoints[t], scores[t], ref_w, ref_h, threshold) for t in range(num_frames)]
+    ref_hw, out_hw = (ref_h, ref_w), (out_size[1], out_size[0])
+    pose = np.zeros((num_frames, *out_hw, 3), np.uint8)
+    for t in range(num_frames):
+        frame = wholebody_to_openpose(keypoints[t], scores[t], ref_w, ref_h, threshold)
+        pose[t] = draw_pose_resized(frame, ref_hw, out_hw, style)
     reference = wholebody_to_openpose(ref_kp, ref_scores, ref_w, ref_h, threshold)
     return JobInputs(
-        pose=draw_pose_sequence(frames, out_size[1], out_size[0], style),
-        ref_pose=draw_pose(reference, out_size[1], out_size[0], style),
+        pose=pose,
+        ref_pose=draw_pose_resized(reference, ref_hw, out_hw, style),
         masks=masks,
         keypoints=keypoints,
         scores=scores,

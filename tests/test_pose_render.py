@@ -127,6 +127,27 @@ def test_low_scores_become_minus_one() -> None:
     assert np.all(f5.body == -1.0) and np.all(f5.left_hands == -1.0)
 
 
+def test_float32_scores_meet_the_threshold_as_doubles() -> None:
+    # DWPose's keypoint scores are float32, but the reference compares them after concatenating
+    # them with its float64 keypoints: float32(0.3) = 0.30000001 is then > 0.3 (visible, a
+    # neck), while float32 arithmetic would call it equal (not visible). Scores reach us as
+    # float32 from the poses npz, so the test feeds them as such.
+    kp, sc = ramp_person()
+    sc32 = sc.astype(np.float32)
+    sc32[[0, 5, 6, 17, 18]] = np.float32(0.3)  # nose, both shoulders, both left toes
+    sc32[1] = np.nextafter(np.float32(0.3), np.float32(0))  # L-eye: just below, in both precisions
+    info = np.concatenate([kp[None].astype(np.float64), sc32[None, :, None]], axis=-1)  # the reference's array
+    visible = info[0, :, 2] > 0.3
+    assert visible[[0, 5, 6, 17, 18]].all() and not visible[1] and not (sc32[[0, 5, 6]] > np.float32(0.3)).any()
+    f = convert_one(kp, sc32)
+    present = f.body_scores[0] > f.threshold  # the renderer's body rule
+    assert present[0] and f.body_scores[0, 1] == 1.0  # the nose is drawn; both shoulders make a neck
+    assert not present[15] and np.array_equal(f.body[0, 15], [-1.0, -1.0])  # the L-eye is not
+    assert f.feet_scores[0, 0] > f.threshold  # both left toes count: a left foot point
+    img = draw_pose(f, H, W, "unianimate")
+    assert px(img, 1, 3) == (0, 0, 255)  # the nose dot (WB 0 at (1, 3) px), blue in this style
+
+
 def test_hand_and_face_slices() -> None:
     kp, sc = ramp_person()
     f = convert_one(kp, sc)

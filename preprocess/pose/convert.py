@@ -195,6 +195,8 @@ def wholebody_to_openpose(
     keypoints: [P, 133, 2] float, pixel (x, y); scores: [P, 133]. P may be 0.
     """
     kp = np.asarray(keypoints, dtype=np.float64)
+    # Thresholds meet the scores as doubles, as in the reference, which concatenates DWPose's
+    # float32 scores with its float64 keypoints first: float32(0.3) counts as > 0.3.
     sc = np.asarray(scores, dtype=np.float64)
     if kp.ndim != 3 or kp.shape[1:] != (WB_NUM_POINTS, 2):
         raise ValueError(f"keypoints must be [P,133,2], got {kp.shape}")

@@ -96,19 +96,25 @@ def decode_detections(raw: np.ndarray, ratio: float, pre_threshold: float, nms_i
 
     NMS is class-aware in the reference, so for the person class alone it is plain NMS over
     the boxes whose person score passes ``pre_threshold``. Result ordered by score.
+
+    Two details of the reference's numpy code are kept: box areas and overlaps count pixels
+    inclusively, ``(x2 - x1 + 1) * (y2 - y1 + 1)``, which ``torchvision.ops.nms`` reproduces on
+    boxes shifted by [0, 0, 1, 1]; and the float32 scores meet ``pre_threshold`` in float32
+    but ``threshold`` in float64 (the reference compares after concatenating them with its
+    float64 class column), so a score of exactly float32(0.3) passes 0.3.
     """
-    scores = raw[:, 4] * raw[:, 5]  # objectness x person probability
+    scores = raw[:, 4] * raw[:, 5]  # objectness x person probability, float32
     # Greedy NMS never lets a box suppress a higher-scoring one, so boxes that the final
     # threshold will drop cannot change which others survive: dropping them before NMS
     # gives the same result, and NMS runs over a handful of boxes instead of thousands.
-    keep = scores > max(pre_threshold, threshold)
+    keep = (scores > np.float32(pre_threshold)) & (scores.astype(np.float64) > threshold)
     if not keep.any():
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
     centres = (raw[keep, :2] + _GRID[keep]) * _STRIDE[keep]
     sizes = np.exp(raw[keep, 2:4]) * _STRIDE[keep]
     boxes = np.concatenate([centres - sizes / 2, centres + sizes / 2], axis=1) / ratio
-    boxes_t, scores_t = torch.from_numpy(boxes), torch.from_numpy(scores[keep])
-    order = torchvision.ops.nms(boxes_t, scores_t, nms_iou).numpy()
+    inclusive = torch.from_numpy(boxes) + torch.tensor([0.0, 0.0, 1.0, 1.0])
+    order = torchvision.ops.nms(inclusive, torch.from_numpy(scores[keep]), nms_iou).numpy()
     return boxes[order].astype(np.float32), scores[keep][order].astype(np.float32)
 
 

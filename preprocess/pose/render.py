@@ -32,6 +32,12 @@ Drawing rules (A.6), identical for both styles apart from the lists above:
   listed, same eps test.
 * Face dot: radius 3, (255, 255, 255), same eps test.
 
+Size (A.7): the release drew every pose image on a canvas of the SOURCE frame's size (the
+frame DWPose saw) and its loaders resized it, after the training crop, to the model size with
+torchvision's bilinear resize (on PIL images, i.e. antialiased when shrinking). Stick width 4,
+radii 4 and line thickness 2 are therefore source pixels: ``draw_pose_resized`` /
+``draw_pose_rows`` reproduce that image; ``draw_pose`` draws at the size it is given.
+
 How: every shape is drawn as a palette index into one uint8 channel (``draw_pose_indices``)
 and looked up in ``pose_palette(style)``, whose entries hold the dimmed limb colours and the
 channel order of the style. Drawing is opaque and its pixel coverage does not depend on the
@@ -49,6 +55,8 @@ from typing import Literal
 
 import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from preprocess.pose.convert import (
     BODY_COLORS,
@@ -67,9 +75,12 @@ __all__ = [
     "POSE_STYLES",
     "draw_pose",
     "draw_pose_indices",
+    "draw_pose_resized",
+    "draw_pose_rows",
     "draw_pose_sequence",
     "hand_edge_color",
     "pose_palette",
+    "resize_bilinear",
 ]
 
 PoseStyle = Literal["unianimate", "dwpose"]
@@ -130,6 +141,10 @@ _LISTED_PALETTE = _listed_palette()
 _PALETTES: dict[str, np.ndarray] = {"dwpose": _LISTED_PALETTE, "unianimate": np.ascontiguousarray(_LISTED_PALETTE[:, ::-1])}
 for _table in _PALETTES.values():
     _table.flags.writeable = False  # shared by every caller
+# The same tables one channel at a time (contiguous, for cv2.LUT on one-channel images).
+_PLANE_PALETTES: dict[str, tuple[np.ndarray, ...]] = {
+    style: tuple(np.ascontiguousarray(table[:, c]) for c in range(3)) for style, table in _PALETTES.items()
+}
 
 
 def pose_palette(style: PoseStyle = "unianimate") -> np.ndarray:
@@ -237,4 +252,79 @@ def draw_pose_sequence(
     out = np.zeros((len(frames), int(height), int(width), 3), dtype=np.uint8)
     for t, frame in enumerate(frames):
         out[t] = draw_pose(frame, height, width, style)
+    return out
+
+
+def resize_bilinear(image_hwC: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [h, w, C] -> uint8 [height, width, C]: torch's antialiased bilinear uint8 kernel,
+    within one rounding step of torchvision's tensor resize and of PIL's bilinear (the release's)."""
+    # A channels-last view in, a channels-last result out: no copies around the kernel.
+    resized_1CHW = F.interpolate(
+        torch.from_numpy(image_hwC)[None].permute(0, 3, 1, 2), size=(height, width), mode="bilinear",
+        align_corners=False, antialias=True,
+    )  # fmt: skip
+    return resized_1CHW[0].permute(1, 2, 0).numpy()
+
+
+def draw_pose_rows(
+    frame: OpenPoseFrame,
+    source_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    style: PoseStyle = "unianimate",
+    crop: tuple[int, int, int, int] | None = None,
+    canvas: np.ndarray | None = None,
+) -> tuple[int, np.ndarray]:
+    """The non-black rows of ``draw_pose_resized``'s image: (first row, uint8 [n, W, 3]).
+
+    Same pixels, less work: torch's resize is a horizontal pass (rows independent) then a
+    vertical one (columns independent), each rounded to uint8 (tests/test_pose_scale.py
+    checks the split is exact), so the horizontal pass runs over the drawn rows only and the
+    vertical pass over the columns that hold something. ``canvas``: an optional reusable
+    uint8 [h, w] buffer of the source size (its content is overwritten).
+    """
+    src_h, src_w = (int(v) for v in source_hw)
+    out_h, out_w = (int(v) for v in out_hw)
+    if min(src_h, src_w, out_h, out_w) <= 0:
+        raise ValueError(f"sizes must be positive, got source {src_h}x{src_w}, output {out_h}x{out_w}")
+    x0, y0, x1, y1 = crop if crop is not None else (0, 0, src_w, src_h)
+    if not (0 <= x0 < x1 <= src_w and 0 <= y0 < y1 <= src_h):
+        raise ValueError(f"crop {crop} is not a non-empty box inside the {src_w}x{src_h} source")
+    if canvas is None or canvas.shape != (src_h, src_w):
+        canvas = np.empty((src_h, src_w), np.uint8)
+    canvas.fill(0)
+    # Drawn on the whole source canvas and then cropped, as the release did: shapes cut by the
+    # crop edge are cut the same way.
+    indices = draw_pose_indices(frame, canvas, style)[y0:y1, x0:x1]
+    _, top, _, band = cv2.boundingRect(indices)
+    if not band:
+        return 0, np.zeros((0, out_w, 3), np.uint8)
+    # Three one-channel lookups and a merge: twice as fast as one three-channel lookup here.
+    rgb = cv2.merge([cv2.LUT(indices[top : top + band], table) for table in _PLANE_PALETTES[style]])
+    rows = resize_bilinear(rgb, band, out_w)  # the horizontal pass, drawn rows only
+    left, _, cols, _ = cv2.boundingRect(rows.reshape(band, out_w * 3))
+    if not cols:  # everything faded to black (a tiny drawing shrunk a lot)
+        return 0, np.zeros((0, out_w, 3), np.uint8)
+    c0, c1 = left // 3, -(-(left + cols) // 3)
+    column = np.zeros((y1 - y0, c1 - c0, 3), np.uint8)
+    column[top : top + band] = rows[:, c0:c1]
+    block = resize_bilinear(column, out_h, c1 - c0)  # the vertical pass, used columns only
+    _, first, _, count = cv2.boundingRect(block.reshape(out_h, -1))
+    out = np.zeros((count, out_w, 3), np.uint8)
+    out[:, c0:c1] = block[first : first + count]
+    return first, out
+
+
+def draw_pose_resized(
+    frame: OpenPoseFrame,
+    source_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    style: PoseStyle = "unianimate",
+    crop: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
+    """The pose image the released weights saw (module doc, "Size"): drawn on a
+    ``source_hw`` canvas (the frame the keypoints are normalised to), cut to ``crop``
+    (x0, y0, x1, y1; None = all), resized to ``out_hw``. uint8 [H, W, 3] RGB."""
+    first, rows = draw_pose_rows(frame, source_hw, out_hw, style, crop)
+    out = np.zeros((int(out_hw[0]), int(out_hw[1]), 3), np.uint8)
+    out[first : first + len(rows)] = rows
     return out
