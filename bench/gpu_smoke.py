@@ -47,6 +47,7 @@ def offload_figures(profile: Path, frames: int, height: int, width: int) -> dict
 
     model = load_config(profile).model
     comps = build_components(model)
+    comps.dit.merge_lora()  # once: every mode samples the same weights (unmerging a bf16 base rounds it)
     g = np.random.default_rng(0)
     dim = comps.dit.transformer.config.text_dim
     labels = np.zeros((frames, height, width), np.uint8)

@@ -106,7 +106,7 @@ def denoised_latents(pipe: MultiAnimatePipeline, cond: Conditions, truth: torch.
     """x0 predicted in one step from the truth noised at ``sigma``, with the pipeline's own
     conditions (so a pose-blind pipeline drops them here too)."""
     dit, device = pipe.c.dit, pipe.device
-    T, H, W = cond.check(dit.label_pool - 1)
+    T, H, W = cond.check(dit.max_persons)
     image, y = pipe.encode_reference(cond.ref_image, T, H, W)
     dtype = y.dtype
     pose, labels, ref_pose, channels = pipe.condition_tensors(cond)

@@ -1,12 +1,22 @@
-"""Prefect tasks of batch generation: one job's video (GPU), and the run's artifacts."""
+"""Prefect tasks of batch generation: one job's video (GPU), and the run's artifacts.
+
+Memory (docs/memory.md): the pipeline is built once per process and model (loading the real
+one takes minutes), with the LoRA merged into the base once, not per job: unmerging from a
+bf16 base rounds its weights, so merging and unmerging around every job would make a job's
+video depend on how many jobs ran before it in the process (and cost a merge per job). The
+offload mode is ``SamplingConfig.offload``; its default "none" becomes "model", then
+"group", when the GPU cannot hold every network (``choose_offload``; logged). VAE tiling is
+on for the real profile unless ``vae_tiling`` says otherwise (the pipeline's default).
+"""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -14,6 +24,7 @@ import torch
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
 from data_schemas.config import PoseConfig
@@ -22,13 +33,16 @@ from data_schemas.job import OUTPUTS_DIR, GenerationResult, JobRecord, JobSpec
 from data_schemas.model import ModelConfig
 from model.components import build_components
 from model.conditions import labels_from_masks
-from model.pipeline import Conditions, MultiAnimatePipeline, SamplingConfig, write_outputs
+from model.pipeline import Conditions, MultiAnimatePipeline, Offload, SamplingConfig, choose_offload, write_outputs
 from model.text_cache import EmbeddingCache, fill_cache, missing_texts
 from model.text_encoder import WAN_NEGATIVE_PROMPT, default_caption, load_profile_encoder, profile_encoder_id
 from preprocess import retarget
 
 PREVIEW_WIDTH = 768  # thumbnails in the markdown artifact: artifacts live in Prefect's database
 MAX_PREVIEWS = 16
+# UMT5-XXL's encoder in bf16 (5.7 B parameters) and its activations: what encoding a new
+# prompt needs on the GPU
+TEXT_ENCODER_BYTES = 12 * 2**30
 
 
 @contextlib.contextmanager
@@ -38,13 +52,69 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     timings[name] = round(time.perf_counter() - start, 3)
 
 
-@lru_cache(maxsize=1)
-def _pipeline(model: ModelConfig) -> MultiAnimatePipeline:
-    # Loading the real model takes minutes: the next job of the same profile reuses it.
-    components = build_components(model)
+@dataclass
+class LoadedPipeline:
+    pipe: MultiAnimatePipeline
+    offload: Offload  # the mode its jobs run with
+    note: str | None  # why the offload differs from the one asked for
+
+
+_loaded: dict[tuple, LoadedPipeline] = {}  # at most one: the last model's
+
+
+def load_pipeline(model: ModelConfig, memory: SamplingConfig) -> LoadedPipeline:
+    """The pipeline of ``model`` for ``memory``'s offload and LoRA options, built once per
+    process. Without offload the networks go to the GPU before the LoRA is merged (merging into
+    16 B weights is fast there); with it they stay on the CPU, where the merge happens."""
+    key = (model, memory.offload, memory.merge_lora)
+    if key in _loaded:
+        return _loaded[key]
+    _loaded.clear()  # one model in memory at a time
     if torch.cuda.is_available():
-        components.to("cuda")
-    return MultiAnimatePipeline(components)
+        torch.cuda.empty_cache()
+    components = build_components(model)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    offload, note = memory.offload, None
+    if device.type == "cuda" and offload == "none":
+        offload, why = choose_offload(components, torch.cuda.get_device_properties(device).total_memory)
+        note = why if offload != "none" else None
+    if offload == "none":
+        components.to(device)
+    if memory.merge_lora and components.dit.has_lora:
+        components.dit.merge_lora()
+    _loaded[key] = LoadedPipeline(MultiAnimatePipeline(components, device=device), offload, note)
+    return _loaded[key]
+
+
+def job_sampling(spec: JobSpec, memory: SamplingConfig, offload: Offload) -> SamplingConfig:
+    """The job's sampling: steps, guidance and seed from the spec, memory options from
+    ``memory`` with the offload mode the pipeline was loaded for."""
+    job = dict(steps=spec.steps, guidance_scale=spec.guidance_scale, seed=spec.seed, offload=offload, progress=False)
+    return SamplingConfig(**memory.model_dump() | job)
+
+
+def _make_room_for_text_encoder() -> None:
+    """A resident pipeline (offload "none") and UMT5-XXL may not fit on the GPU together:
+    then the pipeline's networks go to the CPU while a prompt is encoded (its next call
+    moves them back), instead of failing out of memory."""
+    if not torch.cuda.is_available() or not _loaded:
+        return
+    free, _ = torch.cuda.mem_get_info()
+    if free >= TEXT_ENCODER_BYTES:
+        return
+    for loaded in _loaded.values():
+        if loaded.offload == "none":
+            loaded.pipe.c.to("cpu")
+    torch.cuda.empty_cache()
+    free_gib = free / 2**30
+    _logger().info("moved the loaded pipeline to the CPU while the text encoder runs (%.1f GiB were free)", free_gib)
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called outside a flow or task run
+        return logging.getLogger(__name__)
 
 
 def prompt_embeddings(workspace: Path, model: ModelConfig, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +124,8 @@ def prompt_embeddings(workspace: Path, model: ModelConfig, prompt: str) -> tuple
     encoder_id = profile_encoder_id(model.profile, model.wan_folder)
     texts = [prompt, WAN_NEGATIVE_PROMPT]
     if missing_texts(folder, encoder_id, texts):
+        if model.profile != "tiny":
+            _make_room_for_text_encoder()
         encoder = load_profile_encoder(model.profile, model.wan_folder)
         fill_cache(folder, encoder, texts)
         del encoder
@@ -65,10 +137,12 @@ def prompt_embeddings(workspace: Path, model: ModelConfig, prompt: str) -> tuple
 
 @task(name="generate", task_run_name="generate {job_id}", tags=["gpu"], cache_policy=NO_CACHE, retries=0)
 def generate_video(job_id: str, spec: JobSpec, poses: Path, masks: Path, pose_config: PoseConfig, pose_files: tuple[Path, Path],
-                   workspace: Path) -> GenerationResult:  # fmt: skip
+                   workspace: Path, memory: SamplingConfig | None = None) -> GenerationResult:  # fmt: skip
     """Reference pose, retargeting, prompt embeddings, sampling, outputs of one job (the
-    finished-marker job.json is the flow's to write, after this)."""
+    finished-marker job.json is the flow's to write, after this). ``memory``: offload, VAE
+    tiling, LoRA merging and step cache (its steps, guidance and seed are the spec's)."""
     logger = get_run_logger()
+    memory = memory or SamplingConfig()
     timings: dict[str, float] = {}
     with _timed(timings, "reference_pose_s"):
         image = retarget.read_reference_image(spec.reference)
@@ -89,14 +163,17 @@ def generate_video(job_id: str, spec: JobSpec, poses: Path, masks: Path, pose_co
     with _timed(timings, "embeddings_s"):
         text, negative = prompt_embeddings(workspace, spec.model, prompt)
     with _timed(timings, "load_model_s"):
-        pipe = _pipeline(spec.model)
+        loaded = load_pipeline(spec.model, memory)
+    if loaded.note:
+        logger.info("%s: %s", job_id, loaded.note)
+    sampling = job_sampling(spec, memory, loaded.offload)
     cond = Conditions(ref_image=image, pose=inputs.pose, ref_pose=inputs.ref_pose, labels=labels, prompt_embeds=text,
                       negative_embeds=negative, num_persons=num_persons)  # fmt: skip
-    result = pipe(cond, SamplingConfig(steps=spec.steps, guidance_scale=spec.guidance_scale, seed=spec.seed, progress=False))
+    result = loaded.pipe(cond, sampling)
     timings |= {k: round(v, 3) for k, v in result.timings.items()}
     with _timed(timings, "write_s"):
         paths = write_outputs(result.frames, cond, Path(workspace) / OUTPUTS_DIR / job_id, spec.fps)
-    logger.info("%s: %d person(s) %s, %s", job_id, num_persons, inputs.person_map, timings)
+    logger.info("%s: %d person(s) %s, offload=%s, %s", job_id, num_persons, inputs.person_map, sampling.offload, timings)
     return GenerationResult(
         outputs={name: str(Path(path).relative_to(workspace)) for name, path in paths.items()},
         timings=timings, num_persons=num_persons, person_map=inputs.person_map, prompt=prompt,

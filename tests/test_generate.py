@@ -9,9 +9,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from data_schemas.config import PoseConfig, ProjectConfig
 from data_schemas.job import JobRecord, JobSpec, queue_path, record_path, submit_job
+from data_schemas.model import ModelConfig
 from preprocess import retarget
 from preprocess.retarget import BODY_SEGMENTS, ROOT, PersonTransform
 from preprocess.synthetic import SyntheticSpec, ground_truth_poses, make_synthetic_video, render_clip, write_ground_truth_stage_files
@@ -204,6 +206,91 @@ def test_submitting_twice_queues_one_job(tmp_path):
     assert spec.job_id == job_id and spec.steps == 2 and spec.person_map == {1: 2, 2: 1}
     bad = CliRunner().invoke(app, ["submit", str(tmp_path / "ref.png"), "--video", str(tmp_path / "d.mp4"), "--num-frames", "10", "-w", str(tmp_path / "ws")])
     assert bad.exit_code != 0 and "4k+1" in bad.output
+
+
+# ---- memory options of a job -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_sized_components():
+    """The real profile's networks on the meta device (no memory, no weights): the bf16 base,
+    a float32 rank-128 LoRA, float32 encoders, VAE and CLIP ViT-H/14."""
+    from diffusers import AutoencoderKLWan
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from data_schemas.model import WAN_14B_DIT
+    from model.components import Components
+    from model.dit import MultiAnimateDiT, build_transformer
+
+    with torch.device("meta"):
+        dit = MultiAnimateDiT(build_transformer(WAN_14B_DIT), 8)
+        dit.add_lora(128, 128.0)
+        for name, p in dit.transformer.named_parameters():
+            p.data = p.data.to(torch.float32 if ".lora_" in name else torch.bfloat16)
+        vae = AutoencoderKLWan()
+        clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                num_attention_heads=16, image_size=224, patch_size=14))  # fmt: skip
+    return Components(dit, vae, clip, None, ModelConfig())
+
+
+def test_offload_is_the_least_that_fits_the_gpu():
+    from model.components import build_components
+    from model.pipeline import ACTIVATION_HEADROOM_BYTES, choose_offload, module_bytes, networks
+
+    comps = build_components(ModelConfig())
+    sizes = {name: module_bytes(m) for name, m in networks(comps).items()}
+    everything = sum(sizes.values()) + ACTIVATION_HEADROOM_BYTES
+    dit_and_vae = sizes["transformer"] + sizes["vae"] + ACTIVATION_HEADROOM_BYTES
+    assert choose_offload(comps, everything)[0] == "none"
+    assert choose_offload(comps, everything - 1)[0] == choose_offload(comps, dit_and_vae)[0] == "model"
+    mode, why = choose_offload(comps, dit_and_vae - 1)
+    assert mode == "group" and "offload=group" in why
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "gpu_mib, mode",
+    [(24564, "group"), (40536, "group"), (46068, "model"), (49140, "none"), (81559, "none")],
+    ids=["24GB", "A100-40GB", "L40S-48GB", "A6000-48GB", "H100-80GB"],
+)
+def test_the_real_model_offloads_as_docs_memory_says(real_sized_components, gpu_mib, mode):
+    """docs/memory.md's table, from the parameter bytes of the real networks."""
+    from model.pipeline import choose_offload, module_bytes, networks
+
+    comps = real_sized_components
+    sizes = {name: module_bytes(m) for name, m in networks(comps).items()}
+    assert round(sizes["transformer"] / 1e9, 1) == 35.2  # 32.8 GB bf16 base + 2.45 GB float32 LoRA
+    assert round(sizes["image_encoder"] / 1e9, 1) == 2.5 and round(sizes["vae"] / 1e9, 1) == 0.5
+    assert choose_offload(comps, gpu_mib * 2**20)[0] == mode
+
+
+def test_a_job_samples_with_its_spec_and_the_memory_options(tmp_path):
+    from model.pipeline import SamplingConfig
+    from tasks.generate import job_sampling
+
+    spec = JobSpec(reference=tmp_path / "r.png", driving_video=tmp_path / "d.mp4", steps=3, seed=7, guidance_scale=2.0)
+    memory = SamplingConfig(vae_tiling=False, merge_lora=False, step_cache="first-block", steps=9, seed=1)
+    sampling = job_sampling(spec, memory, "group")
+    assert (sampling.steps, sampling.seed, sampling.guidance_scale, sampling.offload) == (3, 7, 2.0, "group")
+    assert (sampling.vae_tiling, sampling.merge_lora, sampling.step_cache) == (False, False, "first-block")
+    assert not sampling.progress
+    # None: the pipeline's default, on for the real profile
+    assert job_sampling(spec, SamplingConfig(), "none").vae_tiling is None
+
+
+def test_the_job_pipeline_is_built_once_with_its_lora_merged(monkeypatch):
+    import tasks.generate as generate_module
+    from model.pipeline import SamplingConfig, lora_layers
+
+    monkeypatch.setattr(generate_module, "_loaded", {})
+    first = generate_module.load_pipeline(ModelConfig(), SamplingConfig())
+    assert generate_module.load_pipeline(ModelConfig(), SamplingConfig(steps=3)) is first  # steps do not matter
+    gpu = torch.cuda.is_available()
+    assert first.offload == "none" and first.note is None
+    assert first.pipe.device == (torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu"))
+    assert all(layer.merged for layer in lora_layers(first.pipe.c.dit.transformer))
+    unmerged = generate_module.load_pipeline(ModelConfig(), SamplingConfig(merge_lora=False))
+    assert unmerged is not first and not any(layer.merged for layer in lora_layers(unmerged.pipe.c.dit.transformer))
 
 
 # ---- the flow -------------------------------------------------------------------------
