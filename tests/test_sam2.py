@@ -170,4 +170,5 @@ def test_save_load_round_trip(tiny, clip, tmp_path: Path):
     ids_a, a = Sam2Tracker(model, processor).step(clip.frames[0], box)
     ids_b, b = Sam2Tracker(loaded, loaded_processor).step(clip.frames[0], box)
     assert ids_a == ids_b == [0]
-    np.testing.assert_array_equal(a, b)
+    # two model instances' floats are not bit-equal on the CPU (seen: 7e-8 apart)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
