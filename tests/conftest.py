@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -42,6 +43,19 @@ def train_workspace(tmp_path_factory) -> Path:
     texts = captions_from_shards(ws / "shards" / "index.parquet") + [WAN_NEGATIVE_PROMPT]
     fill_cache(ws / "embeddings", build_tiny_text_encoder(), texts)
     return ws
+
+
+@pytest.fixture(scope="session")
+def real_architecture(tmp_path_factory) -> tuple[Path, str]:
+    """``multianimate weights --random-real-architecture`` run once for the session (5.3 GB,
+    ~45 s): (the folder, the command's output). Tests only read it."""
+    folder = tmp_path_factory.mktemp("real-arch") / "weights"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PYTHONPATH": str(Path(__file__).parents[1]), "COLUMNS": "400"}  # rich wraps at the terminal width
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "weights", "--random-real-architecture", str(folder)],
+                          env=env, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return folder, done.stdout
 
 
 def ffmpeg(*args: str) -> None:

@@ -36,11 +36,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("real-arch") / "weights"
-    done = run_cli("--random-real-architecture", str(folder), "--num-layers", str(NUM_LAYERS))
-    assert done.returncode == 0, done.stderr
-    assert "total" in done.stdout and f"profile: {folder / PROFILE_FILE}" in done.stdout
+def written(real_architecture) -> Path:
+    folder, stdout = real_architecture  # written once per session by the command (conftest.py), default depth
+    assert "total" in stdout and f"profile: {folder / PROFILE_FILE}" in stdout
     return folder
 
 

@@ -39,9 +39,8 @@ def cli(*args: str, env: dict | None = None, timeout: float = 900) -> str:
     return done.stdout
 
 
-def test_the_real_path_on_real_architecture_weights(tmp_path):
-    weights, ws = tmp_path / "weights", tmp_path / "ws"
-    cli("weights", "--random-real-architecture", str(weights))
+def test_the_real_path_on_real_architecture_weights(tmp_path, real_architecture):
+    weights, ws = real_architecture[0], tmp_path / "ws"  # written by the command (conftest.py)
     profile = weights / "profile.yaml"
     assert "ok" in cli("weights", "-c", str(profile))
 
