@@ -74,7 +74,8 @@ def load_worker(profile: Path, mode: str) -> None:
     gc.collect()
     added = _status("VmHWM") - before
     dit_bytes = sum(p.numel() * p.element_size() for n, p in dit.transformer.named_parameters() if ".lora_" not in n)
-    print(f"rank {dist.get_rank()} mode={mode} rss_added={added} dit_bytes={dit_bytes}", flush=True)
+    sys.stdout.write(f"rank {dist.get_rank()} mode={mode} rss_added={added} dit_bytes={dit_bytes}\n")  # one write: ranks share stdout
+    sys.stdout.flush()
     dist.barrier()
     dist.destroy_process_group()
 
@@ -86,11 +87,11 @@ def measure_load(profile: Path, mode: str) -> tuple[float, int]:
          "--worker", mode, "--profile", str(profile)],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
-    rows = [dict(kv.split("=") for kv in line.split()[2:]) for line in out.stdout.splitlines() if line.startswith("rank ")]
+    rows = re.findall(r"rank \d mode=\w+ rss_added=(-?\d+) dit_bytes=(\d+)", out.stdout)
     if out.returncode or len(rows) != 2:
         raise RuntimeError(f"{mode} load failed:\n{out.stdout}\n{out.stderr[-3000:]}")
-    dit_bytes = int(rows[0]["dit_bytes"])
-    return max(int(r["rss_added"]) for r in rows) / dit_bytes, dit_bytes
+    dit_bytes = int(rows[0][1])
+    return max(int(added) for added, _ in rows) / dit_bytes, dit_bytes
 
 
 def measure_merged_step(profile: Path) -> tuple[float, float]:
@@ -119,7 +120,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         load_worker(args.profile, args.worker)
-        return
+        sys.stdout.flush()
+        os._exit(0)  # gloo workers occasionally abort at interpreter exit after a correct run (model/train.py)
 
     from model.real_architecture import write_random_real_architecture
 

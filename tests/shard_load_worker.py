@@ -4,6 +4,7 @@ diffusers' own ``from_pretrained`` of the same folder. Prints one result line pe
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -37,10 +38,13 @@ def main(folder: str) -> None:
             mismatched.append(name)
     buffers_ok = all(torch.equal(b, reference[n.removeprefix("dit.transformer.")]) for n, b in model.named_buffers()
                      if n.removeprefix("dit.transformer.") in reference)  # fmt: skip
-    print(f"rank {dist.get_rank()} read={read} total={total} mismatched={mismatched} "
-          f"trained_not_fp32={trained_not_fp32} buffers_ok={buffers_ok}", flush=True)  # fmt: skip
+    # one write: the ranks share torchrun's stdout, and print's separate newline can interleave
+    sys.stdout.write(f"rank {dist.get_rank()} read={read} total={total} mismatched={mismatched} "
+                     f"trained_not_fp32={trained_not_fp32} buffers_ok={buffers_ok}\n")  # fmt: skip
+    sys.stdout.flush()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    os._exit(0)  # gloo workers occasionally abort at interpreter exit after a correct run (model/train.py)

@@ -123,12 +123,12 @@ def test_each_rank_reads_only_its_rows_and_gets_the_files_exact_values(tmp_path)
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "tests" / "shard_load_worker.py"),
          str(tmp_path / "tr")], capture_output=True, text=True, cwd=ROOT, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
-    lines = [line for line in done.stdout.splitlines() if line.startswith("rank ")]
-    assert done.returncode == 0 and len(lines) == 2, done.stdout + done.stderr
+    rows = re.findall(r"rank (\d) read=(\d+) total=(\d+) mismatched=(\[.*?\]) trained_not_fp32=(\[.*?\]) buffers_ok=(True|False)",
+                      done.stdout)  # fmt: skip
+    assert done.returncode == 0 and sorted(r[0] for r in rows) == ["0", "1"], done.stdout + done.stderr
     reads = []
-    for line in lines:
-        fields = dict(kv.split("=", 1) for kv in line.split()[2:])
-        assert fields["mismatched"] == "[]" and fields["trained_not_fp32"] == "[]" and fields["buffers_ok"] == "True", line
-        reads.append(int(fields["read"]))
-        total = int(fields["total"])
+    for _, read, total_bytes, mismatched, not_fp32, buffers_ok in rows:
+        assert (mismatched, not_fp32, buffers_ok) == ("[]", "[]", "True"), rows
+        reads.append(int(read))
+        total = int(total_bytes)
     assert sum(reads) == total and max(reads) < 0.55 * total  # the two halves, nothing twice
