@@ -35,20 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _peak_reset() -> int:
-    with open("/proc/self/clear_refs", "w") as fh:  # 5: reset the resident peak to the current RSS
-        fh.write("5")
-    return _status("VmRSS")
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def load_worker(profile: Path, mode: str) -> None:
     """One rank: build the DiT for training the ``mode`` way and print what it added."""
     import torch
@@ -56,14 +42,14 @@ def load_worker(profile: Path, mode: str) -> None:
 
     from data_schemas import load_config
     from model.components import attach_trained, load_real_dit
-    from model.loading import load_sharded
-    from model.train import shard_denoiser
+    from model.loading import base_bytes, load_sharded
+    from model.train import peak_rss_bytes, peak_rss_reset, shard_denoiser
 
     cfg = load_config(profile).model
     dist.init_process_group("gloo")
     gc.collect()
     dist.barrier()
-    before = _peak_reset()
+    before = peak_rss_reset()
     torch.manual_seed(0)
     dit = load_real_dit(cfg, on_meta=(mode == "sharded"))
     attach_trained(dit, cfg)
@@ -72,8 +58,8 @@ def load_worker(profile: Path, mode: str) -> None:
     if mode == "sharded":
         load_sharded(model, cfg.wan_folder / "transformer", "dit.transformer.", torch.device("cpu"))
     gc.collect()
-    added = _status("VmHWM") - before
-    dit_bytes = sum(p.numel() * p.element_size() for n, p in dit.transformer.named_parameters() if ".lora_" not in n)
+    added = peak_rss_bytes() - before
+    dit_bytes = base_bytes(dit.transformer)
     sys.stdout.write(f"rank {dist.get_rank()} mode={mode} rss_added={added} dit_bytes={dit_bytes}\n")  # one write: ranks share stdout
     sys.stdout.flush()
     dist.barrier()

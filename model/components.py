@@ -19,7 +19,7 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 from data_schemas.model import ModelConfig
 from model.checkpoint import LoadReport, load_multianimate
 from model.dit import MultiAnimateDiT, build_transformer
-from model.loading import keep_in_fp32, meta_transformer
+from model.loading import cast_base, meta_transformer
 
 # Wan's image path: the whole frame squashed (aspect not kept) to the CLIP size, bicubic,
 # normalised with CLIP's mean and std (spec C.1).
@@ -181,9 +181,6 @@ def build_components(cfg: ModelConfig, dit_on_meta: bool = False) -> Components:
     profiles): the DiT base is left on the meta device for ``model.loading.load_sharded``."""
     comps = build_tiny(cfg) if cfg.profile == "tiny" else load_real(cfg, dit_on_meta=dit_on_meta)
     if cfg.profile == "tiny" and cfg.dtype != "float32":
-        # the tiny profile's base in the profile dtype too, so tests can run the bf16 path
-        for name, p in comps.dit.transformer.named_parameters():
-            if not keep_in_fp32(name, WanTransformer3DModel._keep_in_fp32_modules):
-                p.data = p.data.to(cfg.torch_dtype)
+        cast_base(comps.dit.transformer, cfg.torch_dtype)  # so tests can run the bf16 path
     comps.loaded = attach_trained(comps.dit, cfg)
     return comps

@@ -39,17 +39,28 @@ def keep_in_fp32(name: str, modules: list[str] | None) -> bool:
     return bool(modules) and any(m in name.split(".") for m in modules)
 
 
+def cast_base(transformer: WanTransformer3DModel, dtype: torch.dtype) -> WanTransformer3DModel:
+    """Its parameters in the dtypes ``from_pretrained(torch_dtype=dtype)`` gives them: ``dtype``
+    except the modules diffusers keeps in fp32 (``Module.to`` would cast those too)."""
+    fp32 = transformer._keep_in_fp32_modules
+    for name, param in transformer.named_parameters():
+        if not keep_in_fp32(name, fp32):
+            param.data = param.data.to(dtype)
+    return transformer
+
+
+def base_bytes(transformer: nn.Module) -> int:
+    """The frozen base's bytes in their dtypes (LoRA excluded)."""
+    return sum(p.numel() * p.element_size() for n, p in transformer.named_parameters() if ".lora_" not in n)
+
+
 def meta_transformer(folder: Path, dtype: torch.dtype) -> WanTransformer3DModel:
     """The transformer of ``folder/config.json`` with parameters on the meta device, in the
     dtypes ``from_pretrained(torch_dtype=dtype)`` gives them; buffers real."""
     config = WanTransformer3DModel.load_config(folder)
     with init_empty_weights(include_buffers=False):
         transformer = WanTransformer3DModel.from_config(config)
-    fp32 = WanTransformer3DModel._keep_in_fp32_modules
-    for name, param in transformer.named_parameters():
-        if not keep_in_fp32(name, fp32):
-            param.data = param.data.to(dtype)
-    return transformer
+    return cast_base(transformer, dtype)
 
 
 class SafetensorsFolder:

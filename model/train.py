@@ -61,7 +61,7 @@ from model.checkpoint import save_adapter_tensors
 from model.components import Components, build_components
 from model.conditions import stack_channels, training_channels
 from model.data import LoaderConfig, make_loader
-from model.loading import check_files, load_sharded
+from model.loading import base_bytes, check_files, load_sharded
 from model.pipeline import MultiAnimatePipeline, sampling_sigmas
 from model.text_cache import EmbeddingCache
 from model.text_encoder import profile_encoder_id
@@ -254,11 +254,7 @@ def training_loader_config(cfg: TrainConfig, num_shards: int, seed: int) -> Load
 def _peak_mem_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    with open("/proc/self/status") as fh:  # VmHWM: this process's resident peak
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
+    return peak_rss_bytes() / 2**30
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -392,7 +388,7 @@ def build_training_model(cfg: TrainConfig, device: torch.device, describe_only: 
             f"precision {cfg.precision!r} computes in {dtype} but the frozen base is {cfg.model.dtype}: "
             "without FSDP2 (one process, no torchrun) they must agree; use precision 'auto'"
         )
-    rss0 = _peak_rss_reset()
+    rss0 = peak_rss_reset()
     torch.manual_seed(cfg.seed)  # LoRA's random initialisation: identical on every rank
     comps = build_components(cfg.model, dit_on_meta=on_meta)
     comps.vae.requires_grad_(False).to(device)
@@ -408,19 +404,17 @@ def build_training_model(cfg: TrainConfig, device: torch.device, describe_only: 
         if on_meta:
             assert cfg.model.wan_folder is not None
             check_files(comps.dit, cfg.model.wan_folder / "transformer", "transformer.")
-        dit_bytes = sum(p.numel() * p.element_size() for n, p in comps.dit.transformer.named_parameters() if ".lora_" not in n)
-        return Built(comps, pipe, ConditionedDenoiser(comps.dit), dit_bytes, 0, _peak_rss() - rss0)
+        return Built(comps, pipe, ConditionedDenoiser(comps.dit), base_bytes(comps.dit.transformer), 0, peak_rss_bytes() - rss0)
     model = shard_denoiser(comps.dit, dtype)
     read = 0
     if on_meta:
         assert cfg.model.wan_folder is not None
         read = load_sharded(model, cfg.model.wan_folder / "transformer", "dit.transformer.", device)
-    dit_bytes = sum(p.numel() * p.element_size() for n, p in comps.dit.transformer.named_parameters() if ".lora_" not in n)
-    return Built(comps, pipe, model, dit_bytes, read, _peak_rss() - rss0)
+    return Built(comps, pipe, model, base_bytes(comps.dit.transformer), read, peak_rss_bytes() - rss0)
 
 
-def _peak_rss_reset() -> int:
-    """Reset the kernel's resident-peak counter (VmHWM) and return the current RSS."""
+def peak_rss_reset() -> int:
+    """Reset the kernel's resident-peak counter (VmHWM) to the current RSS and return that."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -429,7 +423,8 @@ def _peak_rss_reset() -> int:
     return _rss_bytes()
 
 
-def _peak_rss() -> int:
+def peak_rss_bytes() -> int:
+    """This process's resident peak (VmHWM) since start or the last ``peak_rss_reset``."""
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith("VmHWM:"):
