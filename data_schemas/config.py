@@ -8,12 +8,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from data_schemas.job import GenerateConfig
 from data_schemas.model import ModelConfig
+
+if TYPE_CHECKING:
+    from data_schemas.quality import ClipQuality
 
 VIDEO_EXTENSIONS = (
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts",
@@ -79,8 +83,9 @@ DWPOSE_HOWTO = (
 class PoseConfig(_Config):
     """DWPose whole-body extraction (spec A.3-A.8)."""
 
-    models: Literal["tiny", "files"] = Field(
-        "tiny", description="'tiny': small random-weight ONNX models built at run time; 'files': the real ONNX files"
+    models: Literal["tiny", "files", "truth"] = Field(
+        "tiny", description="'tiny': small random-weight ONNX models built at run time; 'files': the real ONNX files; "
+        "'truth': the synthetic generator's exact poses (its videos only, preprocess/truth.py)"
     )
     detector_path: Path = Field(Path("weights/dwpose/yolox_l.onnx"), description="YOLOX-L person detector (ONNX)")
     pose_model_path: Path = Field(
@@ -121,8 +126,9 @@ SAM2_HOWTO = (
 class SegmentConfig(_Config):
     """Per-person masklets with SAM2.1, stable identities, pose assignment (spec B)."""
 
-    models: Literal["tiny", "files"] = Field(
-        "tiny", description="'tiny': small random-weight SAM2 built at run time; 'files': SAM2.1 from sam2_path"
+    models: Literal["tiny", "files", "truth"] = Field(
+        "tiny", description="'tiny': small random-weight SAM2 built at run time; 'files': SAM2.1 from sam2_path; "
+        "'truth': the synthetic generator's exact masks (its videos only, preprocess/truth.py)"
     )
     sam2_path: Path = Field(Path("weights/sam2.1-hiera-large"), description="folder of a transformers-format SAM2.1 model")
     tiny_seed: int = Field(0, description="seed of the tiny model's random weights")
@@ -144,6 +150,110 @@ class SegmentConfig(_Config):
         return folder
 
 
+class QualityConfig(_Config):
+    """Parameters of the measures' definitions (not filters): they go into the measures' cache key."""
+
+    keypoint_threshold: float = Field(0.3, ge=0, le=1, description="a keypoint with a higher score counts as found")
+    min_body_share: float = Field(
+        0.5, gt=0, le=1, description="a frame has the person's body keypoints when this share of the 17 are found"
+    )
+    min_visible_share: float = Field(
+        0.5, ge=0, le=1, description="a person counts as visible in the clip when present in this share of frames"
+    )
+    mask_tolerance: float = Field(
+        0.01, ge=0, le=0.2, description="a keypoint is inside its mask when own pixels lie this far (x frame height, "
+        "at least 1 px, Chebyshev) from it"
+    )
+    min_judged_keypoints: int = Field(4, ge=1, le=17, description="found body keypoints a pose needs to be judged")
+    disagreement_share: float = Field(
+        0.5, gt=0, le=1, description="pose and mask disagree when fewer of the found body keypoints than this share "
+        "are inside the mask"
+    )
+    switch_min_iou: float = Field(
+        0.3, gt=0, le=1, description="mask switch: the person's mask overlaps another's previous mask at least "
+        "this much (IoU)"
+    )
+    switch_margin: float = Field(
+        0.2, ge=0, le=1, description="mask switch: ... and this much more than its own previous mask (IoU)"
+    )
+    jump_min: float = Field(
+        0.05, gt=0, le=1, description="pose jump: the assigned keypoints move at least this far (x frame height, "
+        "median)"
+    )
+    jump_ratio: float = Field(
+        0.5, gt=0, lt=1, description="pose jump: ... and land within this share of that distance of another's "
+        "previous keypoints"
+    )
+    cut_threshold: float = Field(
+        0.12, gt=0, le=1, description="camera cut: mean absolute difference of consecutive grey thumbnails (0..1) "
+        "at least this..."
+    )
+    cut_ratio: float = Field(4.0, ge=1, description="...and at least this many times the clip's median difference")
+    thumbnail_side: int = Field(32, ge=4, le=256, description="side of the grey thumbnails compared for cuts")
+    frames_per_chunk: int = Field(32, ge=1, description="frames decoded at a time")
+
+
+class QualityFilters(_Config):
+    """Which clips go into the shards (``shards.filters`` of a profile); None turns a filter off.
+
+    The defaults keep what the release trained on: clips with two or more visible persons.
+    A clip whose measure is None (nothing to measure) fails that measure's filter when it is on.
+    """
+
+    min_persons: Optional[int] = Field(2, ge=0, description="fewest visible persons (num_visible_persons); "
+                                       "2 = what the release trained on")  # fmt: skip
+    max_persons: Optional[int] = Field(None, ge=0, description="most visible persons (num_visible_persons)")
+    max_identity_switches: Optional[int] = Field(None, ge=0, description="most suspected identity switches "
+                                                 "(num_identity_switches)")  # fmt: skip
+    min_keypoint_confidence: Optional[float] = Field(
+        None, ge=0, le=1, description="lowest body keypoint confidence of any visible person (min_body_confidence)"
+    )
+    min_person_height: Optional[float] = Field(
+        None, ge=0, le=1, description="smallest mean box height / frame height of any visible person "
+        "(min_person_height)"
+    )
+    min_motion: Optional[float] = Field(
+        None, ge=0, description="slowest allowed clip: its fastest visible person's mean keypoint speed, frame "
+        "heights per frame (motion)"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> QualityFilters:
+        if self.min_persons is not None and self.max_persons is not None and self.min_persons > self.max_persons:
+            raise ValueError(f"shards.filters: min_persons ({self.min_persons}) > max_persons ({self.max_persons})")
+        return self
+
+    def explain(self, row: ClipQuality) -> dict[str, str]:
+        """{filter name: why the clip fails it} for every filter the clip fails, in field order."""
+        failed: dict[str, str] = {}
+
+        def below(name: str, value: float | None, limit: float | None, what: str) -> None:
+            if limit is not None and (value is None or value < limit):
+                failed[name] = f"{what} {_show(value)} < {limit}"
+
+        def above(name: str, value: float | None, limit: float | None, what: str) -> None:
+            if limit is not None and (value is None or value > limit):
+                failed[name] = f"{what} {_show(value)} > {limit}"
+
+        below("min_persons", row.num_visible_persons, self.min_persons, "visible persons")
+        above("max_persons", row.num_visible_persons, self.max_persons, "visible persons")
+        above("max_identity_switches", row.num_identity_switches, self.max_identity_switches, "identity switches")
+        below("min_keypoint_confidence", row.min_body_confidence, self.min_keypoint_confidence, "body confidence")
+        below("min_person_height", row.min_person_height, self.min_person_height, "person height")
+        below("min_motion", row.motion, self.min_motion, "motion")
+        return failed
+
+    def reasons(self, row: ClipQuality) -> list[str]:
+        """Names of every filter the clip fails (empty: the clip goes into the shards)."""
+        return list(self.explain(row))
+
+
+def _show(value: float | None) -> str:
+    if value is None:
+        return "none"
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
+
+
 class ShardConfig(_Config):
     """WebDataset shards of the training data."""
 
@@ -153,6 +263,8 @@ class ShardConfig(_Config):
     caption: str = Field(
         "{count} person are dancing", description="caption of a clip with {count} persons (the seed's wording)"
     )
+    filters: QualityFilters = Field(default_factory=QualityFilters, description="which clips go into the shards, by their "
+                                    "quality measures (manifests/quality.parquet); the defaults keep two or more persons")  # fmt: skip
 
 
 class ProjectConfig(_Config):
@@ -161,8 +273,10 @@ class ProjectConfig(_Config):
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="the ingest stage")
     pose: PoseConfig = Field(default_factory=PoseConfig, description="the pose stage")
     segment: SegmentConfig = Field(default_factory=SegmentConfig, description="the segment stage")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="the quality measures' definitions")
     shards: ShardConfig = Field(default_factory=ShardConfig, description="the shard stage")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the model: profile, weights, constants")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="batch generation: input roots, job time limit, input bounds")
 
 
 def load_config(path: Path | None = None) -> ProjectConfig:

@@ -36,6 +36,12 @@ class SchemaError(ValueError):
     """A Parquet file does not hold the records it claims to hold."""
 
 
+def schema_version(model: type[BaseModel]) -> int:
+    """A record type's layout version: its own ``SCHEMA_VERSION`` class attribute when it has
+    one (a layout change bumps only its own files), else the package's."""
+    return getattr(model, "SCHEMA_VERSION", SCHEMA_VERSION)
+
+
 def _arrow_type(annotation: object) -> tuple[pa.DataType, bool]:
     """(Arrow type, nullable) of one pydantic field annotation."""
     origin = typing.get_origin(annotation)
@@ -61,7 +67,7 @@ def arrow_schema(model: type[BaseModel]) -> pa.Schema:
     for name, info in model.model_fields.items():
         arrow_type, nullable = _arrow_type(info.annotation)
         fields.append(pa.field(name, arrow_type, nullable=nullable))
-    metadata = {_META_VERSION: str(SCHEMA_VERSION).encode(), _META_RECORD: model.__name__.encode()}
+    metadata = {_META_VERSION: str(schema_version(model)).encode(), _META_RECORD: model.__name__.encode()}
     return pa.schema(fields, metadata=metadata)
 
 
@@ -88,10 +94,11 @@ def read_table(path: Path, model: type[BaseModel]) -> pa.Table:
     expected = arrow_schema(model)
     metadata = table.schema.metadata or {}
     version = metadata.get(_META_VERSION)
-    if version != str(SCHEMA_VERSION).encode():
-        raise SchemaError(f"{path}: schema version {version!r}, expected {SCHEMA_VERSION}")
+    # The kind first: versions are per kind of record.
     if metadata.get(_META_RECORD) != model.__name__.encode():
         raise SchemaError(f"{path}: holds {metadata.get(_META_RECORD)!r} records, expected {model.__name__}")
+    if version != str(schema_version(model)).encode():
+        raise SchemaError(f"{path}: schema version {version!r}, expected {schema_version(model)}")
     if table.schema.names != expected.names:
         missing = sorted(set(expected.names) - set(table.schema.names))
         extra = sorted(set(table.schema.names) - set(expected.names))

@@ -47,3 +47,6 @@ class PreprocessSummary(BaseModel):
     shards_index: str = Field(description="path of shards/index.parquet")
     contact_sheet: str | None = Field(default=None, description="path of the rendered-pose contact sheet")
     mask_overlays: str | None = Field(default=None, description="path of the mask overlay sheet")
+    num_left_out: int = Field(0, description="clips the quality filters (shards.filters) left out of the shards")
+    left_out: dict[str, int] = Field(default_factory=dict, description="clips left out by each filter")
+    data_card: str | None = Field(default=None, description="path of reports/data-card.md")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,8 +25,15 @@ class FailureReason(str, enum.Enum):
     zero_frames = "zero_frames"
     undecodable = "undecodable"
     too_short = "too_short"
+    too_small = "too_small"
     timeout = "timeout"
+    io_error = "io_error"
     internal_error = "internal_error"
+
+
+# Failures that say nothing about the content (the machine was slow, a disk or a network
+# failed): never cached, so the next run tries the file again (so is an internal error).
+PASSING_REASONS = frozenset({FailureReason.timeout, FailureReason.io_error})
 
 
 class _Record(BaseModel):
@@ -43,8 +51,8 @@ class ProbeInfo(_Record):
     avg_fps: float | None = Field(description="average frame rate (avg_frame_rate)")
     r_fps: float | None = Field(description="real base frame rate (r_frame_rate)")
     variable_frame_rate: bool = Field(description="avg_frame_rate and r_frame_rate disagree")
-    duration_s: float | None = Field(description="duration in seconds (stream, else container)")
-    num_frames: int | None = Field(description="frame count the container reports, if any")
+    duration_s: float | None = Field(description="duration in seconds (stream, else container), as the file claims")
+    num_frames: int | None = Field(description="frame count the container claims, if any (the decode decides)")
     has_audio: bool = Field(description="the file has at least one audio stream")
 
     @property
@@ -56,9 +64,16 @@ class ProbeInfo(_Record):
 
 
 class VideoRecord(_Record):
-    """One input file: what it is and what became of it. Flat, so it maps onto Parquet."""
+    """One input file: what it is and what became of it. Flat, so it maps onto Parquet.
+
+    The manifest lists every file of every folder ever ingested into the workspace (one row
+    per path); only ``multianimate remove`` takes rows out."""
+
+    # 2: folder, claimed_frames, damaged_frames; num_frames is the decode's count.
+    SCHEMA_VERSION: ClassVar[int] = 2
 
     path: str = Field(description="path of the file as found under the ingested folder")
+    folder: str | None = Field(default=None, description="the folder whose ingest last listed this file")
     size_bytes: int | None = Field(description="file size in bytes")
     sha256: str | None = Field(description="sha256 of the content; None when unreadable")
     status: VideoStatus = Field(description="ok | failed | duplicate")
@@ -73,8 +88,12 @@ class VideoRecord(_Record):
     avg_fps: float | None = None
     r_fps: float | None = None
     variable_frame_rate: bool | None = None
-    duration_s: float | None = None
-    num_frames: int | None = Field(default=None, description="frames decoded at the source rate")
+    duration_s: float | None = Field(default=None, description="duration the file claims, seconds")
+    claimed_frames: int | None = Field(default=None, description="frame count the container claims")
+    num_frames: int | None = Field(default=None, description="frames the normalising decode gave, at the clip rate")
+    damaged_frames: int | None = Field(
+        default=None, description="frames the decoder lost or concealed (any rejects the file); None when not decoded"
+    )
     has_audio: bool | None = None
     num_clips: int = Field(default=0, description="clips this file produced")
 
@@ -101,10 +120,14 @@ class ClipRecord(_Record):
 class IngestSummary(_Record):
     """What an ingest run returns: counts and where the manifests are."""
 
-    num_files: int = Field(description="candidate files found")
-    num_ok: int = Field(description="files that produced clips")
-    num_failed: int = Field(description="files rejected, with a reason in the manifest")
-    num_duplicates: int = Field(description="files whose content was already seen under another name")
-    num_clips: int = Field(description="clips in the clip manifest")
+    num_files: int = Field(description="candidate files found under the folder")
+    num_ok: int = Field(description="files of the folder that produced clips")
+    num_failed: int = Field(description="files of the folder rejected, with a reason in the manifest")
+    num_passing: int = Field(
+        default=0, description="of the failed files, those that failed for a passing reason (timeout, I/O): retried next run"
+    )
+    num_duplicates: int = Field(description="files whose content is listed under another name (this folder or an earlier one)")
+    num_sources: int = Field(default=0, description="files the videos manifest lists, from every folder ingested")
+    num_clips: int = Field(description="clips in the clip manifest (every folder ingested)")
     videos_manifest: str = Field(description="path of manifests/videos.parquet")
     clips_manifest: str = Field(description="path of manifests/clips.parquet")

@@ -1,11 +1,19 @@
 """The ``multianimate`` command line: one verb per flow.
 
 Prefect is imported only inside the commands, after ``use_workspace`` has pointed its
-home at the workspace.
+home at the workspace (and taken the workspace lock: one verb that writes at a time).
+
+Every verb ends, on failure, with one line naming the cause (``error: ...``, the last line
+of stderr) and exits with: 0 done, 1 failed or nothing succeeded, 2 bad arguments,
+75 the workspace is in use by another run, 130 interrupted.
 """
 
 from __future__ import annotations
 
+import atexit
+import sys
+import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,13 +21,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.runtime import use_workspace
+from flows.runtime import WorkspaceBusy, failure_cause, use_workspace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MultiAnimate: raw videos -> training data -> model -> videos.")
 console = Console()
 
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="folder that holds every product")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="profile YAML (default: built-in defaults)")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="when another run holds the workspace, wait for it to end instead of refusing")]
+
+EXIT_FAILED, EXIT_BUSY, EXIT_INTERRUPTED = 1, 75, 130
+# click's base of usage errors (typer raises them from its own copy of click in recent versions)
+_USAGE_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class NothingDone(Exception):
+    """The verb ran, but nothing it was asked for succeeded: the message says why."""
 
 
 def _checked_config(folder: Path, config: Path | None, weights: bool = True):
@@ -56,10 +73,11 @@ def ingest(
     config: ConfigOpt = None,
     dask_address: Annotated[Optional[str], typer.Option(help="run tasks on a Dask cluster, e.g. tcp://127.0.0.1:8786")] = None,
     workers: Annotated[Optional[int], typer.Option(help="local worker threads (default: CPU count)")] = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Validate, deduplicate and cut a folder of raw videos into normalised clips."""
     cfg = _checked_config(folder, config, weights=False)
-    workspace = use_workspace(workspace)
+    workspace = use_workspace(workspace, wait)
     from flows.ingest import ingest as ingest_flow
     from flows.runtime import make_task_runner
 
@@ -69,15 +87,44 @@ def ingest(
         raise typer.BadParameter(str(exc)) from exc
     summary = ingest_flow.with_options(task_runner=runner)(folder, workspace, cfg.ingest)
     _print_summary(summary)
+    console.print(f"the workspace lists {summary.num_sources} file(s) of every folder ingested into it, {summary.num_clips} clip(s)")
+    _require_usable_input(workspace, folder, summary.num_files, summary.num_failed)
+    if summary.num_passing:
+        # Not a verdict on the files: nothing was cached for them, so the same command retries them.
+        raise NothingDone(f"{summary.num_passing} file(s) under {folder} not processed for a passing reason (timeout or I/O "
+                          f"error, in the log above); run the same command again to process them")  # fmt: skip
+
+
+def _require_usable_input(workspace: Path, folder: Path, num_files: int | None = None, num_failed: int | None = None) -> None:
+    """NothingDone, with the count of each failure reason and an example, when the folder held
+    no file that ingest could use (the counts default to the manifest's rows of the folder)."""
+    from data_schemas import VideoRecord, read_records
+    from data_schemas.video import VideoStatus
+
+    folder = folder.absolute()
+    manifest = workspace / "manifests" / "videos.parquet"
+    rows = [r for r in read_records(manifest, VideoRecord) if Path(r.path).is_relative_to(folder)] if manifest.is_file() else []
+    failed = [r for r in rows if r.status == VideoStatus.failed]
+    num_files, num_failed = len(rows) if num_files is None else num_files, len(failed) if num_failed is None else num_failed
+    if num_files == 0:
+        raise NothingDone(f"no video file under {folder} (see ingest.extensions of the profile)")
+    if num_failed < num_files:
+        return
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(Counter(r.reason.value if r.reason else "?" for r in failed).items()))
+    example = f"; e.g. {failed[0].error}" if failed and failed[0].error else ""
+    raise NothingDone(f"all {num_files} input file(s) under {folder} failed ({reasons or 'see the manifest'}){example}; "
+                      f"every file's reason: {manifest}")  # fmt: skip
 
 
 def _print_preprocess(summary) -> None:
     console.print(f"poses of {summary.num_posed}/{summary.num_clips} clip(s): {summary.poses_manifest}")
     console.print(f"masks of {summary.num_segmented}/{summary.num_clips} clip(s): {summary.masks_manifest}")
     console.print(f"{summary.num_samples} training sample(s) in shards: {summary.shards_index}")
+    if summary.num_left_out:
+        console.print(f"{summary.num_left_out} clip(s) left out by the quality filters: {summary.left_out}")
     if summary.failed_clips:
         console.print(f"[red]failed clips: {', '.join(summary.failed_clips)}[/red]")
-    for name, path in (("contact sheet", summary.contact_sheet), ("mask overlays", summary.mask_overlays)):
+    for name, path in (("contact sheet", summary.contact_sheet), ("mask overlays", summary.mask_overlays), ("data card", summary.data_card)):
         if path:
             console.print(f"{name}: {path}")
 
@@ -88,15 +135,20 @@ def preprocess(
     workspace: WorkspaceOpt = Path("workspace"),
     config: ConfigOpt = None,
     workers: Annotated[Optional[int], typer.Option(help="local worker threads (default: CPU count)")] = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Ingest a folder of raw videos, extract poses of every clip, then track every person."""
     cfg = _checked_config(folder, config)
-    workspace = use_workspace(workspace)
+    workspace = use_workspace(workspace, wait)
     from flows.preprocess import preprocess as preprocess_flow
     from flows.runtime import make_task_runner
 
     summary = preprocess_flow.with_options(task_runner=make_task_runner(None, workers))(folder, workspace, cfg)
     _print_preprocess(summary)
+    _require_usable_input(workspace, folder)
+    if summary.num_samples == 0:
+        raise NothingDone(f"no training sample: {summary.num_clips} clip(s), poses of {summary.num_posed}, masks of "
+                          f"{summary.num_segmented}; the failed tasks' errors are in the log above")  # fmt: skip
 
 
 @app.command("import-legacy")
@@ -106,15 +158,18 @@ def import_legacy(
     trust_pickles: Annotated[bool, typer.Option("--trust-pickles", help="unpickle the seed's .pkl files: they can run code, "
                                                 "so only for data from a source you trust")] = False,
     fps: Annotated[float, typer.Option(help="frame rate of the imported clips")] = 25.0,
+    wait: WaitOpt = False,
 ) -> None:
     """Import the seed's training pickles and demo folders as clips, pose images and label maps."""
     if not root.is_dir():
         raise typer.BadParameter(f"{root}: not a folder", param_hint="ROOT")
-    workspace = use_workspace(workspace)
+    workspace = use_workspace(workspace, wait)
     from flows.legacy import import_legacy as import_flow
 
     clips = import_flow(root, workspace, trust_pickles=trust_pickles, fps=fps)
     console.print(f"imported {len(clips)} clip(s) into {workspace} (manifests/legacy.parquet)")
+    if not clips:
+        raise NothingDone(f"nothing imported from {root}: each folder's reason is in the log above")
 
 
 @app.command()
@@ -124,12 +179,17 @@ def demo(
     seed: Annotated[int, typer.Option(help="seed of the sample videos")] = 0,
     train_steps: Annotated[int, typer.Option(help="optimizer steps of the demo's training run")] = 4,
     nproc: Annotated[int, typer.Option(help="torchrun processes of the demo's training run")] = 2,
+    models: Annotated[str, typer.Option(help="pose and segment models: 'truth' (the generator's exact poses and masks) "
+                                             "or 'tiny' (random-weight DWPose and SAM2: the real code, meaningless labels)")] = "truth",
+    wait: WaitOpt = False,
 ) -> None:
     """The whole pipeline on generated sample videos with tiny models on the CPU."""
-    workspace = use_workspace(workspace)
+    if models not in ("truth", "tiny"):
+        raise typer.BadParameter(f"{models!r}: choose 'truth' or 'tiny'", param_hint="--models")
+    workspace = use_workspace(workspace, wait)
     from flows.demo import demo as demo_flow
 
-    summary = demo_flow(workspace, num_videos=num_videos, seed=seed, train_steps=train_steps, nproc=nproc)
+    summary = demo_flow(workspace, num_videos=num_videos, seed=seed, train_steps=train_steps, nproc=nproc, models=models)
     _print_preprocess(summary.preprocess)
     job = workspace / "outputs" / summary.job_id
     table = Table(title="where everything is")
@@ -176,6 +236,7 @@ def submit(
     video: Annotated[Optional[Path], typer.Option("--video", help="driving video")] = None,
     poses: Annotated[Optional[Path], typer.Option(help="instead of --video: a poses npz as the pose stage writes it")] = None,
     masks: Annotated[Optional[Path], typer.Option(help="with --poses: the segment stage's masks npz of the same clip")] = None,
+    reference_poses: Annotated[Optional[Path], typer.Option(help=_job_default("reference_poses"))] = None,
     person_map: Annotated[Optional[str], typer.Option(help="driving person = reference person pairs, e.g. 1=2,2=1 "
                                                            "(persons numbered from 1; default: left to right)")] = None,
     prompt: Annotated[Optional[str], typer.Option(help=_job_default("prompt"))] = None,
@@ -189,24 +250,39 @@ def submit(
     workspace: WorkspaceOpt = Path("workspace"),
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="profile YAML whose model section the job uses")] = None,
 ) -> None:
-    """Queue one generation job (queue/<job_id>.json) and print its id; the same job twice is queued once."""
+    """Queue one generation job (queue/<job_id>.json) and print its id; the same job twice is queued once.
+
+    Every value is checked against its bounds and every input file is read as the job will
+    read it (the reference decoded, a driving video probed and decoded, npz files loaded):
+    a refused job is not queued and the command exits non-zero, naming the field and why."""
     import os
 
     from pydantic import ValidationError
 
     from data_schemas import load_config
-    from data_schemas.job import JobSpec, submit_job
+    from data_schemas.job import JobSpec, describe_validation_error, submit_job
+    from preprocess.job_inputs import JobInputError, check_job_inputs
 
     given = dict(prompt=prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, height=height, width=width,
                  num_frames=num_frames, fps=fps, person_map=_person_map(person_map))  # fmt: skip
     # Absolute paths: the job runs later, from another directory or on another worker.
-    paths = {name: Path(os.path.abspath(p)) for name, p in (("reference", reference), ("driving_video", video), ("poses", poses), ("masks", masks)) if p}
+    files = (("reference", reference), ("driving_video", video), ("poses", poses), ("masks", masks), ("reference_poses", reference_poses))
+    paths = {name: Path(os.path.abspath(p)) for name, p in files if p}
     try:
-        model = load_config(config).model
-        model = model.model_copy(update={k: Path(os.path.abspath(v)) for k in ("wan_folder", "multianimate") if (v := getattr(model, k)) is not None})
+        cfg = load_config(config)
+        model = cfg.model.model_copy(update={k: Path(os.path.abspath(v)) for k in ("wan_folder", "multianimate", "tiny_transformer")
+                                             if (v := getattr(cfg.model, k)) is not None})  # fmt: skip
         spec = JobSpec(**paths, **{k: v for k, v in given.items() if v is not None}, model=model)
-    except (ValidationError, ValueError) as exc:
+    except ValidationError as exc:
+        raise typer.BadParameter(describe_validation_error(exc)) from exc
+    except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    try:
+        check_job_inputs(spec, cfg.ingest, cfg.generate)
+    except JobInputError as exc:
+        options = {"reference": "REFERENCE", "driving_video": "--video", "reference_poses": "--reference-poses"}
+        hint = ", ".join(options.get(field, "--poses/--masks" if "/" in field else f"--{field}") for field in exc.problems)
+        raise typer.BadParameter(str(exc), param_hint=hint) from exc
     job_id, new = submit_job(Path(workspace).absolute(), spec)
     Console(stderr=True).print(f"{'queued' if new else 'already queued'}: {Path(workspace).absolute() / 'queue' / (job_id + '.json')}")
     typer.echo(job_id)
@@ -217,12 +293,16 @@ def generate(
     workspace: WorkspaceOpt = Path("workspace"),
     config: ConfigOpt = None,
     retry_failed: Annotated[bool, typer.Option(help="run jobs that failed before again")] = True,
+    job_timeout: Annotated[Optional[float], typer.Option(min=0.001, help="seconds a job may run before it is stopped and recorded "
+                                                         "as failed (timeout); default: the profile's generate.job_timeout_s")] = None,
 ) -> None:
     """Generate every queued job that is not finished yet (outputs/<job_id>/)."""
     from data_schemas import load_config
 
     try:
         cfg = load_config(config)
+        if job_timeout is not None:
+            cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"job_timeout_s": job_timeout})})
         if cfg.pose.models == "files":
             cfg.pose.model_files()
         if cfg.segment.models == "files":
@@ -230,6 +310,8 @@ def generate(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     workspace = use_workspace(workspace)
+    from rich.markup import escape
+
     from data_schemas.job import read_record
     from flows.generate import generate as generate_flow
 
@@ -242,7 +324,7 @@ def generate(
     console.print(f"outputs: {summary.outputs_dir}")
     for job_id in summary.failed:
         record = read_record(workspace, job_id)
-        console.print(f"[red]{job_id} failed:[/red] {record.error if record else '?'}", highlight=False)
+        console.print(f"[red]{job_id} failed ({record.reason if record else '?'}):[/red] {escape(record.error or '') if record else '?'}", highlight=False)
     if summary.failed:
         raise typer.Exit(1)
 
@@ -251,6 +333,7 @@ def generate(
 def embed(
     workspace: WorkspaceOpt = Path("workspace"),
     config: ConfigOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Cache the text embeddings of every caption of the shards (and of the negative prompt)."""
     from data_schemas import load_config
@@ -260,7 +343,7 @@ def embed(
         model.require_weights()
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    workspace = use_workspace(workspace)
+    workspace = use_workspace(workspace, wait)
     from flows.embed import embed as embed_flow
 
     summary = embed_flow(workspace, model.profile, model.wan_folder)
@@ -282,6 +365,7 @@ def train(
     train_config: Annotated[Optional[Path], typer.Option(help="a full TrainConfig as JSON/YAML (overrides the options above)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="build the profile's model as training would (no shards or "
                                           "embeddings needed), describe its parameters and persons, do not train")] = False,
+    wait: WaitOpt = False,
 ) -> None:
     """LoRA fine-tuning on the workspace's shards under torchrun (resumes a killed run)."""
     import yaml
@@ -306,7 +390,8 @@ def train(
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
         return
-    use_workspace(cfg.workspace)
+    # the run folder has its own lock (model/run_folder.py): training does not hold the workspace for days
+    use_workspace(cfg.workspace, wait, lock=False)
     from flows.train import train as train_flow
 
     result = train_flow(cfg)
@@ -315,7 +400,7 @@ def train(
 
 @app.command()
 def deploy(
-    gpu_slots: Annotated[int, typer.Option(help="GPU tasks that may run at once (the gpu tag's concurrency limit)")] = 1,
+    gpu_slots: Annotated[int, typer.Option(min=1, help="GPU tasks that may run at once (the gpu tag's concurrency limit)")] = 1,
 ) -> None:
     """Set up the Prefect server at PREFECT_API_URL (work pools cpu and gpu, the gpu limit) and deploy prefect.yaml."""
     from flows.deploy import deploy as deploy_all
@@ -411,8 +496,88 @@ def weights(
         raise typer.Exit(1)
 
 
+@app.command()
+def remove(
+    paths: Annotated[list[Path], typer.Argument(help="files or folders as ingest listed them (everything under a folder)")],
+    workspace: WorkspaceOpt = Path("workspace"),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be removed, remove nothing")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+    wait: WaitOpt = False,
+) -> None:
+    """Take ingested files out of the workspace: their rows in the videos manifest, and the
+    clips (with their poses and masks) of content no other listed file holds. Says what it
+    removes; a file's content that a listed duplicate also holds stays, under the duplicate."""
+    from flows.runtime import workspace_lock
+    from preprocess.video import VIDEOS_MANIFEST, remove_sources
+
+    if not (Path(workspace) / VIDEOS_MANIFEST).is_file():
+        raise typer.BadParameter(f"{Path(workspace).absolute()}: no videos manifest, nothing was ingested there", param_hint="--workspace")
+    with workspace_lock(workspace, wait):  # no Prefect, no free-space check: removing is how space is made
+        plan = remove_sources(workspace, paths, dry_run=True)
+        if not plan.rows:
+            raise NothingDone(f"no file listed in {Path(workspace).absolute() / VIDEOS_MANIFEST} is at or under {', '.join(map(str, paths))}")
+        table = Table(title=f"{'would remove' if dry_run else 'removing'} {len(plan.rows)} file(s) from the manifest")
+        for column in ("file", "status", "its clips"):
+            table.add_column(column)
+        for row in plan.rows:
+            fate = f"kept, now under {plan.inherited[row.path]}" if row.path in plan.inherited else (
+                f"{sum(c.source_path == row.path for c in plan.clips)} removed" if row.status == "ok" else "-")
+            table.add_row(row.path, row.status.value, fate)
+        console.print(table, markup=False, highlight=False)
+        console.print(f"{len(plan.clips)} clip(s) no listed file holds: their clip, pose and mask files and manifest rows go")
+        if dry_run or not (yes or typer.confirm("remove them?")):
+            console.print("nothing removed")
+            return
+        done = remove_sources(workspace, paths)
+    console.print(f"removed {len(done.rows)} file(s) from the manifest, {len(done.clips)} clip(s), {len(done.files)} product file(s); "
+                  "shards made before keep their samples until the next `multianimate preprocess`")  # fmt: skip
+
+
+@app.command("data-card")
+def data_card(workspace: WorkspaceOpt = Path("workspace"), config: ConfigOpt = None) -> None:
+    """Write reports/data-card.md again from the manifests, with the profile's shards.filters
+    (what they would remove; the shards change at the next preprocess)."""
+    from data_schemas import load_config
+    from data_schemas.quality import QUALITY_MANIFEST
+    from preprocess.data_card import write_data_card
+
+    if not (Path(workspace) / QUALITY_MANIFEST).is_file():
+        raise typer.BadParameter(f"{Path(workspace).absolute() / QUALITY_MANIFEST}: missing; `multianimate preprocess` measures the clips",
+                                 param_hint="--workspace")  # fmt: skip
+    try:
+        filters = load_config(config).shards.filters
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    console.print(f"data card: {write_data_card(workspace, filters)}")
+
+
 def main() -> None:
-    app()
+    """Run the verb; on failure, end with one line naming the cause (after the Prefect
+    server's shutdown messages) and the exit code of the module's docstring."""
+    ending: list[str] = []
+    # atexit runs its handlers last-registered first: registered before Prefect exists, this
+    # line comes after everything Prefect prints at exit (its temporary server's shutdown)
+    atexit.register(lambda: ending and print(f"error: {ending[0]}", file=sys.stderr, flush=True))
+    try:
+        code = app(standalone_mode=False)
+    except _USAGE_ERRORS as exc:  # bad arguments: click's message, which ends with "Error: ..."
+        exc.show()
+        code = exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        ending.append("interrupted")
+        code = EXIT_INTERRUPTED
+    except WorkspaceBusy as exc:
+        ending.append(str(exc))
+        code = EXIT_BUSY
+    except NothingDone as exc:
+        ending.append(str(exc))
+        code = EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - the whole story for a bug report, then the cause
+        if not isinstance(exc, ValueError):  # ours name the file and the reason: no traceback needed
+            traceback.print_exception(exc)
+        ending.append(failure_cause(exc))
+        code = EXIT_FAILED
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

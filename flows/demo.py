@@ -3,15 +3,19 @@
 sample videos -> ingest -> pose -> segment -> shards -> embeddings -> a short 2-process
 training run -> a generation job driven by a new synthetic video -> mp4 and preview.
 
-The tiny random-weight pose and segmentation models find no real persons, so the
-generation job is driven by the new video's ground-truth poses and masks (as the pose and
-segment stages would write them for a perfect detector) and the reference image's
-ground-truth poses: the same job route a user takes with poses extracted elsewhere.
+Pose and segmentation run with the truth models by default (``models="truth"``,
+preprocess/truth.py): the generator's exact poses and masks through the stages' own code,
+so the contact sheet, the overlays and the training data mean something. ``models="tiny"``
+runs the random-weight DWPose and SAM2 instead: the real code path, labels that mean
+nothing. The generation job is driven by the new video's ground-truth poses and masks and
+the reference image's ground-truth poses: the job route a user takes with poses extracted
+elsewhere.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import cv2
 from prefect import flow
@@ -62,16 +66,20 @@ def driving_inputs(workspace: Path, seed: int, size: int, num_frames: int) -> tu
 
 
 @flow(name="demo")
-def demo(workspace: Path, num_videos: int = 4, seed: int = 0, num_frames: int = 75, train_steps: int = 4, nproc: int = 2) -> DemoSummary:
+def demo(workspace: Path, num_videos: int = 4, seed: int = 0, num_frames: int = 75, train_steps: int = 4, nproc: int = 2,
+         models: Literal["truth", "tiny"] = "truth") -> DemoSummary:  # fmt: skip
     """Generate sample videos under the workspace and run every stage on them."""
     workspace = Path(workspace).absolute()
     samples = workspace / SAMPLES_DIR
     make_sample_videos(samples, num_videos, seed, num_frames)
-    config = ProjectConfig()  # the built-in defaults: tiny models
+    # the built-in defaults (tiny models), with the truth models for pose and segmentation
+    config = ProjectConfig.model_validate({"pose": {"models": models}, "segment": {"models": models}})
     prep = preprocess(samples, workspace, config)
     embeddings = embed(workspace, config.model.profile, config.model.wan_folder)
+    # a checkpoint midway, so that a demo killed while training resumes; one kept is enough here
     training = train(TrainConfig(workspace=workspace, run_name="demo", model=config.model, num_frames=9, height=64, width=64,
-                                 max_steps=train_steps, checkpoint_every=train_steps, nproc=nproc, num_workers=0, seed=seed))  # fmt: skip
+                                 max_steps=train_steps, checkpoint_every=max(1, train_steps // 2), keep_checkpoints=1,
+                                 nproc=nproc, num_workers=0, seed=seed))  # fmt: skip
     reference, ref_poses, poses, masks = driving_inputs(workspace, seed, size=128, num_frames=40)
     job = JobSpec(reference=reference, reference_poses=ref_poses, poses=poses, masks=masks, steps=4, num_frames=17,
                   height=64, width=64, fps=15.0, seed=seed, model=ModelConfig(multianimate=training.final_weights))  # fmt: skip

@@ -15,9 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tasks.common import GPU_TAG
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 WORK_POOLS = ("cpu", "gpu")
-GPU_TAG = "gpu"
 
 
 async def _ensure_pools_and_limit(gpu_slots: int) -> list[str]:
@@ -33,10 +34,16 @@ async def _ensure_pools_and_limit(gpu_slots: int) -> list[str]:
                 done.append(f"work pool {pool} created")
             except ObjectAlreadyExists:
                 done.append(f"work pool {pool} exists")
-        # a tag limit (task runs tagged `gpu`); creating it again updates the slot count
-        await client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=gpu_slots)
-        done.append(f"concurrency limit of tag {GPU_TAG!r}: {gpu_slots}")
+        done.append(await set_gpu_limit(client, gpu_slots))
     return done
+
+
+async def set_gpu_limit(client, gpu_slots: int) -> str:
+    """At most ``gpu_slots`` task runs tagged ``gpu`` run at once, across every flow run that
+    reports to this server (the task engine takes a slot of the limit ``tag:gpu`` before it
+    starts one, and waits while none is free); creating it again updates the slot count."""
+    await client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=gpu_slots)
+    return f"concurrency limit of tag {GPU_TAG!r}: {gpu_slots}"
 
 
 def deploy(gpu_slots: int = 1) -> list[str]:

@@ -9,7 +9,7 @@ from prefect import flow
 
 from data_schemas.embedding import EMBEDDINGS_DIR, INDEX_NAME, EmbeddingSummary
 from data_schemas.shard import SHARDS_DIR
-from flows.runtime import run_cached
+from flows.runtime import run_cached, workspace_lock
 from model.text_encoder import Profile, profile_encoder_id
 from tasks.embed import embed_captions
 
@@ -20,7 +20,11 @@ def embed(workspace: Path, profile: Profile = "tiny", weights: Path | None = Non
 
     ``weights``: the diffusers-layout Wan2.1-I2V-14B-720P folder (profile wan-i2v-14b-720p).
     """
-    workspace = Path(workspace).absolute()
+    with workspace_lock(workspace):  # a deployment's run has no CLI holding it
+        return _embed(Path(workspace).absolute(), profile, weights)
+
+
+def _embed(workspace: Path, profile: Profile, weights: Path | None) -> EmbeddingSummary:
     index = workspace / SHARDS_DIR / "index.parquet"
     if not index.is_file():
         raise ValueError(f"{index}: no shards index; run the preprocess flow on this workspace first")

@@ -3,20 +3,29 @@
 For the queued jobs that are not finished (``outputs/<job_id>/job.json`` with status ok
 means finished: never redone; failed jobs are tried again unless ``retry_failed`` is off):
 
-1. check each job's input files (a missing one fails that job, naming the file);
+0. jobs given to the run (the ``jobs`` parameter: through the Prefect API or UI) are
+   checked first, confined to the workspace and ``generate.input_roots``, and queued; one
+   refused spec refuses the request whole (nothing queued), naming every problem;
+1. check each job's input files again (preprocess.job_inputs: a missing, unreadable or
+   unusable one fails that job, naming the field, the file and the reason);
 2. driving videos go through the SAME cached tasks as preprocessing: ingest (resampled to
    the job's fps, never cut: one clip), pose, segment. Their products live under
    ``driving/<fps>fps/{clips,poses,masks}/``, apart from the training clips, whose
    manifests and files a driving video must not touch (the same source in both places
    would otherwise be re-cut under the same clip id);
 3. one job at a time (the GPU's): the reference pose, retargeting, prompt embeddings,
-   sampling and the outputs (tasks.generate.generate_video);
-4. ``job.json`` LAST, ok or failed with the error; the other jobs go on after a failure;
+   sampling and the outputs (tasks.generate.generate_video), into a staging folder, within
+   the job's time limit (``generate.job_timeout_s``);
+4. ``job.json`` LAST, ok or failed with a reason and the error, and the staging folder
+   swapped in as ``outputs/<job_id>/`` by one rename; the other jobs go on after a failure.
+   A run killed mid-job leaves only a staging folder (removed by the next run) and the
+   next run redoes that job alone: every job's outputs appear once, whole;
 5. a table artifact of the jobs run and a markdown artifact of their previews.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,15 +41,21 @@ from data_schemas.job import (
     QUEUE_DIR,
     GenerateSummary,
     GenerationResult,
+    JobFailureReason,
     JobRecord,
     JobSpec,
+    JobTimeout,
+    publish_job,
     queued_files,
     read_queue_entry,
     read_record,
-    write_record,
+    staging_folder,
+    submit_job,
 )
-from flows.runtime import run_cached
-from preprocess.pose.stage import models_digest, resolve_models
+from flows.runtime import run_cached, workspace_lock
+from model.pipeline import DegenerateOutputError
+from preprocess.job_inputs import check_job_inputs
+from preprocess.pose.stage import models_name, resolve_models
 from preprocess.segment.stage import sam2_digest
 from tasks.generate import generate_video, publish_jobs
 from tasks.ingest import hash_file, ingest_video
@@ -61,20 +76,36 @@ def driving_root(workspace: Path, fps: float) -> Path:
     return Path(workspace) / DRIVING_DIR / f"{fps:g}fps"
 
 
-def check_input_files(spec: JobSpec) -> None:
-    for role, path in spec.input_files().items():
-        if not path.exists():
-            raise ValueError(f"{path}: {role} not found")
-        if not path.is_file():
-            raise ValueError(f"{path}: {role} is not a file")
-
-
 def _error(exc: BaseException) -> str:
-    # Our ValueErrors name the file and the reason; anything else is a bug: keep its type.
-    return str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+    # Our ValueErrors and timeouts name the file or job and the reason; anything else is a
+    # bug: keep its type.
+    return str(exc) if isinstance(exc, (ValueError, JobTimeout)) else f"{type(exc).__name__}: {exc}"
 
 
-def _pending_jobs(workspace: Path, retry_failed: bool) -> tuple[dict[str, JobSpec | BaseException], list[str], int]:
+def _reason(exc: BaseException) -> JobFailureReason:
+    if isinstance(exc, JobTimeout):
+        return "timeout"
+    if isinstance(exc, DegenerateOutputError):  # a ValueError too: first
+        return "degenerate_output"
+    return "invalid_input" if isinstance(exc, ValueError) else "internal_error"
+
+
+def queue_jobs(workspace: Path, jobs: list[JobSpec], config: ProjectConfig) -> list[str]:
+    """Queue specs that arrived through the API, confined to the workspace and
+    ``generate.input_roots``; a ValueError naming every problem refuses them all."""
+    roots = (Path(workspace), *config.generate.input_roots)
+    problems = []
+    for spec in jobs:
+        try:
+            check_job_inputs(spec, config.ingest, config.generate, roots=roots)
+        except ValueError as exc:
+            problems.append(f"job {spec.job_id}: {exc}")
+    if problems:
+        raise ValueError(f"refused {len(problems)} of {len(jobs)} job(s), nothing queued: " + "; ".join(problems))
+    return [submit_job(workspace, spec)[0] for spec in jobs]
+
+
+def _pending_jobs(workspace: Path, retry_failed: bool, config: ProjectConfig) -> tuple[dict[str, JobSpec | BaseException], list[str], int]:
     """(job id -> spec, or why it cannot run; finished job ids; queue length)."""
     pending: dict[str, JobSpec | BaseException] = {}
     skipped: list[str] = []
@@ -89,7 +120,9 @@ def _pending_jobs(workspace: Path, retry_failed: bool) -> tuple[dict[str, JobSpe
             spec = read_queue_entry(path)
             if spec.job_id != job_id:
                 raise ValueError(f"{path}: the spec inside hashes to {spec.job_id}, not {job_id}: it was edited; submit it again")
-            check_input_files(spec)
+            # again at run time: files change after submission (a video probed, not decoded:
+            # the driving stages decode it whole)
+            check_job_inputs(spec, config.ingest, config.generate, decode=False)
             pending[job_id] = spec
         except ValueError as exc:
             pending[job_id] = exc
@@ -100,7 +133,7 @@ def _prepare_driving(workspace: Path, jobs: dict[str, JobSpec], config: ProjectC
     """Driving video -> (poses npz, masks npz) per job, through the preprocessing tasks."""
     out: dict[str, tuple[Path, Path] | BaseException] = {}
     hashes = {p: hash_file(p, return_state=True).result(raise_on_failure=False) for p in sorted({s.driving_video for s in jobs.values()})}
-    pose_models, sam2_models = models_digest(pose_files), sam2_digest(config.segment)
+    pose_models, sam2_models = models_name(config.pose, pose_files), sam2_digest(config.segment)
     for fps in sorted({s.fps for s in jobs.values()}):
         root = driving_root(workspace, fps)
         rel = root.relative_to(workspace)
@@ -118,10 +151,10 @@ def _prepare_driving(workspace: Path, jobs: dict[str, JobSpec], config: ProjectC
             clips[sha] = result if isinstance(result, BaseException) else result.clips[0]
         good = {sha: c for sha, c in clips.items() if not isinstance(c, BaseException)}
         posed = run_cached(extract_poses, workspace, {
-            sha: (root / c.path, c.clip_id, c.sha256, config.pose, pose_files, pose_models, root) for sha, c in good.items()
+            sha: (c, config.pose, pose_files, pose_models, root) for sha, c in good.items()
         }, lambda r: [f"{rel}/{r.path}"], "driving poses")  # fmt: skip
         masked = run_cached(segment_clip, workspace, {
-            sha: (root / good[sha].path, good[sha].clip_id, good[sha].sha256, root / p.path, p.sha256, config.segment, sam2_models, root)
+            sha: (good[sha], root / p.path, p.sha256, config.segment, sam2_models, root)
             for sha, p in posed.items() if not isinstance(p, BaseException)
         }, lambda r: [f"{rel}/{r.path}"], "driving masks")  # fmt: skip
         for job_id, sha in shas.items():
@@ -137,32 +170,53 @@ def _prepare_driving(workspace: Path, jobs: dict[str, JobSpec], config: ProjectC
 
 def _run_job(workspace: Path, job_id: str, spec: JobSpec | BaseException, driving: tuple[Path, Path] | BaseException | None,
              config: ProjectConfig, pose_files: tuple[Path, Path], prepare_s: float) -> JobRecord:  # fmt: skip
-    """Generate one job whose inputs are ready, or record why it cannot run."""
+    """Generate one job whose inputs are ready, or record why it cannot run; publish its
+    folder (outputs and job.json, or job.json alone for a failure) in one rename."""
     started, clock = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     outcome = spec if isinstance(spec, BaseException) else driving
-    if isinstance(outcome, tuple):
-        poses, masks = outcome
-        outcome = generate_video(job_id, spec, poses, masks, config.pose, pose_files, workspace, return_state=True).result(raise_on_failure=False)
-    fields = dict(job_id=job_id, queue_file=f"{QUEUE_DIR}/{job_id}.json", started_at=started, spec=spec if isinstance(spec, JobSpec) else None)
-    if not isinstance(outcome, GenerationResult):
-        return JobRecord(**fields, status="failed", error=_error(outcome), seconds=time.perf_counter() - clock)
-    shared = {"prepare_driving_s": prepare_s} if spec.driving_video is not None else {}  # the run's driving-video stages
-    return JobRecord(**fields, status="ok", seconds=time.perf_counter() - clock, timings=shared | outcome.timings,
-                     outputs=outcome.outputs, num_persons=outcome.num_persons, person_map=outcome.person_map, prompt=outcome.prompt)  # fmt: skip
+    staging = staging_folder(workspace, job_id)
+    try:
+        if isinstance(outcome, tuple):
+            poses, masks = outcome
+            timeout = config.generate.timeout_for(spec.model)
+            outcome = generate_video(job_id, spec, poses, masks, config.pose, pose_files, workspace, staging, timeout,
+                                     return_state=True).result(raise_on_failure=False)  # fmt: skip
+        fields = dict(job_id=job_id, queue_file=f"{QUEUE_DIR}/{job_id}.json", started_at=started, spec=spec if isinstance(spec, JobSpec) else None)
+        if not isinstance(outcome, GenerationResult):
+            for partial in staging.iterdir():  # a failed job publishes its record alone
+                partial.unlink()
+            record = JobRecord(**fields, status="failed", reason=_reason(outcome), error=_error(outcome), seconds=time.perf_counter() - clock)
+        else:
+            shared = {"prepare_driving_s": prepare_s} if spec.driving_video is not None else {}  # the run's driving-video stages
+            record = JobRecord(**fields, status="ok", seconds=time.perf_counter() - clock, timings=shared | outcome.timings, outputs=outcome.outputs,
+                               num_persons=outcome.num_persons, person_map=outcome.person_map, prompt=outcome.prompt)  # fmt: skip
+        publish_job(workspace, record, staging)  # last: the marker of a finished job, with its files
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return record
 
 
 @flow(name="generate", flow_run_name="generate {workspace}")
-def generate(workspace: Path, config: ProjectConfig = ProjectConfig(), retry_failed: bool = True) -> GenerateSummary:
+def generate(workspace: Path, config: ProjectConfig = ProjectConfig(), retry_failed: bool = True,
+             jobs: list[JobSpec] | None = None) -> GenerateSummary:  # fmt: skip
     """Generate every queued job that is not finished; failures are recorded and the rest go on.
 
     ``config``: the pose, segment and ingest stages used on driving videos and reference
-    images (each job names its own model profile)."""
+    images, and the generation limits (``generate``: input roots, job time limit); each job
+    names its own model profile. ``jobs``: specs to queue first (from the API or UI): their
+    files must lie inside the workspace or ``generate.input_roots``."""
+    with workspace_lock(workspace):  # a deployment's run has no CLI holding it
+        return _generate(Path(workspace).absolute(), config, retry_failed, jobs)
+
+
+def _generate(workspace: Path, config: ProjectConfig, retry_failed: bool, jobs: list[JobSpec] | None) -> GenerateSummary:
     logger = get_run_logger()
-    workspace = Path(workspace).absolute()
     for folder in (QUEUE_DIR, OUTPUTS_DIR, DRIVING_DIR):
         for stale in remove_stale_temps(workspace / folder):
             logger.info("removed %s, left by an interrupted run", stale)
-    pending, skipped, num_queued = _pending_jobs(workspace, retry_failed)
+    queued = queue_jobs(workspace, jobs, config) if jobs else []
+    pending, skipped, num_queued = _pending_jobs(workspace, retry_failed, config)
     logger.info("%d queued job(s): %d finished, %d to run", num_queued, len(skipped), len(pending))
     pose_files = resolve_models(config.pose, workspace) if pending else ()  # a missing weight file stops the run, naming it
 
@@ -177,12 +231,11 @@ def generate(workspace: Path, config: ProjectConfig = ProjectConfig(), retry_fai
     for job_id, spec in pending.items():
         record = _run_job(workspace, job_id, spec, inputs.get(job_id), config, pose_files, prepare_s)
         if record.status == "failed":
-            logger.error("job %s failed: %s", job_id, record.error)
-        write_record(workspace, record)  # last: the marker of a finished job
+            logger.error("job %s failed (%s): %s", job_id, record.reason, record.error)
         records.append(record)
 
     publish_jobs(workspace, records)
     return GenerateSummary(
         num_queued=num_queued, skipped=skipped, ok=[r.job_id for r in records if r.status == "ok"],
-        failed=[r.job_id for r in records if r.status == "failed"], outputs_dir=str(workspace / OUTPUTS_DIR),
+        failed=[r.job_id for r in records if r.status == "failed"], queued=queued, outputs_dir=str(workspace / OUTPUTS_DIR),
     )  # fmt: skip

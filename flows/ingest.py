@@ -1,7 +1,12 @@
-"""The ingest flow: a folder of raw videos -> manifests/videos.parquet, clips.parquet, clips/."""
+"""The ingest flow: a folder of raw videos -> manifests/videos.parquet, clips.parquet, clips/.
+
+Workspaces grow: a folder's files are added to those of the folders ingested before (see
+preprocess.video, "the manifests"); content already listed is a duplicate, not a replacement.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from prefect import flow
@@ -9,55 +14,86 @@ from prefect.logging import get_run_logger
 
 from data_schemas import ClipRecord, IngestConfig, IngestSummary, VideoRecord, write_records
 from data_schemas.atomic import remove_stale_temps
-from data_schemas.video import FailureReason, VideoStatus
-from flows.runtime import MANIFESTS_DIR, run_cached
-from preprocess.video import FoundFile, IngestResult, find_videos, video_record
+from data_schemas.video import PASSING_REASONS, FailureReason, VideoStatus
+from flows.runtime import run_cached
+from preprocess.video import (
+    CLIPS_MANIFEST,
+    VIDEOS_MANIFEST,
+    FoundFile,
+    IngestResult,
+    find_videos,
+    manifest_lock,
+    merge_manifests,
+    read_clips_manifest,
+    read_videos_manifest,
+    settled_sources,
+    video_record,
+)
+from tasks.common import is_transient
 from tasks.ingest import hash_file, ingest_video, publish_summary
 
 
 @flow(name="ingest", flow_run_name="ingest {folder}")
 def ingest(folder: Path, workspace: Path, config: IngestConfig = IngestConfig()) -> IngestSummary:
-    """Walk ``folder``, validate and deduplicate every video, cut and normalise clips."""
+    """Walk ``folder``, validate and deduplicate every video, cut and normalise clips, and
+    add them to the workspace's manifests."""
     logger = get_run_logger()
     folder, workspace = Path(folder).absolute(), Path(workspace).absolute()
     for stale in remove_stale_temps(workspace):
         logger.info("removed %s, left by an interrupted run", stale)
+    videos_path, clips_path = workspace / VIDEOS_MANIFEST, workspace / CLIPS_MANIFEST
+    earlier = read_videos_manifest(videos_path)  # fails first on a manifest it cannot read
 
     found = [_size_check(f, config) for f in find_videos(folder, config.extensions)]
     logger.info("%d candidate file(s) under %s", len(found), folder)
     sha_of, found = _hash_all(found)
+    settled = settled_sources(earlier, {str(f.path): sha_of.get(f.path) for f in found})
+    listed = {r.sha256: Path(r.path) for r in earlier if r.sha256 and r.status != VideoStatus.duplicate}
 
-    primary: dict[str, Path] = {}  # content hash -> first path (sorted order) holding it
+    primary: dict[str, Path] = {}  # content hash -> the path processed for it in this run
     for f in found:
-        if f.path in sha_of:
-            primary.setdefault(sha_of[f.path], f.path)
+        sha = sha_of.get(f.path)
+        if sha is not None and sha not in settled:
+            # The path listed before keeps its content when this scan found it again.
+            keep = listed.get(sha)
+            primary.setdefault(sha, keep if keep is not None and sha_of.get(keep) == sha else f.path)
     results = _ingest_unique(primary, config, workspace)
 
     records: list[VideoRecord] = []
-    clips: list[ClipRecord] = []
     for f in found:
         sha = sha_of.get(f.path)
-        result = results.get(sha) if sha else None
-        if sha is not None and primary[sha] != f.path:
-            records.append(video_record(f, sha, result, duplicate_of=str(primary[sha])))
-            continue
-        records.append(video_record(f, sha, result))
-        if result is not None:
-            clips.extend(c.model_copy(update={"source_path": str(f.path)}) for c in result.clips)
+        if sha is None:  # unreadable: the row says why
+            records.append(video_record(f, None, None, folder=str(folder)))
+        elif sha in settled or primary[sha] != f.path:
+            records.append(video_record(f, sha, None, duplicate_of=settled.get(sha) or str(primary[sha]), folder=str(folder)))
+        else:
+            records.append(video_record(f, sha, results[sha], folder=str(folder)))
+    new_clips = {sha: r.clips for sha, r in results.items() if r.status == VideoStatus.ok}
+    found_paths = {str(f.path) for f in found}
+    if gone := [r.path for r in earlier if r.path.startswith(f"{folder}{os.sep}") and r.path not in found_paths]:
+        logger.warning("%d file(s) listed from %s before are not there any more: still listed, with their clips "
+                       "(`multianimate remove PATH` takes them out), e.g. %s", len(gone), folder, gone[0])  # fmt: skip
 
-    manifests = workspace / MANIFESTS_DIR
-    write_records(records, VideoRecord, manifests / "videos.parquet")
-    write_records(clips, ClipRecord, manifests / "clips.parquet")
-    logger.info("ingest: %s; %d clip(s)", publish_summary(records, len(clips)), len(clips))
+    with manifest_lock(workspace):  # another run may have written since: merge into what is there now
+        rows, clips = merge_manifests(read_videos_manifest(videos_path), read_clips_manifest(clips_path), records, new_clips)
+        write_records(rows, VideoRecord, videos_path)
+        write_records(clips, ClipRecord, clips_path)
+    counts = publish_summary(records, len(clips))
+    logger.info("ingest of %s: %s; %d clip(s) from %d listed file(s)", folder, counts, len(clips), len(rows))
     by_status = [r.status for r in records]
+    passing = [r for r in records if r.reason in PASSING_REASONS]
+    for record in passing:
+        logger.error("not processed, try again: %s", record.error)
     return IngestSummary(
         num_files=len(records),
         num_ok=by_status.count(VideoStatus.ok),
         num_failed=by_status.count(VideoStatus.failed),
+        num_passing=len(passing),
         num_duplicates=by_status.count(VideoStatus.duplicate),
+        num_sources=len(rows),
         num_clips=len(clips),
-        videos_manifest=str(manifests / "videos.parquet"),
-        clips_manifest=str(manifests / "clips.parquet"),
+        videos_manifest=str(videos_path),
+        clips_manifest=str(clips_path),
     )
 
 
@@ -78,7 +114,9 @@ def _hash_all(found: list[FoundFile]) -> tuple[dict[Path, str], list[FoundFile]]
             continue
         outcome = futures[f.path].result(raise_on_failure=False)
         if isinstance(outcome, BaseException):
-            f = FoundFile(f.path, f.size_bytes, FailureReason.unreadable, f"{f.path}: cannot be read ({outcome})")
+            # An I/O error that outlived the retries is no verdict on the file: io_error, tried again next run.
+            reason = FailureReason.io_error if is_transient(outcome) else FailureReason.unreadable
+            f = FoundFile(f.path, f.size_bytes, reason, f"{f.path}: cannot be read ({outcome})")
         else:
             sha_of[f.path] = outcome
         checked.append(f)
@@ -86,15 +124,22 @@ def _hash_all(found: list[FoundFile]) -> tuple[dict[Path, str], list[FoundFile]]
 
 
 def _ingest_unique(primary: dict[str, Path], config: IngestConfig, workspace: Path) -> dict[str, IngestResult]:
-    """The cached per-file task once per distinct content. A crash (not bad input: that comes
-    back as a result) is recorded as an internal error and the others go on."""
+    """The cached per-file task once per distinct content. Bad input comes back as a result
+    (a verdict, cached); a task that raised is recorded, never cached, and the others go on:
+    a timeout or an I/O error that outlived the retries as a passing failure (tried again by
+    the next run), anything else as an internal error."""
     arguments = {sha: (path, sha, config, workspace) for sha, path in primary.items()}
     outcomes = run_cached(ingest_video, workspace, arguments, lambda result: [c.path for c in result.clips], "ingesting")
     results: dict[str, IngestResult] = {}
     for sha, outcome in outcomes.items():
         if isinstance(outcome, BaseException):
             path = primary[sha]
-            get_run_logger().error("%s: ingest crashed: %r", path, outcome)
-            outcome = IngestResult.failed(FailureReason.internal_error, f"{path}: ingest crashed ({outcome!r})")
+            if is_transient(outcome):
+                reason = FailureReason.timeout if isinstance(outcome, TimeoutError) else FailureReason.io_error
+                message = f"{path}: {outcome} (a passing failure: nothing cached, the next run tries again)"
+                outcome = IngestResult.failed(reason, message)
+            else:
+                get_run_logger().error("%s: ingest crashed: %r", path, outcome)
+                outcome = IngestResult.failed(FailureReason.internal_error, f"{path}: ingest crashed ({outcome!r})")
         results[sha] = outcome
     return results

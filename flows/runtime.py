@@ -1,25 +1,264 @@
-"""Process set-up that must happen before Prefect is imported, and task runner choice."""
+"""Process set-up that must happen before Prefect is imported, the workspace lock, the one-line
+cause of a failure, and task runner choice."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import json
 import os
+import shlex
+import shutil
+import socket
 import sys
-from collections.abc import Callable, Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 MANIFESTS_DIR = "manifests"
+LOCK_NAME = ".lock"
+# Prefect's temporary server migrates its database on a workspace's first run: over a minute
+# on a loaded machine, where Prefect's default (20 s) made a newcomer's first command fail.
+SERVER_STARTUP_TIMEOUT_S = 300
+# Below this, no verb can finish (Prefect's database alone takes a few MB): refuse up front,
+# naming the folder, rather than fail later behind the API's "500 Internal Server Error".
+MIN_FREE_BYTES = 64 << 20
+PROBE_BYTES = 1 << 20
+
+_current_workspace: Path | None = None
 
 
-def use_workspace(workspace: Path) -> Path:
+def use_workspace(workspace: Path, wait: bool = False, lock: bool = True) -> Path:
     """Point Prefect's home at the workspace (unless the user chose one), so that a
-    workspace is self-contained and a fresh one starts clean. Call before importing prefect."""
+    workspace is self-contained and a fresh one starts clean; hold the workspace lock for the
+    rest of the process (``wait``: queue behind a run that holds it, else refuse; ``lock``
+    False: a verb that writes only a folder of its own, under its own lock, such as a training
+    run that lasts days while generation and preprocessing go on); check that the disk can
+    take writes. Call before importing prefect."""
+    global _current_workspace
     workspace = Path(workspace).absolute()
     workspace.mkdir(parents=True, exist_ok=True)
+    _current_workspace = workspace
     os.environ.setdefault("PREFECT_HOME", os.fspath(workspace / ".prefect"))
     # Analytics off: with it on, a local SQLite database reports "database is locked".
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(SERVER_STARTUP_TIMEOUT_S))
+    if lock:
+        _acquire(workspace, wait)  # never released: the process's exit releases it
+    from tasks.common import remove_incomplete_results
+
+    for path in remove_incomplete_results(workspace):
+        print(f"removed {path}: a result file cut short by an earlier run", file=sys.stderr)
+    for folder in _write_places():
+        problem = probe_writes(folder)
+        if problem is not None:
+            raise problem
+        free = shutil.disk_usage(folder).free
+        if free < MIN_FREE_BYTES:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {free >> 20} MiB free under {folder}, "
+                          f"a run needs at least {MIN_FREE_BYTES >> 20} MiB")  # fmt: skip
     return workspace
+
+
+# ---- one run per workspace ---------------------------------------------------------------
+#
+# Two runs on one workspace would share Prefect's SQLite database (two temporary servers
+# migrating it at once crash) and rewrite each other's manifests, so a verb that writes holds
+# an exclusive flock on <workspace>/.lock. The kernel drops it when the process ends, however
+# it ends (no stale locks); descriptors are close-on-exec, so ffmpeg, torchrun or the Prefect
+# server never inherit it. Flows that deployments run take it themselves (``workspace_lock``);
+# within one process it is re-entrant (the CLI's verb, then its flows and subflows).
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another live process holds the workspace lock."""
+
+
+_held: dict[Path, list[int]] = {}  # workspace -> [descriptor, depth]
+_held_guard = threading.Lock()
+
+
+def _lock_path(workspace: Path) -> Path:
+    return Path(workspace).absolute() / LOCK_NAME
+
+
+def lock_holder(workspace: Path) -> str:
+    """Who holds the workspace lock, as its holder wrote it: pid, host, command, since when."""
+    try:
+        info = json.loads(_lock_path(workspace).read_text() or "{}")
+        return f"pid {info['pid']} on {info['host']} ({info['command']}), since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (it has not said which yet)"
+
+
+def _acquire(workspace: Path, wait: bool) -> None:
+    workspace = Path(workspace).absolute()
+    with _held_guard:
+        if workspace in _held:
+            _held[workspace][1] += 1
+            return
+        workspace.mkdir(parents=True, exist_ok=True)
+        fd = os.open(_lock_path(workspace), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = lock_holder(workspace)
+                if not wait:
+                    raise WorkspaceBusy(f"workspace {workspace} is in use by {holder}; run one verb at a time on a "
+                                        "workspace, or pass --wait to start when it is free") from None  # fmt: skip
+                print(f"waiting for workspace {workspace}: in use by {holder}", file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            me = {"pid": os.getpid(), "host": socket.gethostname(), "command": _command_line(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        _held[workspace] = [fd, 1]
+
+
+def _command_line() -> str:
+    """This process's command as a user would type it (``python -m flows.cli`` is the CLI too)."""
+    main = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if Path(sys.argv[0]).name == "multianimate" or getattr(main, "name", None) == "flows.cli":
+        return shlex.join(["multianimate", *sys.argv[1:]])
+    return shlex.join(sys.argv) or sys.executable
+
+
+def _release(workspace: Path) -> None:
+    workspace = Path(workspace).absolute()
+    with _held_guard:
+        entry = _held[workspace]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _held[workspace]
+            os.close(entry[0])  # closing the last descriptor drops the flock
+
+
+@contextlib.contextmanager
+def workspace_lock(workspace: Path, wait: bool = False) -> Iterator[Path]:
+    """Hold the workspace lock for a block (re-entrant in one process); raises WorkspaceBusy
+    naming the holder when another process has it and ``wait`` is off."""
+    _acquire(workspace, wait)
+    try:
+        yield Path(workspace).absolute()
+    finally:
+        _release(workspace)
+
+
+# ---- the cause of a failure, on one line --------------------------------------------------
+
+
+def _write_places() -> list[Path]:
+    """Where a verb writes: the workspace, and Prefect's home when the user put it elsewhere."""
+    places = [] if _current_workspace is None else [_current_workspace]
+    home = os.environ.get("PREFECT_HOME")
+    if home and _current_workspace is not None and not Path(home).absolute().is_relative_to(_current_workspace):
+        places.append(Path(home).absolute())
+    return [p for p in places if p.is_dir()]
+
+
+def probe_writes(folder: Path, nbytes: int = PROBE_BYTES) -> OSError | None:
+    """Write, fsync and delete ``nbytes`` under ``folder``: the OSError a full disk, a quota,
+    a read-only mount or a failing device gives, or None when the write went through."""
+    from data_schemas.atomic import temp_path_for  # a killed probe is a dead writer's temp: removed by the next run
+
+    probe = temp_path_for(Path(folder) / "write-probe")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            block = b"\0" * min(nbytes, 1 << 16)
+            for start in range(0, nbytes, len(block)):
+                os.write(fd, block[: nbytes - start])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:  # named after the folder: the probe's own name means nothing to a user
+        return type(exc)(exc.errno, exc.strerror, os.fspath(folder))
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception, what it was raised from or during, and group members: top first."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        current = todo.pop(0)
+        if current is None or any(current is s for s in seen):
+            continue
+        seen.append(current)
+        todo.extend(getattr(current, "exceptions", ()) or ())
+        todo.append(current.__cause__ if current.__cause__ is not None or current.__suppress_context__ else current.__context__)
+    return seen
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ValueError):  # ours name the file and the reason
+        return _one_line(str(exc))
+    try:  # an HTTP error of the Prefect client: its status and call, without the long URL and advice
+        return f"the Prefect API answered {exc.response.status_code} {exc.response.reason_phrase} ({exc.request.method} {exc.request.url.path})"
+    except (AttributeError, RuntimeError):
+        return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """e.g. "No space left on device [ENOSPC]: /ws/clips/x.mp4", plus the message when it says more."""
+    text = f"{os.strerror(exc.errno)} [{errno.errorcode.get(exc.errno, exc.errno)}]" + (f": {exc.filename}" if exc.filename else "")
+    if str(exc) != str(OSError(exc.errno, os.strerror(exc.errno), *((exc.filename,) if exc.filename else ()))):
+        text += f" ({type(exc).__name__}: {exc})"
+    return _one_line(text)
+
+
+# Texts of a full disk from code that drops the errno (SQLite, some C++ libraries)
+_FULL_DISK_TEXTS = ("no space left on device", "database or disk is full", "disk quota exceeded")
+
+
+def _is_api_failure(exc: BaseException) -> bool:
+    """The Prefect API failed (answered 5xx, or its temporary server did not come up): its
+    own cause is in the server, not in this process."""
+    response = getattr(exc, "response", None)
+    if getattr(response, "status_code", 0) >= 500:
+        return True
+    return "Prefect API" in str(exc) or type(exc).__module__.startswith("httpx")
+
+
+def failure_cause(exc: BaseException) -> str:
+    """The cause of a failed verb on one line: the OS error at the root of the chain (not the
+    "500 Internal Server Error" the Prefect API answered when its database could not be
+    written), or, when the chain does not hold it, what a test write into the workspace
+    meets (a full disk fails every writer, whichever reported first)."""
+    chain = _chain(exc)
+    os_error = next((e for e in reversed(chain) if isinstance(e, OSError) and e.errno), None)
+    places = _write_places()
+    disk = next(((folder, problem) for folder in places if (problem := probe_writes(folder)) is not None), None)
+    if disk is not None and (os_error is None or os_error.errno != disk[1].errno):
+        folder, problem = disk
+        return _one_line(f"{os.strerror(problem.errno)} [{errno.errorcode.get(problem.errno, problem.errno)}] writing under {folder} "
+                         f"(the run failed with: {_describe(chain[-1])})")  # fmt: skip
+    if os_error is not None:
+        return _describe_os_error(os_error)
+    for e in reversed(chain):
+        if any(text in str(e).lower() for text in _FULL_DISK_TEXTS):
+            return _one_line(f"{os.strerror(errno.ENOSPC)} [ENOSPC]: {_describe(e)}")
+    api = next((e for e in chain if _is_api_failure(e)), None)
+    if api is not None and api is chain[-1]:
+        return _one_line(f"{_describe(api)}; the server's own error is in its log above")
+    return _describe(chain[-1])
+
+
+# ---- task runners and cached tasks --------------------------------------------------------
 
 
 def make_task_runner(dask_address: str | None = None, max_workers: int | None = None):
@@ -39,18 +278,22 @@ def run_cached(task, workspace: Path, arguments: dict, products: Callable[[Any],
     """Submit a cached task once per key of ``arguments``; returns each key's record, or the
     exception its task ended with (the others go on).
 
-    ``products(record)`` names the files (relative to the workspace) a record stands for: a
-    cache hit whose files have since disappeared is computed again. A progress bar shows on
-    a terminal.
+    Results persist as JSON under the workspace (``tasks.common.persisted``); a result file
+    at a key that is not one our serializer wrote (a pickle, someone else's class) is removed
+    before Prefect reads it, and the task runs again. ``products(record)`` names the files
+    (relative to the workspace) a record stands for: a cache hit whose files have since
+    disappeared is computed again. A progress bar shows on a terminal.
     """
     from prefect.futures import as_completed
     from prefect.logging import get_run_logger
     from rich.progress import Progress
 
-    from tasks.common import result_storage
+    from tasks.common import persisted, remove_foreign_results
 
     workspace = Path(workspace)
-    task = task.with_options(result_storage=result_storage(workspace))
+    for path, why in remove_foreign_results(task, workspace, arguments.values()):
+        get_run_logger().warning("removed %s: %s; it is computed again", path, why)
+    task = persisted(task, workspace)
 
     def run(run_task, keys: list, what: str) -> dict:
         futures = {run_task.submit(*arguments[key]): key for key in keys}

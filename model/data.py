@@ -51,7 +51,20 @@ shuffle and augmentation (with a fixed ``seed``).
 Failures: a sample that cannot be decoded (missing member, undecodable mp4, broken npz or
 json, arrays that disagree) and a shard that cannot be read (unopenable, truncated) are
 skipped with a logged warning and counted in the dataset's ``SkipCounter`` (``skips``),
-which is shared with the DataLoader worker processes.
+which is shared with the DataLoader worker processes. Two bounds keep bad data from hanging
+training:
+
+- every member read is bounded: the tar reader is our own stage (not webdataset's), which
+  refuses a member whose header claims more bytes than its shard holds, or more than
+  ``max_member_bytes`` (tarfile would otherwise "skip" such a member by reading forever at
+  100% CPU), naming the shard and the member;
+- a reader that skips ``max_consecutive_skips`` samples or shards in a row without one usable
+  sample raises ``LoaderStalled`` with the counts by reason (with resampling it would
+  otherwise warn forever and never yield a batch).
+
+Local shard paths are resolved (symlinks followed) when the dataset is made, so a reader
+keeps reading the shard set it started with even if ``workspace/shards`` is relinked to a
+newer set meanwhile (if that older set is then removed, its reads fail and are counted).
 """
 
 from __future__ import annotations
@@ -62,8 +75,11 @@ import logging
 import math
 import os
 import random
+import re
+import tarfile
 import warnings
 import zipfile
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -88,7 +104,9 @@ __all__ = [
     "SKIP_REASONS",
     "ClipDataset",
     "LoaderConfig",
+    "LoaderStalled",
     "SampleError",
+    "ShardReadError",
     "SkipCounter",
     "collate_samples",
     "crop_resize_keypoints",
@@ -115,6 +133,8 @@ SKIP_REASONS: tuple[str, ...] = (
     "inconsistent",  # members disagree (frame counts, sizes, persons, key)
     "shard_error",  # the tar reader failed (cannot open, truncated member, bad header)
     "truncated_shard",  # the shard does not end with the tar end-of-archive blocks
+    "oversized_member",  # a member's header claims more than max_member_bytes
+    "empty_shard",  # a shard read to its end without a single sample
 )
 SAMPLE_REASONS = SKIP_REASONS[:6]
 SHARD_REASONS = SKIP_REASONS[6:]
@@ -147,6 +167,13 @@ class LoaderConfig(BaseModel):
     )
     pose_style: Literal["unianimate", "dwpose"] = Field("unianimate", description="pose renderer style")
     keypoint_threshold: float = Field(0.3, ge=0.0, le=1.0, description="keypoint score threshold of the renderer")
+    max_consecutive_skips: int = Field(
+        100, ge=1,
+        description="a reader that skips this many samples or shards in a row, none usable, raises LoaderStalled",
+    )  # fmt: skip
+    max_member_bytes: int = Field(
+        2**32, ge=1, description="largest tar member read (bytes); a larger header is refused, naming shard and member"
+    )
 
     @field_validator("num_frames")
     @classmethod
@@ -175,6 +202,38 @@ class SampleError(Exception):
         assert reason in SAMPLE_REASONS, reason
         super().__init__(f"{key}: {reason}: {detail}")
         self.reason, self.key, self.detail = reason, key, detail
+
+
+class ShardReadError(Exception):
+    """A shard, or a member of it, that cannot be read; ``reason`` is one of SHARD_REASONS."""
+
+    def __init__(self, reason: str, url: str, detail: str):
+        assert reason in SHARD_REASONS, reason
+        super().__init__(f"{url}: {reason}: {detail}")
+        self.reason, self.url, self.detail = reason, url, detail
+
+
+class LoaderStalled(RuntimeError):
+    """A reader skipped ``max_consecutive_skips`` samples or shards in a row: the data it
+    was given is unusable, and going on would never yield a batch."""
+
+
+class _Streak:
+    """Skips since the last usable sample of one reader, by reason."""
+
+    def __init__(self, limit: int):
+        self.limit, self.counts = limit, Counter[str]()
+
+    def skip(self, reason: str, exn: BaseException) -> None:
+        self.counts[reason] += 1
+        if self.counts.total() >= self.limit:
+            raise LoaderStalled(
+                f"{self.counts.total()} samples or shards skipped in a row without one usable sample "
+                f"(max_consecutive_skips={self.limit}); by reason: {dict(sorted(self.counts.items()))}; last: {exn}"
+            )
+
+    def reset(self) -> None:
+        self.counts.clear()
 
 
 class SkipCounter:
@@ -525,13 +584,53 @@ def distributed_rank_world() -> tuple[int, int]:
 
 def _expand_urls(urls: str | Path | Iterable[str | Path]) -> list[str]:
     if isinstance(urls, (str, Path)):
-        return list(wds.shardlists.expand_urls(str(urls)))  # brace notation, "::" lists
-    return [str(u) for u in urls]
+        expanded = list(wds.shardlists.expand_urls(str(urls)))  # brace notation, "::" lists
+    else:
+        expanded = [str(u) for u in urls]
+    # Plain local paths are pinned through symlinks: a relinked workspace/shards does not mix
+    # the set being read with a newer one.
+    return [os.path.realpath(u) if urlparse(u).scheme == "" else u for u in expanded]
 
 
 def _local_path(url: str) -> str | None:
     parsed = urlparse(url)
     return parsed.path if parsed.scheme in ("", "file") else None
+
+
+# Compressed tars: their member offsets are not file offsets (tarfile's "r|*" detects these).
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+_META_NAME = re.compile(r"^__[^/]*__($|/)")  # webdataset's metadata members, never samples
+
+
+def _tar_members(url: str, select: Any, max_member_bytes: int) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular members of shard ``url`` that ``select`` keeps, in order.
+
+    Every member's claimed size is checked before tarfile reads or skips it: for a local
+    uncompressed file against the bytes the file holds (``shard_error``), and against
+    ``max_member_bytes`` (``oversized_member``; the only bound on a stream of unknown length).
+    """
+    path = _local_path(url)
+    stream = open(path, "rb") if path is not None else wds.gopen(url)  # noqa: SIM115 - closed below
+    with stream:
+        file_size = None
+        if path is not None:
+            head = stream.read(6)
+            stream.seek(0)
+            if not head.startswith(_COMPRESSED_MAGIC):
+                file_size = os.fstat(stream.fileno()).st_size
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                claim = f"member {info.name!r} (header at byte {info.offset}) claims {info.size} bytes from byte {info.offset_data}"
+                if file_size is not None and info.offset_data + info.size > file_size:  # cut, or a lying header
+                    raise ShardReadError("shard_error", url, f"{claim}; the file ends at byte {file_size}")
+                if info.size > max_member_bytes:
+                    raise ShardReadError("oversized_member", url, f"{claim}; max_member_bytes is {max_member_bytes}")
+                if not info.isreg() or _META_NAME.match(info.name) or not select(info.name):
+                    continue
+                data = tar.extractfile(info).read()  # type: ignore[union-attr]
+                if len(data) != info.size:
+                    raise ShardReadError("shard_error", url, f"member {info.name!r} ends after {len(data)} of {info.size} bytes")
+                yield info.name, data
 
 
 def _has_tar_end(path: str) -> bool:
@@ -578,18 +677,48 @@ class ClipDataset(IterableDataset):
             return self.rank, self.world_size
         return distributed_rank_world()
 
-    # Exception handlers (return True = skip and go on). Bound methods: they run in workers.
-    def _on_shard_error(self, exn: Exception) -> bool:
-        self.skips.add("shard_error")
+    # Exception handlers (return True = skip and go on; LoaderStalled when the streak is too long).
+    def _on_shard_error(self, exn: Exception, streak: _Streak) -> bool:
+        reason = exn.reason if isinstance(exn, ShardReadError) else "shard_error"
+        self.skips.add(reason)
         logger.warning("skipping unreadable shard data: %s: %s", type(exn).__name__, exn)
+        streak.skip(reason, exn)
         return True
 
-    def _on_sample_error(self, exn: Exception) -> bool:
+    def _on_sample_error(self, exn: Exception, streak: _Streak) -> bool:
         if not isinstance(exn, SampleError):
             raise exn  # a bug in the loader, not bad data
         self.skips.add(exn.reason)
         logger.warning("skipping sample %s", exn)
+        streak.skip(exn.reason, exn)
         return True
+
+    def _read_samples(self, src: Iterable[dict[str, Any]], streak: _Streak) -> Iterator[dict[str, Any]]:
+        """Shard urls -> raw samples (member bytes by extension, as webdataset groups them)."""
+        select = lambda name: not name.endswith(".ref.png")  # never read by the loader  # noqa: E731
+        for item in src:
+            url, sample, failed = item["url"], None, False
+            try:
+                for name, data in _tar_members(url, select, self.cfg.max_member_bytes):
+                    key, ext = wds.tariterators.base_plus_ext(name)
+                    if key is None:
+                        continue
+                    if sample is None or key != sample["__key__"]:
+                        if sample is not None:
+                            yield sample
+                        sample = {"__key__": key, "__url__": url}
+                    if ext.lower() in sample:
+                        raise ShardReadError("shard_error", url, f"duplicate member {name!r}")
+                    sample[ext.lower()] = data
+            except Exception as exn:  # noqa: BLE001 - counted; the next shard goes on
+                failed = True
+                self._on_shard_error(exn, streak)
+            # After an error this is the stub of the cut sample; decoding counts what it lacks.
+            if sample is not None:
+                yield sample
+            elif not failed:
+                # Nothing at all (with resampling this would repeat silently forever).
+                self._on_shard_error(ShardReadError("empty_shard", url, "no samples"), streak)
 
     def _check_shard_ends(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for item in src:
@@ -622,21 +751,26 @@ class ClipDataset(IterableDataset):
         shard_seed, buffer_seed = (int(v) for v in root.generate_state(2))
         rng = np.random.default_rng(root.spawn(1)[0])
         shuffle = cfg.shuffle_buffer > 0
-        pipeline = wds.WebDataset(
-            self.urls,
-            resampled=cfg.resampled,
-            # Explicit: shuffle this reader's whole shard list (ignored and False when resampled).
-            shardshuffle=len(self.urls) if (shuffle and not cfg.resampled) else False,
-            nodesplitter=self._split_by_rank,
-            workersplitter=self._split_by_worker,
-            handler=self._on_shard_error,
-            select_files=lambda name: not name.endswith(".ref.png"),  # never read by the loader
-            empty_check=False,  # a worker without shards yields nothing instead of raising
-            seed=shard_seed,
-        )
+        streak = _Streak(cfg.max_consecutive_skips)
+
+        def decode(raw: dict[str, Any]) -> Sample:
+            sample = decode_sample(raw, cfg, rng)
+            streak.reset()
+            return sample
+
+        # webdataset's stages, with our own tar reader in place of its opener, expander and grouper.
+        stages: list[Any] = [
+            wds.ResampledShards(self.urls, empty_check=False) if cfg.resampled else wds.SimpleShardList(self.urls),
+            self._split_by_rank,
+            self._split_by_worker,
+        ]
+        if shuffle and not cfg.resampled:
+            stages.append(wds.filters.shuffle(len(self.urls), seed=shard_seed))  # this reader's whole shard list
+        stages.append(lambda src: self._read_samples(src, streak))
         if shuffle:
-            pipeline = pipeline.shuffle(cfg.shuffle_buffer, rng=random.Random(buffer_seed))
-        pipeline = pipeline.map(lambda raw: decode_sample(raw, cfg, rng), handler=self._on_sample_error)
+            stages.append(wds.filters.shuffle(cfg.shuffle_buffer, rng=random.Random(buffer_seed)))
+        stages.append(wds.filters.map(decode, handler=lambda exn: self._on_sample_error(exn, streak)))
+        pipeline = wds.DataPipeline(*stages)
         if self.epoch_samples is not None:
             # epoch_samples is per rank: this worker's share (repeats a finite shard list).
             share = self.epoch_samples // num_workers + (worker < self.epoch_samples % num_workers)

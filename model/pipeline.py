@@ -20,6 +20,11 @@ pose encoders; their outputs are cast to the compute dtype. The sampler's state 
 the guided velocity, the window sums) stays float32 as in diffusers; only the DiT's input
 is cast (the release keeps bf16 latents, which rounds every Euler step).
 
+Sampling stops with ``DegenerateOutputError`` at the first step whose latents are not finite
+(NaN/inf from diverged weights or an extreme guidance scale): decoding them would clamp to a
+plausible-looking constant video. ``on_step`` lets a caller stop a call between steps (the
+batch's time limit).
+
 Memory (docs/memory.md): ``SamplingConfig.merge_lora`` folds the LoRA into the base weights
 for the call (W += scale B A: no extra matmuls per step; in a bf16 base that rounds, as the
 release's own merge does); ``offload`` moves whole networks ("model"), DiT blocks ("group")
@@ -36,7 +41,7 @@ import contextlib
 import statistics
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -118,6 +123,22 @@ class Conditions:
 
     def persons(self) -> int:
         return self.num_persons if self.num_persons is not None else max(1, int(self.labels.max()))
+
+
+class DegenerateOutputError(ValueError):
+    """The sampler's latents stopped being finite numbers (NaN or inf: diverged weights, an
+    extreme guidance scale): there is no video to write, only a failure to record."""
+
+
+def check_finite(latents: torch.Tensor, step: int, steps: int, guidance: float) -> None:
+    """Raise ``DegenerateOutputError`` when ``latents`` hold a NaN or an inf. Checked after
+    every step: once non-finite they stay so, and the remaining steps would be wasted (the
+    decoder's clamp would then turn them into a plausible-looking all-black video)."""
+    if not bool(torch.isfinite(latents).all()):
+        raise DegenerateOutputError(
+            f"non-finite latents (NaN or inf) after denoising step {step}/{steps} at guidance scale {guidance:g}: "
+            "the model's weights or the guidance diverged; no video was written"
+        )
 
 
 @dataclass
@@ -419,7 +440,11 @@ class MultiAnimatePipeline:
     # ---- the whole thing -----------------------------------------------------------
 
     @torch.no_grad()
-    def __call__(self, cond: Conditions, sampling: SamplingConfig | None = None) -> Generated:
+    def __call__(self, cond: Conditions, sampling: SamplingConfig | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> Generated:  # fmt: skip
+        """``on_step(step, steps)`` runs after every denoising step (1-based), after the
+        latents were checked finite: the caller may raise there to stop the call (a time
+        limit) at a step boundary."""
         sampling = sampling or SamplingConfig()
         cfg, dit = self.c.config, self.c.dit
         T, H, W = cond.check(self.max_persons)
@@ -456,6 +481,7 @@ class MultiAnimatePipeline:
                 if len(windows) == 1:
                     v = self.predict(latents, y, timestep, image, text, negative, tokens[0], ref_features, sampling.guidance_scale)
                     latents = latents + (sigma_next - sigma) * v
+                    self._step_done(latents, i + 1, sampling, on_step)
                     continue
                 total = torch.zeros_like(latents)
                 count = torch.zeros(num_latents, device=device)
@@ -469,11 +495,18 @@ class MultiAnimatePipeline:
                     total[:, :, own] += stepped[:, :, len(idx) - len(own) :]
                     count[own] += 1
                 latents = total / count.view(1, 1, -1, 1, 1)
+                self._step_done(latents, i + 1, sampling, on_step)
             timings["sampling_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             frames = self.decode(latents)
             timings["decode_s"] = time.perf_counter() - t0
         return Generated(frames=frames, latents=latents, timings=timings, windows=windows)
+
+    @staticmethod
+    def _step_done(latents: torch.Tensor, step: int, sampling: SamplingConfig, on_step: Callable[[int, int], None] | None) -> None:
+        check_finite(latents, step, sampling.steps, sampling.guidance_scale)
+        if on_step is not None:
+            on_step(step, sampling.steps)
 
     @contextlib.contextmanager
     def _memory_options(self, sampling: SamplingConfig) -> Iterator[None]:

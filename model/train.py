@@ -29,45 +29,65 @@ whose content depends only on (seed, epoch, rank, worker). A checkpoint at a ste
 
 Run folder: ``config.json``, ``metrics.csv`` (step, loss, lr, grad norm, step time,
 samples/s, peak memory), ``checkpoints/step-NNNNNNN/`` (torch.distributed.checkpoint, with
-``trainer.json``; renamed into place when complete), ``final/`` (our safetensors format),
-``loss_curve.png``, ``pids/rank<r>.pid``.
+``trainer.json``; renamed into place when complete, model/checkpoint.py), ``final/`` (our
+safetensors format), ``loss_curve.png``, ``pids/rank<r>.pid``.
+
+One writer per run folder (``claim_run_folder``; model/run_folder.py): torchrun starts every
+rank in a session of its own, so killing the launcher's process group does not reach the
+ranks. Each rank therefore dies with its parent (PR_SET_PDEATHSIG) and with the launcher that
+owns the folder (a watchdog thread), holds a lock on its pid file (pid and start time) for its
+life, and a launcher stops the live ranks a dead launcher left before it starts new ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import errno
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 
 from data_schemas.atomic import atomic_path
 from data_schemas.batch import video_to_model_range
+from data_schemas.shard import hold_for_reading
 from data_schemas.train import TrainConfig
-from model.checkpoint import save_adapter_tensors
+from model.checkpoint import (
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    publish_checkpoint,
+    remove_checkpoint_leftovers,
+    save_adapter_tensors,
+    save_checkpoint_files,
+    temp_checkpoint_dir,
+)
 from model.components import Components, build_components
 from model.conditions import stack_channels, training_channels
 from model.data import LoaderConfig, make_loader
 from model.loading import base_bytes, check_files, load_sharded
 from model.pipeline import MultiAnimatePipeline, sampling_sigmas
+from model.run_folder import LAUNCHER_ENV, die_with_launcher, hold_rank, own_run_folder
 from model.text_cache import EmbeddingCache
 from model.text_encoder import profile_encoder_id
 
 NUM_TRAIN_TIMESTEPS = 1000
 FAULT_ENV = "MULTIANIMATE_FAULT_KILL"  # "RANK:STEP": that rank SIGKILLs itself once (resilience tests)
+STALL_ENV = "MULTIANIMATE_FAULT_STALL"  # "STEP": after STEP steps and their checkpoint, every rank stops for good
+FAILURE_PREFIX = "multianimate-train-failure "  # a failed rank's last line: this prefix, then JSON (the launcher reads it)
 METRIC_FIELDS = ("step", "loss", "lr", "grad_norm", "step_time_s", "samples_per_s", "peak_mem_gib")
 
 
@@ -200,6 +220,46 @@ def _batch_channels(num_persons: torch.Tensor, pool: int, rng: random.Random) ->
     return [training_channels(k_max, pool, rng) for _ in num_persons]
 
 
+# ---- one writer per run folder (model/run_folder.py) ---------------------------------------
+
+
+@contextlib.contextmanager
+def claim_run_folder(run_dir: Path, rank: int) -> Iterator[None]:
+    """A rank's hold on its run folder, taken before it writes anything there: started by our
+    launcher (``LAUNCHER_ENV``), the launcher owns the folder; started by hand (torchrun, or in
+    one process), rank 0 owns it. Every rank then holds its pid file (model/run_folder.py)."""
+    with contextlib.ExitStack() as stack:
+        if LAUNCHER_ENV not in os.environ:
+            if rank == 0:
+                stack.enter_context(own_run_folder(run_dir))
+            _barrier()  # no rank writes before rank 0 owns the folder (if it cannot, torchrun stops them all)
+        stack.enter_context(hold_rank(run_dir, rank))
+        yield
+
+
+def failure_line(exc: BaseException) -> str:
+    """A failed rank's last line: the root cause (DCP wraps every rank's error in its own
+    exception; the OSError of a full disk sits under it) as JSON, for the launcher to report."""
+    cause = exc
+    failures = getattr(cause, "failures", None)  # dcp.api.CheckpointException
+    if isinstance(failures, dict) and failures:
+        cause = next(iter(failures.values()))[0]
+    chained, seen = cause, set()
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        if isinstance(chained, OSError) and chained.errno:
+            cause = chained
+            break
+        chained = chained.__cause__ or chained.__context__
+    record = {"rank": int(os.environ.get("RANK", 0)), "error": f"{type(cause).__name__}: {cause}".splitlines()[0],
+              "errno": getattr(cause, "errno", None)}  # fmt: skip
+    return FAILURE_PREFIX + json.dumps(record)
+
+
+def disk_full(errno_value: int | None) -> bool:
+    return errno_value in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 # ---- the run -------------------------------------------------------------------------
 
 
@@ -257,39 +317,35 @@ def _peak_mem_gib(device: torch.device) -> float:
     return peak_rss_bytes() / 2**30
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (renamed into place only when whole)."""
-    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "trainer.json").is_file())
-    return done[-1] if done else None
-
-
 def _save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, rank: int, keep: int) -> None:
-    final = run_dir / "checkpoints" / f"step-{step:07d}"
-    tmp = run_dir / "checkpoints" / f".step-{step:07d}.tmp"
+    """Every rank writes its part under a temporary folder; rank 0 renames it into place when
+    all are whole. A failed save (a full disk) removes its temporary folder and raises, the
+    previous checkpoint untouched; a killed one leaves it for the next owner to remove."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = temp_checkpoint_dir(final)
     if rank == 0 and tmp.exists():
-        shutil.rmtree(tmp)
+        remove_checkpoint_leftovers(run_dir)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    try:
+        save_checkpoint_files({"model": model_sd, "optim": optim_sd}, tmp, rank, step)
+    except BaseException:  # every rank fails: DCP gathers each rank's outcome
+        if rank == 0:
+            remove_checkpoint_leftovers(run_dir)  # give back the space the partial save took
+        raise
     if rank == 0:
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict()}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in sorted((run_dir / "checkpoints").glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_checkpoint(tmp, final, {"step": step, "scheduler": scheduler.state_dict()}, keep)
     _barrier()
 
 
 def _load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    # strict=False: the frozen base weights are not in the checkpoint (dcp.load above already
+    trainer = load_checkpoint(path, state)  # refuses files that would run code
+    # strict=False: the frozen base weights are not in the checkpoint (the load above already
     # failed if any trained tensor was missing from it)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))  # fmt: skip
-    trainer = json.loads((path / "trainer.json").read_text())
     scheduler.load_state_dict(trainer["scheduler"])
     return int(trainer["step"])
 
@@ -306,13 +362,18 @@ def _metrics_writer(run_dir: Path, resume_step: int):
     rows = []
     if path.is_file():
         with path.open() as fh:
-            rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+            rows = [r for r in csv.DictReader(fh) if _whole_row(r) and int(r["step"]) <= resume_step]
     with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, METRIC_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
     fh = path.open("a", newline="")
     return fh, csv.DictWriter(fh, METRIC_FIELDS)
+
+
+def _whole_row(row: dict) -> bool:
+    """False for the torn last line a kill or a full disk may leave."""
+    return all(row.get(f) not in (None, "") for f in METRIC_FIELDS) and row["step"].isdigit()
 
 
 def write_loss_curve(run_dir: Path) -> Path:
@@ -338,6 +399,9 @@ def write_loss_curve(run_dir: Path) -> Path:
 
 
 def _maybe_fault(rank: int, step: int, run_dir: Path) -> None:
+    if os.environ.get(STALL_ENV) == str(step):
+        while True:
+            time.sleep(60)
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
@@ -465,16 +529,26 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
             print("\n".join(describe(built)), flush=True)
         trainable = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
         return {"trainable_params": trainable, "world": world, "shards": len(sorted(cfg.workspace.glob(cfg.shards)))}
-    shards = check_inputs(cfg)
+    shards = [Path(os.path.realpath(p)) for p in check_inputs(cfg)]  # this set, not whatever the link names later
+    reading = hold_for_reading(shards)  # the set stays while this run reads it, even once a newer one is published
+    if not all(p.exists() for p in shards):
+        raise ValueError(f"the shards under {cfg.workspace / cfg.shards} were replaced as the run started; start it again")
+    with claim_run_folder(run_dir, rank):  # before anything is written there: one writer per run folder
+        result = _train(cfg, shards, rank, world, device)
+    for handle in reading:
+        handle.close()
+    return result
+
+
+def _train(cfg: TrainConfig, shards: list[Path], rank: int, world: int, device: torch.device) -> dict:
+    run_dir = cfg.run_dir
     encoder_id = profile_encoder_id(cfg.model.profile, cfg.model.wan_folder)
     cache = EmbeddingCache(cfg.workspace / "embeddings", encoder_id)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_checkpoint_leftovers(run_dir)  # of saves a kill or a full disk interrupted
         with atomic_path(run_dir / "config.json") as tmp:
             tmp.write_text(cfg.model_dump_json(indent=2))
     _barrier()
-    (run_dir / "pids").mkdir(parents=True, exist_ok=True)
-    (run_dir / "pids" / f"rank{rank}.pid").write_text(str(os.getpid()))
 
     built = build_training_model(cfg, device)
     comps, pipe, model, dtype = built.comps, built.pipe, built.model, cfg.compute_dtype
@@ -565,9 +639,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", type=Path, required=True, help="TrainConfig as JSON")
     ap.add_argument("--dry-run", action="store_true", help="build the model as training would and describe it, do not train")
     args = ap.parse_args(argv)
+    if "RANK" in os.environ:  # under torchrun
+        die_with_launcher()
     cfg = TrainConfig.model_validate_json(args.config.read_text())
     try:
         train(cfg, dry_run=args.dry_run)
+    except BaseException as exc:
+        sys.stderr.flush()
+        os.write(2, (failure_line(exc) + "\n").encode())  # one write: the other ranks' lines cannot split it
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -3,15 +3,23 @@
 Untrusted files are only ever touched by ffprobe and ffmpeg, in child processes with a
 timeout (their own process group, killed whole on timeout): decoders can hang in native
 code or abort on broken streams. decord reads only the clips we encoded ourselves.
+
+Two kinds of failure are told apart. ``MediaError`` is a verdict about the file's content
+(not a video, undecodable, ...), safe to cache. A timeout, an I/O error, a full disk or a
+tool killed from outside says nothing about the content: it raises an ``OSError``
+(``MediaTimeout`` is a ``TimeoutError``), which the tasks retry and never cache.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -32,9 +40,30 @@ class MediaError(Exception):
         self.reason = reason
 
 
-class MediaTimeout(MediaError):
+class MediaTimeout(MediaError, TimeoutError):
+    """No answer in time: a slow disk or a loaded host as much as a hostile file, so a passing
+    failure (a TimeoutError), not a verdict."""
+
     def __init__(self, message: str):
         super().__init__("timeout", message)
+
+
+# What ffmpeg prints (strerror) when the machine, not the file, failed: a rerun may succeed.
+_ENVIRONMENT_ERRNOS = (errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ESTALE, errno.ETIMEDOUT, errno.ENOTCONN)
+
+
+def raise_for_environment(done: subprocess.CompletedProcess[bytes], what: str) -> None:
+    """Raise an OSError when a tool failed because of the machine: an errno of
+    _ENVIRONMENT_ERRNOS in its messages, or killed by SIGKILL (the OOM killer, an operator).
+    Other signals (a decoder crashing on a crafted file) are left to the caller's verdict."""
+    text = done.stderr.decode("utf-8", "replace")
+    for code in _ENVIRONMENT_ERRNOS:
+        message = os.strerror(code)
+        line = next((line.strip() for line in text.splitlines() if message in line), None)
+        if line is not None:
+            raise OSError(code, f"{what}: {line}")
+    if done.returncode == -signal.SIGKILL:
+        raise OSError(errno.EINTR, f"{what}: killed by SIGKILL from outside (out of memory?)")
 
 
 def input_url(path: Path) -> str:
@@ -95,6 +124,7 @@ def probe(path: Path, timeout: float) -> ProbeInfo:
     args = ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json", input_url(path)]
     done = run_tool(args, timeout, f"ffprobe {path}")
     if done.returncode != 0:
+        raise_for_environment(done, f"ffprobe {path}")
         raise MediaError(_unopenable_reason(path), f"{path}: cannot be opened as a video ({last_error_line(done.stderr)})")
     info = json.loads(done.stdout.decode("utf-8", "replace") or "{}")
     fmt = info.get("format", {})
@@ -151,6 +181,53 @@ def _unopenable_reason(path: Path) -> str:
 X264_DECODE_OPTIONS: dict[str, str] = {"coder": "cavlc"}
 
 
+@dataclass(frozen=True)
+class DecodeReport:
+    """What the normalising decode said about an untrusted file."""
+
+    errors: tuple[str, ...]  # error-level messages of the decode (demuxer, decoder), in order
+    lost: int  # packets the decoder failed on (no frame)
+    corrupt: int  # frames decoded but flagged corrupt, or reported as concealed
+
+    @property
+    def damaged_frames(self) -> int:
+        return self.lost + self.corrupt
+
+
+# Lines of ``-loglevel level+verbose``: "[h264 @ 0x55...] [error] message" or "[error] message".
+_LOG_LINE = re.compile(r"^(?:\[[^\]]*\] )?\[(?P<level>panic|fatal|error|warning|info|verbose|debug|trace)\] ?(?P<text>.*)$")
+_REPEATED = re.compile(r"Last message repeated (?P<times>\d+) times")
+
+
+# Per-frame messages: ffmpeg's own, once per packet the decoder failed on and once per frame
+# it flagged corrupt; the h264/hevc/mpeg decoders', once per picture decoded with concealment.
+# (Counting packets against frames does not work: edit lists discard packets legitimately.)
+_FRAME_MESSAGES = {"lost": "Error while decoding stream", "flagged": "corrupt decoded frame in stream", "concealed": "concealing "}
+
+
+def parse_decode_log(stderr: str) -> DecodeReport:
+    """Read the decode's error messages and count its damaged frames from ffmpeg's log."""
+    errors: list[str] = []
+    counts = dict.fromkeys(_FRAME_MESSAGES, 0)
+    last: str | None = None  # the counter the previous line added to, for folded repeats
+    for line in stderr.splitlines():
+        if repeated := _REPEATED.search(line):  # ffmpeg folds identical lines into one
+            if last is not None:
+                counts[last] += int(repeated["times"])
+            continue
+        match = _LOG_LINE.match(line.strip())
+        if match is None:
+            continue
+        level, text = match["level"], match["text"].strip()
+        last = next((kind for kind, start in _FRAME_MESSAGES.items() if text.startswith(start) or start in text), None)
+        if last is not None:
+            counts[last] += 1
+        if level in ("panic", "fatal", "error") and text:
+            errors.append(text)
+    # A concealed picture is usually flagged corrupt as well: count each frame once.
+    return DecodeReport(tuple(errors), counts["lost"], max(counts["flagged"], counts["concealed"]))
+
+
 def normalise(
     path: Path,
     out: Path,
@@ -161,15 +238,17 @@ def normalise(
     preset: str,
     gop: int,
     timeout: float,
-) -> tuple[np.ndarray, str]:
+) -> tuple[np.ndarray, DecodeReport]:
     """Decode an untrusted file ONCE into a normalised H.264 mp4 plus per-frame scene scores.
 
     One filter graph: timestamps from 0 -> fixed fps -> scaled -> split into the encoder and
     a 64 px thumbnail branch that scores scene changes. ffmpeg applies the rotation first
     (autorotate). x264 places an IDR frame at every scene change it sees (min-keyint 1) and
     at least every ``gop`` frames, so clips can later be cut without re-encoding; it encodes
-    with X264_DECODE_OPTIONS.
-    Returns (scene score of each output frame, decoder error text).
+    with X264_DECODE_OPTIONS. The log is read at the verbose level, each line tagged with
+    its level, for the decode's errors and its packet and frame counts (``DecodeReport``).
+    Returns (scene score of each output frame, the decode's report); raises OSError when the
+    machine failed (see raise_for_environment).
     """
 
     width, height = size
@@ -202,13 +281,14 @@ def normalise(
             **X264_DECODE_OPTIONS,
         )
         graph = ffmpeg.merge_outputs(encoded, scores.output("-", format="null"))
-        args = graph.global_args("-nostdin", "-v", "error", "-y").compile()
+        args = graph.global_args("-nostdin", "-nostats", "-loglevel", "level+verbose", "-y").compile()
         done = run_tool(args, timeout, f"normalising {path}")
         text = scores_file.read_text() if scores_file.exists() else ""
-    errors = done.stderr.decode("utf-8", "replace").strip()
-    if done.returncode != 0 and not errors:
-        errors = f"ffmpeg exited with status {done.returncode}"
-    return _parse_scores(text), errors
+    raise_for_environment(done, f"normalising {path}")
+    report = parse_decode_log(done.stderr.decode("utf-8", "replace"))
+    if done.returncode != 0 and not report.errors:
+        report = DecodeReport((f"ffmpeg exited with status {done.returncode}",), report.lost, report.corrupt)
+    return _parse_scores(text), report
 
 
 def _parse_scores(text: str) -> np.ndarray:
@@ -227,6 +307,7 @@ def keyframes(clip: Path, fps: float, timeout: float = 60.0) -> set[int]:
             "-of", "csv=p=0", input_url(clip)]  # fmt: skip
     done = run_tool(args, timeout, f"listing keyframes of {clip}")
     if done.returncode != 0:
+        raise_for_environment(done, f"listing keyframes of {clip}")
         raise MediaError("undecodable", f"{clip}: {last_error_line(done.stderr)}")
     found = set()
     for line in done.stdout.decode().splitlines():
@@ -258,6 +339,7 @@ def split(clip: Path, out_pattern: Path, cut_frames: list[int], fps: float, *, r
     )  # fmt: skip
     done = run_tool(args, timeout, f"splitting {clip}")
     if done.returncode != 0:
+        raise_for_environment(done, f"splitting {clip}")
         raise MediaError("undecodable", f"{clip}: could not split ({last_error_line(done.stderr)})")
 
 

@@ -1,32 +1,64 @@
-"""The shard stage: clips + poses + masks -> WebDataset tar shards and shards/index.parquet.
+"""The shard stage: clips + poses + masks -> WebDataset tar shards and their index.parquet.
 
 Shards are byte-identical for identical inputs: samples sorted by key, members sorted by
 name, fixed tar header fields (mtime 0, uid/gid 0, no user names, mode 0644) and npz
-members with a fixed zip timestamp. Each shard is written under a temporary name and
-renamed when whole; the index is published after its shards, and shard files the index no
-longer lists are removed last. The split is by source video, so no source is on both sides.
+members with a fixed zip timestamp. The split is by source video, so no source is on both
+sides.
+
+The tars and their index are one unit, published at once (a set published member by member
+disagrees with its index after a failure, and training globs whatever tars it finds):
+
+1. the whole set is written into a temporary folder ``shard-sets/.set.tmp-<host>-<pid>-<rand>``;
+2. it is renamed ``shard-sets/<set id>`` when whole (id: a digest of every byte of the set,
+   so an identical set is never written twice);
+3. ``shards`` (the path every reader uses) is a relative symlink to the current set, swapped
+   by one ``os.replace`` of a temporary symlink: a reader sees the old set or the new one,
+   never a mix;
+4. the sets no longer linked are removed (renamed to a temporary name first, so a killed
+   removal leaves nothing that looks like a set).
+
+A failure anywhere (disk full, a kill) leaves the previous set linked and whole; an error
+removes its temporary folder at once, a killed writer's is removed by the next run. Steps
+2-4 hold a lock (``shard-sets/.lock``) so that one run's clean-up never removes the set
+another run is about to link. A workspace whose ``shards`` is still a real folder (made
+before shard sets) is migrated at its next publication.
+
+Why a symlink rather than renaming folders: a folder cannot replace a non-empty folder in
+one rename, and a symlink swap is atomic on every POSIX file system (network ones included).
+A reader that wants one set for a long time resolves the link once (the training loader does).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import io
 import json
+import logging
+import os
+import shutil
 import tarfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
 
 from data_schemas import ClipRecord, PoseRecord, read_records, write_records
+from data_schemas.quality import ClipQuality
 from data_schemas.arrays import npz_bytes
-from data_schemas.atomic import atomic_path
+from data_schemas.atomic import fsync_file, remove_stale_temps, temp_path_for
 from data_schemas.config import ShardConfig
 from data_schemas.mask import MaskRecord
-from data_schemas.shard import SHARDS_DIR, ShardSample, ShardSummary
+from data_schemas.shard import INDEX_NAME, MEMBERS, NO_MEASURES, SETS_DIR, readers_file, SHARDS_DIR, ShardSample, ShardSummary
 from preprocess.media import read_frames
 from preprocess.pose.stage import load_poses
 from preprocess.segment.stage import load_masks
+
+logger = logging.getLogger(__name__)
 
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
@@ -81,52 +113,91 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-class _ShardWriter:
-    """Fills ``<split>-%06d.tar`` shards up to a target size, publishing each when whole."""
+def create_file(path: Path) -> BinaryIO:
+    """How a file of a new set is opened (``write_shards`` takes another for fault injection)."""
+    return open(path, "xb")  # noqa: SIM115 - closed by _SplitWriter
 
-    def __init__(self, folder: Path, split: str, target_bytes: int):
-        self.folder, self.split, self.target = folder, split, target_bytes
-        self.count, self.written = 0, []
-        self._tar = self._context = None
+
+class _Sink:
+    """The file a tar is written to, hashing what passes (the set id digests every byte)."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw, self.sha256 = raw, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
+class _SplitWriter:
+    """Fills ``<split>-%06d.tar`` shards up to a target size inside the set being built."""
+
+    def __init__(self, folder: Path, split: str, target_bytes: int, open_file: Callable[[Path], BinaryIO]):
+        self.folder, self.split, self.target, self.open_file = folder, split, target_bytes, open_file
+        self.digests: dict[str, str] = {}  # shard name -> sha256, once whole
+        self._name: str | None = None
+        self._sink: _Sink | None = None
+        self._tar: tarfile.TarFile | None = None
 
     def add(self, key: str, members: dict[str, bytes]) -> tuple[str, int, int]:
         if self._tar is None:
-            name = f"{self.split}-{self.count:06d}.tar"
-            self._context = atomic_path(self.folder / name)
-            self._tar = tarfile.open(self._context.__enter__(), "w", format=tarfile.USTAR_FORMAT)
-            self.written.append(name)
+            self._name = f"{self.split}-{len(self.digests):06d}.tar"
+            self._sink = _Sink(self.open_file(self.folder / self._name))
+            self._tar = tarfile.open(fileobj=self._sink, mode="w", format=tarfile.USTAR_FORMAT)  # type: ignore[arg-type]
         start = self._tar.offset
         for ext in sorted(members):
             _add(self._tar, f"{key}.{ext}", members[ext])
-        shard, size = self.written[-1], self._tar.offset - start
+        shard, size = self._name, self._tar.offset - start
         if self._tar.offset >= self.target:
             self.close()
-        return shard, start, size
+        return shard, start, size  # type: ignore[return-value]
 
-    def close(self, error: BaseException | None = None) -> None:
-        """Publish the open shard (fsync + rename), or with ``error`` discard its temp file."""
+    def close(self) -> None:
+        """Finish the open shard: end-of-archive blocks, fsync."""
         if self._tar is not None:
             self._tar.close()
-            if error is None:
-                self._context.__exit__(None, None, None)
-                self.count += 1
-            else:
-                self.written.pop()
-                self._context.__exit__(type(error), error, error.__traceback__)
-            self._tar, self._context = None, None
+            self._sink.raw.flush()  # type: ignore[union-attr]
+            os.fsync(self._sink.raw.fileno())  # type: ignore[union-attr]
+            self._sink.raw.close()  # type: ignore[union-attr]
+            self.digests[self._name] = self._sink.sha256.hexdigest()  # type: ignore[index,union-attr]
+            self._tar = self._sink = None
+
+    def abandon(self) -> None:
+        """After an error: release the open file (its folder is removed whole)."""
+        if self._sink is not None:
+            with contextlib.suppress(OSError):  # a full disk may fail the flush again
+                self._sink.raw.close()
+            self._tar = self._sink = None
 
 
-def write_shards(workspace: Path, cfg: ShardConfig) -> ShardSummary:
-    """Every clip with poses and masks becomes one sample; see the module docstring."""
+def write_shards(workspace: Path, cfg: ShardConfig, *, quality: Mapping[str, ClipQuality] | None = None,
+                 open_file: Callable[[Path], BinaryIO] = create_file) -> ShardSummary:  # fmt: skip
+    """Every clip with poses and masks becomes one sample, unless ``cfg.filters`` leave it out
+    by its ``quality`` measures (manifests/quality.parquet; None: no measures, no filtering);
+    the set is published as one unit (module docstring). ``open_file`` opens each tar of the
+    new set for writing."""
     workspace = Path(workspace)
     manifests = workspace / "manifests"
     poses = {r.clip_id: r for r in read_records(manifests / "poses.parquet", PoseRecord)}
     masks = {r.clip_id: r for r in read_records(manifests / "masks.parquet", MaskRecord)}
     clips = sorted((c for c in read_records(manifests / "clips.parquet", ClipRecord) if c.clip_id in poses and c.clip_id in masks),
                    key=lambda c: c.clip_id)  # fmt: skip
-    folder = workspace / SHARDS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    writers = {split: _ShardWriter(folder, split, cfg.target_shard_bytes) for split in ("train", "val")}
+    left_out: dict[str, int] = {}  # filter -> clips it left out
+    if quality is not None:
+        reasons = {c.clip_id: cfg.filters.reasons(quality[c.clip_id]) if c.clip_id in quality else [NO_MEASURES] for c in clips}
+        for reason in (r for c in clips for r in reasons[c.clip_id]):
+            left_out[reason] = left_out.get(reason, 0) + 1
+        dropped = sum(bool(reasons[c.clip_id]) for c in clips)
+        clips = [c for c in clips if not reasons[c.clip_id]]
+    sets = workspace / SETS_DIR
+    sets.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(sets)  # what killed writers left; live writers' folders are spared
+    building = temp_path_for(sets / "set")
+    building.mkdir()
+    writers = {split: _SplitWriter(building, split, cfg.target_shard_bytes, open_file) for split in ("train", "val")}
     index: list[ShardSample] = []
     try:
         for clip in clips:
@@ -137,21 +208,140 @@ def write_shards(workspace: Path, cfg: ShardConfig) -> ShardSummary:
                 source_sha256=clip.source_sha256, num_frames=clip.num_frames, persons=meta["persons"],
                 width=clip.width, height=clip.height, fps=clip.fps, caption=meta["caption"],
             ))  # fmt: skip
-    except BaseException as error:
         for writer in writers.values():
-            writer.close(error)
+            writer.close()
+        write_records(index, ShardSample, building / INDEX_NAME)
+        digests = {name: sha for writer in writers.values() for name, sha in writer.digests.items()}
+        digests[INDEX_NAME] = hashlib.sha256((building / INDEX_NAME).read_bytes()).hexdigest()
+        set_id = hashlib.sha256("".join(f"{name}:{sha};" for name, sha in sorted(digests.items())).encode()).hexdigest()[:16]
+        _fsync_dir(building)
+        _publish(workspace, building, set_id)
+    except BaseException:
+        for writer in writers.values():
+            writer.abandon()
+        shutil.rmtree(building, ignore_errors=True)
         raise
-    for writer in writers.values():
-        writer.close()
-    index_path = write_records(index, ShardSample, folder / "index.parquet")
-    shards = sorted(name for writer in writers.values() for name in writer.written)
-    for stale in folder.glob("*.tar"):  # shards of an earlier, larger run
-        if stale.name not in shards:
-            stale.unlink()
+    shards = sorted(name for name in digests if name != INDEX_NAME)
     return ShardSummary(
         num_samples=len(index),
         shards=tuple(f"{SHARDS_DIR}/{name}" for name in shards),
         num_train=sum(s.split == "train" for s in index),
         num_val=sum(s.split == "val" for s in index),
-        index=str(index_path),
+        index=str(workspace / SHARDS_DIR / INDEX_NAME),
+        set_dir=f"{SETS_DIR}/{set_id}",
+        num_left_out=dropped if quality is not None else 0,
+        left_out=left_out,
     )
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # some file systems cannot fsync a folder; the renames still stand
+        fsync_file(path)
+
+
+@contextlib.contextmanager
+def _publication_lock(sets: Path) -> Iterator[None]:
+    with open(sets / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
+
+
+def _publish(workspace: Path, building: Path, set_id: str) -> None:
+    """Rename the whole set into place, point ``shards`` at it, remove the sets it replaces."""
+    sets, link, target = workspace / SETS_DIR, workspace / SHARDS_DIR, f"{SETS_DIR}/{set_id}"
+    with _publication_lock(sets):
+        try:
+            os.rename(building, sets / set_id)
+        except OSError as error:
+            # The id digests every byte: an existing folder of that name holds this very set.
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            shutil.rmtree(building)
+        _fsync_dir(sets)
+        legacy = None
+        if not (link.is_symlink() and os.readlink(link) == target):
+            new_link = temp_path_for(sets / SHARDS_DIR)  # the target is relative to the workspace, where it lands
+            os.symlink(target, new_link)
+            if link.is_dir() and not link.is_symlink():  # a workspace from before shard sets
+                legacy = temp_path_for(sets / "legacy")
+                os.rename(link, legacy)  # (killed right here: no link, the new set whole; a rerun links it)
+            os.replace(new_link, link)
+            _fsync_dir(workspace)
+        replaced = [e for e in sorted(sets.iterdir()) if e.name != set_id and not e.name.startswith(".")]  # dot: lock, temporaries
+        for entry in replaced + ([legacy] if legacy is not None else []):
+            _remove_set(entry)
+
+
+def _remove_set(folder: Path) -> None:
+    # Renamed to a temporary name first: a killed removal leaves a temporary (removed by the
+    # next run), never a partial folder under a set's name. The new set is already published:
+    # a failure here costs space, not consistency. A set a training run still reads (a shared
+    # lock on its readers file) stays until a later publication finds it free.
+    readers = readers_file(folder)
+    with open(readers, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("kept the replaced shard set %s: a run still reads it; a later publication removes it", folder)
+            return
+        _remove_unread_set(folder)
+        readers.unlink(missing_ok=True)
+
+
+def _remove_unread_set(folder: Path) -> None:
+    try:
+        doomed = folder if folder.name.startswith(".") else temp_path_for(folder)
+        if doomed != folder:
+            os.rename(folder, doomed)
+        shutil.rmtree(doomed)
+    except OSError as error:
+        logger.warning("could not remove the replaced shard set %s: %s", folder, error)
+
+
+def verify_shard_set(folder: Path) -> list[str]:
+    """What is wrong with a published shard set (``workspace/shards`` or one set folder), as
+    sentences naming the file; empty when every index row points at its whole sample in its
+    tar, every tar sample is indexed once, every tar ends properly and no other tar is there."""
+    folder = Path(folder)
+    try:
+        rows = read_records(folder / INDEX_NAME, ShardSample)
+    except (OSError, ValueError) as error:
+        return [f"{folder / INDEX_NAME}: {error}"]
+    problems: list[str] = []
+    by_shard: dict[str, list[ShardSample]] = {}
+    for row in rows:
+        by_shard.setdefault(row.shard, []).append(row)
+    tars = sorted(p.name for p in folder.glob("*.tar"))
+    for name in sorted(set(tars) - set(by_shard)):
+        problems.append(f"{folder / name}: a shard the index does not list")
+    for name, shard_rows in sorted(by_shard.items()):
+        path = folder / name
+        if name not in tars:
+            problems.append(f"{path}: listed by the index ({len(shard_rows)} sample(s)) but missing")
+            continue
+        try:
+            with tarfile.open(path, "r:") as tar:
+                members = [(m.name, m.offset, m.offset_data + m.size) for m in tar]
+        except (OSError, tarfile.TarError) as error:
+            problems.append(f"{path}: unreadable tar ({error})")
+            continue
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            fh.seek(max(0, size - 1024))
+            if size < 1024 or any(fh.read(1024)):
+                problems.append(f"{path}: no end-of-archive blocks (truncated)")
+        if any(end > size for _, _, end in members):
+            problems.append(f"{path}: a member runs past the end of the file")
+        names = [n for n, _, _ in members]
+        expected = [f"{row.key}.{ext}" for row in shard_rows for ext in MEMBERS]
+        if names != expected:
+            problems.append(f"{path}: holds members {names[:8]}..., its index rows say {expected[:8]}...")
+            continue
+        for i, row in enumerate(shard_rows):
+            sample = members[i * len(MEMBERS) : (i + 1) * len(MEMBERS)]
+            start, end = sample[0][1], tarfile.BLOCKSIZE * -(-sample[-1][2] // tarfile.BLOCKSIZE)
+            if (start, end - start) != (row.offset, row.size_bytes):
+                problems.append(
+                    f"{path}: sample {row.key} is at byte {start} ({end - start} bytes), the index says {row.offset} ({row.size_bytes})"
+                )
+    return problems

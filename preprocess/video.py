@@ -2,31 +2,49 @@
 
     find_videos -> sha256_file -> ingest_video (probe, test-decode + scene scores,
     plan clips, one ffmpeg encode split at the cuts, check each clip with decord)
+    -> merge_manifests (the workspace grows: every folder ever ingested stays listed)
 
 Bad input never raises: it becomes an ``IngestResult`` with a reason and a message that
-names the file. Only the environment (a full disk, a missing ffmpeg) raises.
+names the file, a verdict about the content that may be cached. The environment (a
+timeout, an I/O error, a full disk, a missing ffmpeg) raises: that is no verdict.
+
+Decode policy: a file is accepted only when its normalising decode is clean. A frame lost
+or decoded damaged, or any error of the demuxer or decoder (a truncated file), rejects it
+as ``undecodable`` with the count of damaged frames. Frame counts and durations are the
+decode's: what the container claims is recorded, never trusted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import math
 import os
 import shutil
 import stat
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from data_schemas.atomic import publish, temp_path_for
 from data_schemas.config import IngestConfig
-from data_schemas.video import ClipRecord, FailureReason, ProbeInfo, VideoRecord, VideoStatus
+from data_schemas.io import SchemaError, read_records, write_records
+from data_schemas.mask import MaskRecord
+from data_schemas.pose import PoseRecord
+from data_schemas.video import PASSING_REASONS, ClipRecord, FailureReason, ProbeInfo, VideoRecord, VideoStatus
 from preprocess import media
 
 CLIPS_DIR = "clips"
+MANIFESTS_DIR = "manifests"
+VIDEOS_MANIFEST = f"{MANIFESTS_DIR}/videos.parquet"
+CLIPS_MANIFEST = f"{MANIFESTS_DIR}/clips.parquet"
+# Smallest clip side accepted: Wan works in multiples of 16 px, and nobody can be posed in less.
+MIN_SIDE_PX = 16
 
 
 @dataclass(frozen=True)
@@ -49,12 +67,13 @@ class IngestResult(BaseModel):
     reason: FailureReason | None = None
     error: str | None = None
     probe: ProbeInfo | None = None
-    num_frames: int | None = None
+    num_frames: int | None = None  # frames the normalising decode gave, at the clip rate
+    damaged_frames: int | None = None  # frames it lost or decoded damaged (None: no decode)
     clips: tuple[ClipRecord, ...] = ()
 
     @classmethod
-    def failed(cls, reason: FailureReason | str, error: str, probe: ProbeInfo | None = None) -> IngestResult:
-        return cls(status=VideoStatus.failed, reason=FailureReason(reason), error=error, probe=probe)
+    def failed(cls, reason: FailureReason | str, error: str, probe: ProbeInfo | None = None, **decode) -> IngestResult:
+        return cls(status=VideoStatus.failed, reason=FailureReason(reason), error=error, probe=probe, **decode)
 
 
 def find_videos(folder: Path, extensions: tuple[str, ...]) -> list[FoundFile]:
@@ -158,56 +177,66 @@ def clip_id_for(sha256: str, index: int) -> str:
 
 
 def ingest_video(path: Path, sha256: str, cfg: IngestConfig, workspace: Path) -> IngestResult:
-    """Probe, validate and normalise one file into ``workspace/clips/<clip_id>.mp4``."""
+    """Probe, validate and normalise one file into ``workspace/clips/<clip_id>.mp4``.
+
+    Raises OSError (``media.MediaTimeout`` included) when the machine, not the file, failed."""
     path = Path(path)
     try:
         probe = media.probe(path, cfg.probe_timeout_s)
+    except media.MediaTimeout:
+        raise
     except media.MediaError as exc:
         return IngestResult.failed(exc.reason, str(exc))
+    # Claimed sizes and durations only bound the work we accept to do; counts come from the decode.
     width, height = probe.display_size
     if width * height > cfg.max_pixels:
         return IngestResult.failed("too_large", f"{path}: {width}x{height} exceeds {cfg.max_pixels} pixels", probe)
     if probe.duration_s and probe.duration_s > cfg.max_duration_s:
         return IngestResult.failed("too_large", f"{path}: {probe.duration_s:.0f} s exceeds {cfg.max_duration_s:.0f} s", probe)
-    if probe.num_frames == 0 or width == 0 or height == 0:
-        return IngestResult.failed("zero_frames", f"{path}: the video stream has no frames", probe)
-    if probe.duration_s is not None and probe.duration_s < cfg.min_clip_s:
-        return IngestResult.failed("too_short", f"{path}: {probe.duration_s:.2f} s is shorter than {cfg.min_clip_s} s", probe)
+    if width == 0 or height == 0:
+        return IngestResult.failed("zero_frames", f"{path}: the video stream has no frame size", probe)
+    size = target_size(width, height, cfg.max_side)
+    if min(size) < MIN_SIDE_PX:
+        message = (f"{path}: {width}x{height} pictures would make {size[0]}x{size[1]} clips (max_side {cfg.max_side}), "
+                   f"under {MIN_SIDE_PX} px on a side")  # fmt: skip
+        return IngestResult.failed("too_small", message, probe)
 
     clips_dir = Path(workspace) / CLIPS_DIR
     clips_dir.mkdir(parents=True, exist_ok=True)
     staging = temp_path_for(clips_dir / sha256[:16])
     staging.mkdir()
     try:
-        return _normalise_and_cut(path, sha256, probe, cfg, staging, clips_dir)
+        return _normalise_and_cut(path, sha256, probe, cfg, size, staging, clips_dir)
+    except media.MediaTimeout:
+        raise
     except media.MediaError as exc:
         return IngestResult.failed(exc.reason, str(exc), probe)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _normalise_and_cut(path, sha256, probe, cfg, staging: Path, clips_dir: Path) -> IngestResult:
+def _normalise_and_cut(path, sha256, probe, cfg, size, staging: Path, clips_dir: Path) -> IngestResult:
     encoder = dict(vcodec="libx264", pix_fmt="yuv420p", crf=cfg.crf, preset=cfg.preset)
     gop = max(1, round(cfg.fps * cfg.keyframe_interval_s))
     timeout = _timeout(probe.duration_s, cfg)
     whole = staging / "whole.mp4"
-    size = target_size(*probe.display_size, cfg.max_side)
-    scores, errors = media.normalise(path, whole, fps=cfg.fps, size=size, gop=gop, timeout=timeout, crf=cfg.crf, preset=cfg.preset)
+    scores, report = media.normalise(path, whole, fps=cfg.fps, size=size, gop=gop, timeout=timeout, crf=cfg.crf,
+                                     preset=cfg.preset)  # fmt: skip
     num_frames = len(scores)
-    problem = _decode_problem(probe, num_frames / cfg.fps, errors)
+    decode = dict(num_frames=num_frames, damaged_frames=report.damaged_frames)
+    problem = _decode_problem(probe, num_frames / cfg.fps, report)
     if problem:
-        reason = "zero_frames" if num_frames == 0 and not errors else "undecodable"
-        return IngestResult.failed(reason, f"{path}: {problem}", probe)
+        reason = "zero_frames" if num_frames == 0 and not report.errors else "undecodable"
+        return IngestResult.failed(reason, f"{path}: {problem}", probe, **decode)
     if num_frames < cfg.min_clip_s * cfg.fps - 1e-6:
-        return IngestResult.failed(
-            "too_short", f"{path}: {num_frames} frames at {cfg.fps:g} fps is shorter than {cfg.min_clip_s} s", probe
-        )
+        message = f"{path}: {num_frames} frames at {cfg.fps:g} fps is shorter than {cfg.min_clip_s} s"
+        return IngestResult.failed("too_short", message, probe, **decode)
 
     needs_split = any(scores[1:] > cfg.scene_threshold) or num_frames > cfg.max_clip_s * cfg.fps
     keyframes = media.keyframes(whole, cfg.fps) if needs_split else set()
     intervals = plan_clips(scores, cfg.fps, cfg, keyframes)
     if not any(keep for _, _, keep in intervals):
-        return IngestResult.failed("too_short", f"{path}: no scene lasts {cfg.min_clip_s} s", probe)
+        return IngestResult.failed("too_short", f"{path}: no scene lasts {cfg.min_clip_s} s", probe, **decode)
     if len(intervals) == 1:
         segments = [whole]
     else:
@@ -244,18 +273,22 @@ def _normalise_and_cut(path, sha256, probe, cfg, staging: Path, clips_dir: Path)
         )
         publish(segment, final)
     _remove_outdated_clips(clips_dir, sha256, {r.clip_id for r in records})
-    return IngestResult(status=VideoStatus.ok, probe=probe, num_frames=num_frames, clips=tuple(records))
+    return IngestResult(status=VideoStatus.ok, probe=probe, clips=tuple(records), **decode)
 
 
-def _decode_problem(probe: ProbeInfo, decoded_s: float, errors: str) -> str | None:
-    """Why a full decode counts as failed, or None."""
-    last = errors.splitlines()[-1] if errors else ""
+def _decode_problem(probe: ProbeInfo, decoded_s: float, report: media.DecodeReport) -> str | None:
+    """Why a full decode rejects the file (see the decode policy above), or None."""
+    first = report.errors[0] if report.errors else "no message"
     if decoded_s == 0:
-        return f"no frame could be decoded ({last})" if errors else "the video stream has no frames"
-    # Containers over-report by a frame or two; a real truncation loses far more.
+        return f"no frame could be decoded ({first})" if report.errors else "the video stream has no frames"
+    if not report.errors and not report.damaged_frames:
+        return None  # a clean decode; shorter than the container claims is the decode's truth
     if probe.duration_s and decoded_s < 0.9 * probe.duration_s - 0.1:
-        return f"decoded only {decoded_s:.2f} s of {probe.duration_s:.2f} s, the file is truncated or corrupt ({last or 'no error'})"
-    return None
+        what = f"decoded only {decoded_s:.2f} s of the {probe.duration_s:.2f} s it claims, the file is truncated or corrupt"
+    else:
+        damaged = report.damaged_frames
+        what = f"{damaged} damaged frame(s) in the decode" if damaged else "the decode reported errors"
+    return f"{what} ({first}); only a clean decode is accepted"
 
 
 def _remove_outdated_clips(clips_dir: Path, sha256: str, current: set[str]) -> None:
@@ -266,16 +299,195 @@ def _remove_outdated_clips(clips_dir: Path, sha256: str, current: set[str]) -> N
                 old.unlink()
 
 
-def video_record(found: FoundFile, sha256: str | None, result: IngestResult | None, duplicate_of: str | None = None) -> VideoRecord:
-    """The manifest row of one input file."""
-    fields: dict = dict(path=os.fspath(found.path), size_bytes=found.size_bytes, sha256=sha256)
+def video_record(
+    found: FoundFile, sha256: str | None, result: IngestResult | None, duplicate_of: str | None = None, folder: str | None = None
+) -> VideoRecord:
+    """The manifest row of one input file (a duplicate's facts are its original's row)."""
+    fields: dict = dict(path=os.fspath(found.path), folder=folder, size_bytes=found.size_bytes, sha256=sha256)
     if found.reason is not None:
         fields.update(status=VideoStatus.failed, reason=found.reason, error=found.error)
     elif duplicate_of is not None:
         fields.update(status=VideoStatus.duplicate, duplicate_of=duplicate_of)
     elif result is not None:
-        fields.update(status=result.status, reason=result.reason, error=result.error, num_frames=result.num_frames)
-        fields.update(num_clips=len(result.clips))
-    if result is not None and result.probe is not None:
-        fields.update(result.probe.model_dump())
+        fields.update(status=result.status, reason=result.reason, error=result.error, num_clips=len(result.clips))
+        fields.update(num_frames=result.num_frames, damaged_frames=result.damaged_frames)
+        if result.probe is not None:
+            probe = result.probe.model_dump()
+            fields.update(probe, claimed_frames=probe.pop("num_frames"), num_frames=result.num_frames)
     return VideoRecord(**fields)
+
+
+# ---- the manifests: a workspace grows --------------------------------------------------
+#
+# manifests/videos.parquet lists every file of every folder ever ingested, one row per path;
+# a rerun updates the rows of the files it finds and keeps the others. Content decides: a
+# file whose content is already listed under another path is a duplicate of it (its clips
+# are that path's), whichever folder it came from. Each content has one primary row (ok or
+# failed); clips.parquet holds the clips of every primary that is ok. Rows leave only
+# through remove_sources, and a content whose primary goes (removed, or changed in place)
+# passes to a remaining duplicate with its clips.
+
+
+@contextlib.contextmanager
+def manifest_lock(workspace: Path) -> Iterator[None]:
+    """Serialise read-merge-write of the manifests between processes of this host."""
+    lock = Path(workspace) / MANIFESTS_DIR / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# The columns of schema version 1 (before folders, claimed and damaged frames were recorded).
+_V1_ADDED = ("folder", "claimed_frames", "damaged_frames")
+
+
+def read_videos_manifest(path: Path) -> list[VideoRecord]:
+    """The videos manifest; [] when there is none. A version-1 file is read as version 2
+    (its ``num_frames`` was the container's claim); any other mismatch raises SchemaError."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        return read_records(path, VideoRecord)
+    except SchemaError:
+        table = pq.read_table(path)
+        v1 = [n for n in VideoRecord.model_fields if n not in _V1_ADDED]
+        if (table.schema.metadata or {}).get(b"multianimate.schema_version") != b"1" or table.schema.names != v1:
+            raise
+    rows = []
+    for row in table.to_pylist():
+        rows.append(VideoRecord(**row | dict(claimed_frames=row["num_frames"], num_frames=None)))
+    return rows
+
+
+def read_clips_manifest(path: Path) -> list[ClipRecord]:
+    return read_records(path, ClipRecord) if Path(path).exists() else []
+
+
+def settled_sources(earlier: Iterable[VideoRecord], scanned: dict[str, str | None]) -> dict[str, str]:
+    """Content hash -> listed path, for content listed earlier under a path this scan did not
+    find (``scanned``: path -> content hash) whose verdict stands: the scan's copies of it are
+    duplicates. A passing failure is no verdict: such content is processed again."""
+    settled: dict[str, str] = {}
+    for row in earlier:
+        if row.sha256 and row.status != VideoStatus.duplicate and row.reason not in PASSING_REASONS and row.path not in scanned:
+            settled.setdefault(row.sha256, row.path)
+    return settled
+
+
+def merge_manifests(
+    earlier: list[VideoRecord],
+    earlier_clips: list[ClipRecord],
+    scanned: list[VideoRecord],
+    new_clips: dict[str, tuple[ClipRecord, ...]],
+) -> tuple[list[VideoRecord], list[ClipRecord]]:
+    """The manifests after a run: ``scanned`` rows replace the rows of their paths, the others
+    stay; ``new_clips`` (by content hash) replace those of their content."""
+    rows = {r.path: r for r in earlier}
+    gone = [rows[r.path] for r in scanned if r.path in rows and rows[r.path].sha256 != r.sha256]
+    rows |= {r.path: r for r in scanned}
+    return _settle(rows, gone, {r.path for r in scanned}, earlier_clips, new_clips)
+
+
+def _as_duplicate(row: VideoRecord, of: str) -> VideoRecord:
+    return VideoRecord(path=row.path, folder=row.folder, size_bytes=row.size_bytes, sha256=row.sha256,
+                       status=VideoStatus.duplicate, duplicate_of=of)  # fmt: skip
+
+
+def _settle(
+    rows: dict[str, VideoRecord],
+    gone: list[VideoRecord],
+    fresh: set[str],
+    clips: list[ClipRecord],
+    new_clips: dict[str, tuple[ClipRecord, ...]],
+) -> tuple[list[VideoRecord], list[ClipRecord]]:
+    """One primary row per content, its duplicates pointing at it, and the clips of the
+    primaries that are ok (source_path = the primary's path)."""
+    by_sha: dict[str, list[VideoRecord]] = {}
+    for row in rows.values():
+        if row.sha256:
+            by_sha.setdefault(row.sha256, []).append(row)
+    lost = {g.sha256: g for g in gone if g.sha256 and g.status != VideoStatus.duplicate}
+    primary: dict[str, VideoRecord] = {}
+    for sha, group in by_sha.items():
+        # Two runs may both have processed one content: a verdict first, then this run's, then by path.
+        heads = sorted((r for r in group if r.status != VideoStatus.duplicate),
+                       key=lambda r: (r.reason in PASSING_REASONS, r.path not in fresh, r.path))  # fmt: skip
+        if heads:
+            head = heads[0]
+        elif sha in lost:  # its primary left: the first remaining copy inherits its verdict
+            heir = min(group, key=lambda r: r.path)
+            heir_fields = dict(path=heir.path, folder=heir.folder, size_bytes=heir.size_bytes, duplicate_of=None)
+            head = lost[sha].model_copy(update=heir_fields)
+        else:
+            continue  # duplicates of a primary that is not listed (an edited manifest): left as they are
+        primary[sha] = rows[head.path] = head
+        for row in group:
+            if row.path != head.path and (row.status != VideoStatus.duplicate or row.duplicate_of != head.path):
+                rows[row.path] = _as_duplicate(row, head.path)
+    by_source: dict[str, list[ClipRecord]] = {}
+    for clip in clips:
+        by_source.setdefault(clip.source_sha256, []).append(clip)
+    by_source |= {sha: list(c) for sha, c in new_clips.items()}
+    merged = [
+        c.model_copy(update={"source_path": head.path})
+        for sha, head in sorted(primary.items(), key=lambda item: item[1].path)
+        if head.status == VideoStatus.ok
+        for c in sorted(by_source.get(sha, []), key=lambda c: c.clip_index)
+    ]
+    return sorted(rows.values(), key=lambda r: r.path), merged
+
+
+@dataclass
+class Removal:
+    """What ``remove_sources`` takes out of a workspace (or would, on a dry run)."""
+
+    rows: list[VideoRecord]  # manifest rows removed
+    clips: list[ClipRecord]  # clips no listed file holds any more: rows and files removed
+    inherited: dict[str, str] = field(default_factory=dict)  # removed primary path -> copy that keeps its content
+    files: list[Path] = field(default_factory=list)  # clip, pose and mask files deleted
+
+
+def _under(path: str, targets: list[str]) -> bool:
+    return any(path == t or path.startswith(t.rstrip(os.sep) + os.sep) for t in targets)
+
+
+def remove_sources(workspace: Path, targets: list[Path], dry_run: bool = False) -> Removal:
+    """Take the files at or under ``targets`` (as ingest listed them) out of the workspace:
+    their manifest rows, and the clips (manifest rows, clip, pose and mask files) of the
+    content no remaining file holds. Content a remaining duplicate holds stays, under it.
+    Manifests are rewritten first, files deleted after: a kill in between leaves unlisted
+    files only. Shards made earlier keep their samples until they are made again."""
+    workspace = Path(workspace)
+    wanted = [os.path.abspath(t) for t in targets]
+    with manifest_lock(workspace):
+        rows = read_videos_manifest(workspace / VIDEOS_MANIFEST)
+        clips = read_clips_manifest(workspace / CLIPS_MANIFEST)
+        removed = [r for r in rows if _under(r.path, wanted)]
+        kept = {r.path: r for r in rows if not _under(r.path, wanted)}
+        new_rows, new_clips = _settle(kept, removed, set(), clips, {})
+        keep_ids = {c.clip_id for c in new_clips}
+        removal = Removal(rows=removed, clips=[c for c in clips if c.clip_id not in keep_ids])
+        heads = {r.sha256: r.path for r in new_rows if r.sha256 and r.status != VideoStatus.duplicate}
+        removal.inherited = {r.path: heads[r.sha256] for r in removed if r.status != VideoStatus.duplicate and r.sha256 in heads}
+        if dry_run or not removed:
+            return removal
+        gone_ids = {c.clip_id for c in removal.clips}
+        write_records(new_rows, VideoRecord, workspace / VIDEOS_MANIFEST)
+        write_records(new_clips, ClipRecord, workspace / CLIPS_MANIFEST)
+        files = [workspace / c.path for c in removal.clips]
+        for name, record in (("poses", PoseRecord), ("masks", MaskRecord)):
+            manifest = workspace / MANIFESTS_DIR / f"{name}.parquet"
+            if manifest.exists():
+                products = read_records(manifest, record)
+                write_records([r for r in products if r.clip_id not in gone_ids], record, manifest)
+                files += [workspace / r.path for r in products if r.clip_id in gone_ids]
+        for path in files:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removal.files.append(path)
+    return removal

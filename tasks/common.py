@@ -1,15 +1,26 @@
-"""What every task shares: code versions for cache keys, result storage, retry rules."""
+"""What every task shares: code versions for cache keys, result storage and its format, retry
+rules, the gpu tag."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import inspect
+import json
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 from types import ModuleType
 
 RESULTS_DIR = ".prefect/results"
+# Tasks that hold a GPU carry this tag; `multianimate deploy` puts a concurrency limit on it.
+GPU_TAG = "gpu"
+# Prefect's JSON serializer: our records are pydantic models, stored as
+# {"__class__": "<module>.<Record>", "data": {...}} and validated back into the class. The
+# default (cloudpickle) would make every result file code that a cache lookup runs.
+RESULT_SERIALIZER = "json"
+# The only classes a result file may name: the decoder imports whatever module a name points to.
+_OUR_PACKAGES = ("data_schemas.", "preprocess.", "model.", "tasks.", "flows.")
 
 # OS errors that a retry cannot fix: they are facts about the input.
 _PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ELOOP, errno.ENOTDIR}
@@ -27,6 +38,107 @@ def code_version(*modules: ModuleType) -> str:
 def result_storage(workspace: Path) -> Path:
     """Prefect results live in the workspace, so a workspace is self-contained."""
     return Path(workspace).absolute() / RESULTS_DIR
+
+
+def persisted(task, workspace: Path):
+    """The task as its results are kept: persisted, as JSON, under the workspace."""
+    return task.with_options(result_storage=result_storage(workspace), result_serializer=RESULT_SERIALIZER, persist_result=True)
+
+
+def foreign_result(path: Path) -> str | None:
+    """Why the file at a result key is not a result our serializer wrote, or None when it is.
+
+    Prefect decodes a result file with the serializer the FILE names (pickle included), and
+    the JSON decoder imports any class a file names: a workspace from elsewhere could run
+    code at a cache lookup. Only complete records in our JSON format, naming our own
+    pydantic records, pass."""
+    if path.is_symlink():
+        return "a symlink, not a result file"
+    try:
+        record = json.loads(path.read_bytes())
+        if not isinstance(record, dict) or set(record) != {"metadata", "result"} or not isinstance(record["metadata"], dict):
+            return "not a Prefect result record"
+        serializer = record["metadata"].get("serializer")
+        if serializer != _our_serializer():
+            kind = serializer.get("type") if isinstance(serializer, dict) else serializer
+            return f"written with serializer {kind!r}, not our JSON serializer"
+        if not isinstance(record["result"], str):
+            return "its result is not JSON text"
+        return _foreign_object(json.loads(record["result"]))
+    except (OSError, ValueError) as exc:  # a truncated write, bytes that are not JSON
+        return f"not a complete JSON record ({type(exc).__name__})"
+
+
+@cache
+def _our_serializer() -> dict:
+    """The serializer field of the records we write: RESULT_SERIALIZER with Prefect's defaults
+    (its json library, its encoder and decoder, no extra arguments)."""
+    from prefect.results import resolve_serializer
+
+    return resolve_serializer(RESULT_SERIALIZER).model_dump(mode="json")
+
+
+def _foreign_object(value) -> str | None:
+    if isinstance(value, list):
+        return next(filter(None, map(_foreign_object, value)), None)
+    if not isinstance(value, dict):
+        return None
+    if "__exc_type__" in value:
+        return "it holds an exception, not a record"
+    name = value.get("__class__")
+    if name is not None and not _is_our_record(name):
+        return f"it names class {name!r}, not one of our records"
+    return next(filter(None, map(_foreign_object, value.values())), None)
+
+
+def _is_our_record(name: object) -> bool:
+    if not isinstance(name, str) or not name.startswith(_OUR_PACKAGES):
+        return False
+    from pydantic import BaseModel
+    from prefect.utilities.importtools import from_qualified_name
+
+    try:
+        cls = from_qualified_name(name)  # our own modules only: importing them runs no foreign code
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, BaseModel)
+
+
+def remove_incomplete_results(workspace: Path) -> list[Path]:
+    """Delete result files that are not whole JSON: Prefect writes them in place, so a full
+    disk or a kill leaves them cut short (its failure records, under random names, are never
+    read again; a cut record at a cache key would be refused anyway)."""
+    folder, removed = result_storage(workspace), []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        try:
+            json.loads(path.read_bytes())
+        except ValueError:
+            path.unlink()
+            removed.append(path)
+        except OSError:  # a folder, a dangling link: not written by Prefect, not ours to judge
+            continue
+    return removed
+
+
+def remove_foreign_results(task, workspace: Path, calls: Iterable[tuple]) -> list[tuple[Path, str]]:
+    """Before a cached task runs on each of ``calls`` (its positional arguments): delete the
+    result file at each call's cache key that ``foreign_result`` refuses, so that Prefect
+    computes it again instead of decoding it. Returns (file, why) of each removed."""
+    key_of = getattr(task, "cache_key_fn", None)
+    if key_of is None:  # keys that hold the run id cannot be planted in advance
+        return []
+    signature, folder, removed = inspect.signature(task.fn), result_storage(workspace), []
+    for args in calls:
+        bound = signature.bind(*args)
+        bound.apply_defaults()  # the parameters as Prefect hands them to the key function
+        path = folder / key_of(None, bound.arguments)  # our key functions read only the parameters
+        if not (path.exists() or path.is_symlink()):
+            continue
+        why = foreign_result(path)
+        if why is not None:
+            path.unlink()
+            removed.append((path, why))
+    return removed
 
 
 def is_transient(exc: BaseException) -> bool:

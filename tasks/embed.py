@@ -12,7 +12,7 @@ import data_schemas.embedding
 from data_schemas.embedding import EMBEDDINGS_DIR, EmbeddingSummary
 from model import text_cache, text_encoder
 from model.text_encoder import WAN_NEGATIVE_PROMPT, Profile
-from tasks.common import code_version, retry_transient
+from tasks.common import GPU_TAG, code_version, retry_transient
 
 EMBED_CODE = code_version(text_cache, text_encoder, data_schemas.embedding)
 
@@ -24,7 +24,7 @@ def _embed_cache_key(context: TaskRunContext, parameters: dict) -> str:
 
 @task(
     name="embed-captions",
-    tags=["gpu"],  # the real encoder is 11 GB: one at a time on a GPU
+    tags=[GPU_TAG],  # the real encoder is 11 GB: one at a time on a GPU
     cache_key_fn=_embed_cache_key,
     persist_result=True,
     retries=1,

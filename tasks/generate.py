@@ -7,6 +7,15 @@ video depend on how many jobs ran before it in the process (and cost a merge per
 offload mode is ``SamplingConfig.offload``; its default "none" becomes "model", then
 "group", when the GPU cannot hold every network (``choose_offload``; logged). VAE tiling is
 on for the real profile unless ``vae_tiling`` says otherwise (the pipeline's default).
+
+Time limit: a job runs in the worker's own thread, next to the loaded model, and stops
+itself at a deadline checked between its stages and after every denoising step
+(``JobTimeout``). Killing a child process instead would also kill the model it holds
+(minutes to load again for the real profile); an exception thrown into the thread from
+outside (Prefect's task timeout) cannot interrupt a running kernel and may land anywhere,
+e.g. in a half-written file. At most one denoising step runs past the limit; the stages that
+run untrusted decoders (ffmpeg) have their own timeouts in child processes. The model's
+load, once per batch, is not charged to the job.
 """
 
 from __future__ import annotations
@@ -29,14 +38,23 @@ from prefect.logging import get_run_logger
 
 from data_schemas.config import PoseConfig
 from data_schemas.embedding import EMBEDDINGS_DIR
-from data_schemas.job import OUTPUTS_DIR, GenerationResult, JobRecord, JobSpec
+from data_schemas.job import OUTPUTS_DIR, GenerationResult, JobRecord, JobSpec, JobTimeout
 from data_schemas.model import ModelConfig
 from model.components import build_components
 from model.conditions import labels_from_masks
-from model.pipeline import Conditions, MultiAnimatePipeline, Offload, SamplingConfig, choose_offload, write_outputs
+from model.pipeline import (
+    Conditions,
+    DegenerateOutputError,
+    MultiAnimatePipeline,
+    Offload,
+    SamplingConfig,
+    choose_offload,
+    write_outputs,
+)
 from model.text_cache import EmbeddingCache, fill_cache, missing_texts
 from model.text_encoder import WAN_NEGATIVE_PROMPT, default_caption, load_profile_encoder, profile_encoder_id
 from preprocess import retarget
+from tasks.common import GPU_TAG
 
 PREVIEW_WIDTH = 768  # thumbnails in the markdown artifact: artifacts live in Prefect's database
 MAX_PREVIEWS = 16
@@ -50,6 +68,31 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     timings[name] = round(time.perf_counter() - start, 3)
+
+
+class Deadline:
+    """A job's time limit, checked at its step boundaries (see the module's docstring)."""
+
+    def __init__(self, job_id: str, seconds: float):
+        self.job_id, self.seconds = job_id, seconds
+        self.end = time.monotonic() + seconds
+
+    def extend(self, seconds: float) -> None:
+        self.end += seconds
+
+    def check(self, where: str) -> None:
+        if time.monotonic() > self.end:
+            raise JobTimeout(f"job {self.job_id} ran over its time limit of {self.seconds:g} s (generate.job_timeout_s) "
+                             f"and was stopped {where}")  # fmt: skip
+
+    def on_step(self, step: int, steps: int) -> None:
+        self.check(f"after denoising step {step}/{steps}")
+
+
+def check_video(frames) -> None:
+    """A video of one value everywhere is no animation (e.g. the clamp of a saturated guidance)."""
+    if frames.size and frames.min() == frames.max():
+        raise DegenerateOutputError(f"every pixel of the generated video is {int(frames.min())}: a degenerate output, not written")
 
 
 @dataclass
@@ -135,14 +178,17 @@ def prompt_embeddings(workspace: Path, model: ModelConfig, prompt: str) -> tuple
     return cache.get(prompt), cache.get(WAN_NEGATIVE_PROMPT)
 
 
-@task(name="generate", task_run_name="generate {job_id}", tags=["gpu"], cache_policy=NO_CACHE, retries=0)
+@task(name="generate", task_run_name="generate {job_id}", tags=[GPU_TAG], cache_policy=NO_CACHE, retries=0)
 def generate_video(job_id: str, spec: JobSpec, poses: Path, masks: Path, pose_config: PoseConfig, pose_files: tuple[Path, Path],
-                   workspace: Path, memory: SamplingConfig | None = None) -> GenerationResult:  # fmt: skip
-    """Reference pose, retargeting, prompt embeddings, sampling, outputs of one job (the
-    finished-marker job.json is the flow's to write, after this). ``memory``: offload, VAE
-    tiling, LoRA merging and step cache (its steps, guidance and seed are the spec's)."""
+                   workspace: Path, out_dir: Path, timeout_s: float, memory: SamplingConfig | None = None) -> GenerationResult:  # fmt: skip
+    """Reference pose, retargeting, prompt embeddings, sampling, outputs of one job, written
+    into ``out_dir`` (the flow's staging folder: it publishes the folder with job.json after
+    this). Stopped with ``JobTimeout`` once past ``timeout_s``; NaN/inf latents or a constant
+    video raise ``DegenerateOutputError``. ``memory``: offload, VAE tiling, LoRA merging and
+    step cache (its steps, guidance and seed are the spec's)."""
     logger = get_run_logger()
     memory = memory or SamplingConfig()
+    deadline = Deadline(job_id, timeout_s)
     timings: dict[str, float] = {}
     with _timed(timings, "reference_pose_s"):
         image = retarget.read_reference_image(spec.reference)
@@ -150,6 +196,7 @@ def generate_video(job_id: str, spec: JobSpec, poses: Path, masks: Path, pose_co
             ref_kp, ref_scores = retarget.load_reference_poses(spec.reference_poses)
         else:
             ref_kp, ref_scores = retarget.detect_reference_poses(image, pose_config, pose_files)
+    deadline.check("after the reference pose")
     with _timed(timings, "retarget_s"):
         driving = retarget.load_driving(poses, masks, spec.num_frames)
         try:
@@ -158,24 +205,29 @@ def generate_video(job_id: str, spec: JobSpec, poses: Path, masks: Path, pose_co
         except ValueError as exc:  # persons that do not match: name both sides
             raise ValueError(f"{spec.reference} driven by {spec.driving_video or poses} (first {spec.num_frames} frames): {exc}") from exc
         labels = labels_from_masks(inputs.masks).numpy()
+    deadline.check("after retargeting")
     num_persons = len(inputs.person_map)
     prompt = spec.prompt if spec.prompt is not None else default_caption(num_persons)
     with _timed(timings, "embeddings_s"):
         text, negative = prompt_embeddings(workspace, spec.model, prompt)
+    deadline.check("after the prompt embeddings")
     with _timed(timings, "load_model_s"):
         loaded = load_pipeline(spec.model, memory)
+    deadline.extend(timings["load_model_s"])  # loaded once for the batch: not the job's time
     if loaded.note:
         logger.info("%s: %s", job_id, loaded.note)
     sampling = job_sampling(spec, memory, loaded.offload)
     cond = Conditions(ref_image=image, pose=inputs.pose, ref_pose=inputs.ref_pose, labels=labels, prompt_embeds=text,
                       negative_embeds=negative, num_persons=num_persons)  # fmt: skip
-    result = loaded.pipe(cond, sampling)
+    result = loaded.pipe(cond, sampling, on_step=deadline.on_step)
+    check_video(result.frames)
+    deadline.check("after decoding")
     timings |= {k: round(v, 3) for k, v in result.timings.items()}
     with _timed(timings, "write_s"):
-        paths = write_outputs(result.frames, cond, Path(workspace) / OUTPUTS_DIR / job_id, spec.fps)
+        paths = write_outputs(result.frames, cond, Path(out_dir), spec.fps)
     logger.info("%s: %d person(s) %s, offload=%s, %s", job_id, num_persons, inputs.person_map, sampling.offload, timings)
     return GenerationResult(
-        outputs={name: str(Path(path).relative_to(workspace)) for name, path in paths.items()},
+        outputs={name: f"{OUTPUTS_DIR}/{job_id}/{Path(path).name}" for name, path in paths.items()},  # where they are published
         timings=timings, num_persons=num_persons, person_map=inputs.person_map, prompt=prompt,
     )  # fmt: skip
 

@@ -12,9 +12,11 @@ from prefect.logging import get_run_logger
 import data_schemas.pose
 from data_schemas.config import PoseConfig
 from data_schemas.pose import PoseRecord
+from data_schemas.video import ClipRecord
 from preprocess.media import read_frames
 from preprocess.pose import convert, dwpose, render, stage
-from tasks.common import code_version, retry_transient
+from preprocess.truth import TRUTH, TruthPoses, truth_of
+from tasks.common import GPU_TAG, code_version, retry_transient
 from tasks.reports import publish_image_grid
 
 POSE_CODE = code_version(stage, dwpose, data_schemas.pose)
@@ -24,24 +26,25 @@ CONTACT_SHEET = "reports/pose-contact-sheet.png"
 def _pose_cache_key(context: TaskRunContext, parameters: dict) -> str:
     # The clip's content, the model files' content, the config and our code: not paths.
     config: PoseConfig = parameters["config"]
-    return f"pose-{parameters['clip_sha256']}-{parameters['models']}-{config.digest()}-{POSE_CODE}"
+    return f"pose-{parameters['clip'].sha256}-{parameters['models']}-{config.digest()}-{POSE_CODE}"
 
 
 @task(
     name="pose",
-    task_run_name="pose {clip_id}",
-    tags=["gpu"],  # a concurrency limit on this tag keeps GPU stages from oversubscribing
+    task_run_name="pose {clip.clip_id}",
+    tags=[GPU_TAG],  # a concurrency limit on this tag keeps GPU stages from oversubscribing
     cache_key_fn=_pose_cache_key,
     persist_result=True,
     retries=1,
     retry_condition_fn=retry_transient,
 )
-def extract_poses(clip: Path, clip_id: str, clip_sha256: str, config: PoseConfig, files: tuple[Path, Path], models: str, workspace: Path) -> PoseRecord:
-    """DWPose over one clip (see preprocess.pose.stage)."""
-    record = stage.extract_poses(clip, clip_id, config, files, models, workspace)
+def extract_poses(clip: ClipRecord, config: PoseConfig, files: tuple[Path, ...], models: str, workspace: Path) -> PoseRecord:
+    """DWPose (or the truth model) over one clip of ``workspace`` (see preprocess.pose.stage)."""
+    runner = TruthPoses(truth_of(clip)) if config.models == TRUTH else None
+    record = stage.extract_poses(Path(workspace) / clip.path, clip.clip_id, config, files, models, workspace, runner=runner)
     get_run_logger().info(
         "%s: %d frames, up to %d person(s), %d frame(s) over the limit, on %s",
-        clip_id, record.num_frames, record.max_persons, record.frames_over_limit, record.provider,
+        clip.clip_id, record.num_frames, record.max_persons, record.frames_over_limit, record.provider,
     )  # fmt: skip
     return record
 

@@ -12,9 +12,11 @@ from prefect.logging import get_run_logger
 import data_schemas.mask
 from data_schemas.config import SegmentConfig
 from data_schemas.mask import MaskRecord
+from data_schemas.video import ClipRecord
 from preprocess.media import read_frames
 from preprocess.segment import identity, stage
-from tasks.common import code_version, retry_transient
+from preprocess.truth import TRUTH, truth_of
+from tasks.common import GPU_TAG, code_version, retry_transient
 from tasks.reports import publish_image_grid
 
 SEGMENT_CODE = code_version(stage, identity, data_schemas.mask)
@@ -26,24 +28,24 @@ PERSON_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200
 
 def _segment_cache_key(context: TaskRunContext, parameters: dict) -> str:
     config: SegmentConfig = parameters["config"]
-    return f"segment-{parameters['clip_sha256']}-{parameters['poses_sha256']}-{parameters['models']}-{config.digest()}-{SEGMENT_CODE}"
+    return f"segment-{parameters['clip'].sha256}-{parameters['poses_sha256']}-{parameters['models']}-{config.digest()}-{SEGMENT_CODE}"
 
 
 @task(
     name="segment",
-    task_run_name="segment {clip_id}",
-    tags=["gpu"],
+    task_run_name="segment {clip.clip_id}",
+    tags=[GPU_TAG],
     cache_key_fn=_segment_cache_key,
     persist_result=True,
     retries=1,
     retry_condition_fn=retry_transient,
 )
-def segment_clip(clip: Path, clip_id: str, clip_sha256: str, poses: Path, poses_sha256: str, config: SegmentConfig,
-                 models: str, workspace: Path) -> MaskRecord:  # fmt: skip
-    """SAM2 masklets, stable identities and pose assignment for one clip (see preprocess.segment)."""
-    make_segmenter, source = stage.sam2_factory(config)
-    record = stage.segment_clip(clip, clip_id, poses, make_segmenter, source, config, workspace)
-    get_run_logger().info("%s: %d person(s) tracked by %s, %d ignored beyond the limit", clip_id, record.num_persons, source, record.ignored_arrivals)
+def segment_clip(clip: ClipRecord, poses: Path, poses_sha256: str, config: SegmentConfig, models: str, workspace: Path) -> MaskRecord:
+    """SAM2 (or truth) masklets, stable identities and pose assignment for one clip of
+    ``workspace`` (see preprocess.segment)."""
+    make_segmenter, source = stage.truth_factory(truth_of(clip)) if config.models == TRUTH else stage.sam2_factory(config)
+    record = stage.segment_clip(Path(workspace) / clip.path, clip.clip_id, poses, make_segmenter, source, config, workspace)
+    get_run_logger().info("%s: %d person(s) tracked by %s, %d ignored beyond the limit", clip.clip_id, record.num_persons, source, record.ignored_arrivals)
     return record
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
 import data_schemas.shard
 from data_schemas.config import ShardConfig
+from data_schemas.quality import ClipQuality
 from data_schemas.shard import ShardSummary
 from preprocess import shards
 from tasks.common import code_version, retry_transient
@@ -23,8 +25,16 @@ def _shards_cache_key(context: TaskRunContext, parameters: dict) -> str:
 
 
 @task(name="write-shards", cache_key_fn=_shards_cache_key, persist_result=True, retries=1, retry_condition_fn=retry_transient)
-def write_shards(workspace: Path, config: ShardConfig, inputs: str) -> ShardSummary:
-    """All samples into WebDataset shards (see preprocess.shards)."""
-    summary = shards.write_shards(workspace, config)
-    get_run_logger().info("%d sample(s) in %d shard(s): %d train, %d val", summary.num_samples, len(summary.shards), summary.num_train, summary.num_val)
+def write_shards(workspace: Path, config: ShardConfig, inputs: str, quality: dict[str, ClipQuality] | None = None) -> ShardSummary:
+    """All samples the filters keep into WebDataset shards (see preprocess.shards)."""
+    summary = shards.write_shards(workspace, config, quality=quality)
+    get_run_logger().info("%d sample(s) in %d shard(s): %d train, %d val; published as %s; %d clip(s) left out by the filters %s",
+                          summary.num_samples, len(summary.shards), summary.num_train, summary.num_val, summary.set_dir,
+                          summary.num_left_out, summary.left_out or "")  # fmt: skip
+    if quality is not None:
+        rows = "".join(f"| {reason} | {count} |\n" for reason, count in sorted(summary.left_out.items()))
+        create_markdown_artifact(key="shards", description="What the quality filters left out", markdown=(
+            f"**{summary.num_samples}** sample(s) in the shards ({summary.num_train} train, {summary.num_val} val); "
+            f"**{summary.num_left_out}** clip(s) left out (a clip counts under every filter it fails).\n\n"
+            f"| filter | clips left out |\n| --- | --- |\n{rows}\nFilters: `{config.filters.model_dump(exclude_none=True)}`\n"))  # fmt: skip
     return summary

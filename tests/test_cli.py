@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from data_schemas import ClipRecord, VideoRecord, read_records
+from data_schemas.mask import MaskRecord
+from data_schemas.shard import ShardSample
 from preprocess import media
 from preprocess.synthetic import SyntheticSpec, make_synthetic_video
 from tests.test_ingest_flow import temp_files
@@ -65,15 +67,17 @@ def test_demo_produces_the_documented_files(tmp_path):
     done = subprocess.run([*CLI, "demo", "--workspace", str(workspace)], env=cli_env(), capture_output=True, timeout=900)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     produced = {p.relative_to(workspace).as_posix() for p in workspace.rglob("*") if p.is_file()}
-    hidden = {p for p in produced if p.startswith(".")}  # Prefect's home and results, the tiny models
-    assert {p for p in hidden if p.startswith(".models/")} and all(p.startswith((".prefect/", ".models/")) for p in hidden)
+    hidden = {p for p in produced if p.startswith(".")}  # Prefect's home and results, the workspace lock
+    assert all(p.startswith(".prefect/") or p == ".lock" for p in hidden)  # the truth models build no tiny ONNX files
     clips = read_records(workspace / "manifests/clips.parquet", ClipRecord)
     samples = {f"samples/raw/sample_{i:02d}.{ext}" for i in range(4) for ext in ("mp4", "gt.npz")}
-    manifests = {f"manifests/{name}.parquet" for name in ("videos", "clips", "poses", "masks")}
+    manifests = {f"manifests/{name}.parquet" for name in ("videos", "clips", "poses", "masks", "quality")} | {"manifests/.lock"}
     per_clip = {f"{stage}/{c.clip_id}.npz" for c in clips for stage in ("poses", "masks")}
-    reports = {"reports/pose-contact-sheet.png", "reports/mask-overlays.png"}
-    shards = {p for p in produced if p.startswith("shards/") and p.endswith(".tar")}
-    assert shards and {p.split("/")[1].split("-")[0] for p in shards} <= {"train", "val"}
+    reports = {"reports/pose-contact-sheet.png", "reports/mask-overlays.png", "reports/data-card.md"}
+    reports |= {p for p in produced if p.startswith("reports/data-card/") and p.endswith(".png")}
+    current = os.readlink(workspace / "shards")  # the link to the current shard set
+    shards = {p for p in produced if p.startswith(f"{current}/") and p.endswith(".tar")}
+    assert shards and {p.split("/")[-1].split("-")[0] for p in shards} <= {"train", "val"}
     embeddings = {p for p in produced if p.startswith("embeddings/") and p.endswith(".safetensors")}
     assert len(embeddings) >= 2  # the captions and the negative prompt
     job_ids = [p.name.removesuffix(".json") for p in (workspace / "queue").iterdir()]
@@ -86,13 +90,19 @@ def test_demo_produces_the_documented_files(tmp_path):
     generation = {f"queue/{job_ids[0]}.json"} | {f"{job}/{name}" for name in ("job.json", "video.mp4", "preview.mp4", "preview.png")}
     driving = {f"samples/{folder}/{name}" for folder, names in (("driving", ("driving.mp4", "poses.npz", "masks.npz")),
                                                                   ("reference", ("reference.png", "poses.npz", "masks.npz"))) for name in names}  # fmt: skip
-    expected = manifests | samples | {c.path for c in clips} | per_clip | reports | shards | {"shards/index.parquet"}
+    expected = manifests | samples | {c.path for c in clips} | per_clip | reports | shards | {f"{current}/index.parquet", "shard-sets/.lock"}
+    expected |= {f"shard-sets/.{current.split('/')[-1]}.readers"}  # the training run's shared lock on the set it read
     expected |= embeddings | {"embeddings/index.parquet"} | training | generation | driving
-    assert produced - hidden == expected
+    assert produced - hidden == expected, (sorted(produced - hidden - expected), sorted(expected - produced))
     frames = media.count_and_check_frames(workspace / job / "video.mp4")[0]
     assert frames == 17
     # Sample 2 has a scene cut: four videos give five clips.
     assert len(clips) == 5 and all(v.status == "ok" for v in read_records(workspace / "manifests/videos.parquet", VideoRecord))
+    # The truth models: every person of every clip (samples have 1, 2, 3, 1 persons), and
+    # the default filters keep the clips of two or more.
+    masks = read_records(workspace / "manifests/masks.parquet", MaskRecord)
+    assert sorted(m.num_persons for m in masks) == [1, 1, 2, 3, 3] and {m.source for m in masks} == {"truth"}
+    assert len(read_records(workspace / current / "index.parquet", ShardSample)) == 3
     for clip in clips:
         assert media.count_and_check_frames(workspace / clip.path)[0] == clip.num_frames > 0
     assert str(workspace) in done.stdout.decode()

@@ -194,8 +194,11 @@ def test_job_id_is_a_hash_of_the_spec_and_specs_are_checked(tmp_path):
 def test_submitting_twice_queues_one_job(tmp_path):
     from typer.testing import CliRunner
 
+    from bench.fault_cases.generate import driving_video
     from flows.cli import app
 
+    cv2.imwrite(str(tmp_path / "ref.png"), np.full((64, 64, 3), 128, np.uint8))
+    driving_video(tmp_path / "d.mp4", seconds=6.0)  # 90 frames at the default 15 fps: enough for 81
     args = ["submit", str(tmp_path / "ref.png"), "--video", str(tmp_path / "d.mp4"), "--steps", "2", "--person-map", "1=2,2=1", "-w", str(tmp_path / "ws")]
     first, second = CliRunner().invoke(app, args), CliRunner().invoke(app, args)
     assert first.exit_code == second.exit_code == 0, first.output + second.output
@@ -353,7 +356,8 @@ def test_generate_runs_the_queue_records_failures_and_never_redoes_a_finished_jo
     summary = state.result()
     assert (summary.num_queued, sorted(summary.ok), summary.failed, summary.skipped) == (3, sorted([good.job_id, given.job_id]), [bad.job_id], [])
     failed = JobRecord.model_validate_json(record_path(workspace, bad.job_id).read_bytes())
-    assert failed.status == "failed" and failed.error == f"{inputs / 'missing.png'}: reference image not found"
+    assert failed.status == "failed" and failed.reason == "invalid_input"
+    assert failed.error == f"reference: {inputs / 'missing.png'}: reference image not found"
     folder = workspace / "outputs" / good.job_id
     assert sorted(p.name for p in folder.iterdir()) == ["job.json", "preview.mp4", "preview.png", "video.mp4"]
     record = JobRecord.model_validate_json((folder / "job.json").read_bytes())

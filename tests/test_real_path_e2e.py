@@ -50,7 +50,10 @@ def test_the_real_path_on_real_architecture_weights(tmp_path, real_architecture)
 
     for i in range(2):
         make_synthetic_video(SyntheticSpec(width=64, height=64, num_frames=30, num_persons=2, seed=i), ws / "raw", f"v{i}")
-    cli("preprocess", str(ws / "raw"), "-w", str(ws), "-c", str(profile))
+    # the truth models: labels that mean something, so the default filters (two persons) keep the clips
+    truth = yaml.safe_load(profile.read_text()) | {"pose": {"models": "truth"}, "segment": {"models": "truth"}}
+    (tmp_path / "truth.yaml").write_text(yaml.safe_dump(truth))
+    cli("preprocess", str(ws / "raw"), "-w", str(ws), "-c", str(tmp_path / "truth.yaml"))
     assert list((ws / "shards").glob("train-*.tar"))
     cli("embed", "-w", str(ws), "-c", str(profile))
 

@@ -14,15 +14,24 @@ from data_schemas.pose import POSES_DIR, PoseRecord
 from preprocess.media import read_frames
 from preprocess.pose.dwpose import DWPose, FramePoses
 from preprocess.pose.onnx_models import build_tiny_models
+from preprocess.truth import TRUTH, TruthPoses
 
 TINY_MODELS_DIR = ".models/dwpose-tiny"
 
 
-def resolve_models(cfg: PoseConfig, workspace: Path) -> tuple[Path, Path]:
-    """The (detector, pose model) files of a profile: built once for 'tiny', checked for 'files'."""
+def resolve_models(cfg: PoseConfig, workspace: Path) -> tuple[Path, ...]:
+    """The (detector, pose model) files of a profile: built once for 'tiny', checked for
+    'files'; none for 'truth' (preprocess/truth.py)."""
+    if cfg.models == "truth":
+        return ()
     if cfg.models == "tiny":
         return build_tiny_models(Path(workspace) / TINY_MODELS_DIR, seed=cfg.tiny_seed)
     return cfg.model_files()
+
+
+def models_name(cfg: PoseConfig, files: tuple[Path, ...]) -> str:
+    """What records and cache keys call the pose models: 'truth', or the files' digest."""
+    return TRUTH if cfg.models == "truth" else models_digest(files)
 
 
 def models_digest(files: tuple[Path, ...]) -> str:
@@ -63,9 +72,11 @@ def pack_poses(frames: list[FramePoses]) -> dict[str, np.ndarray]:
     return packed
 
 
-def extract_poses(clip: Path, clip_id: str, cfg: PoseConfig, files: tuple[Path, Path], models: str, workspace: Path) -> PoseRecord:
-    """Whole-body poses of every frame of one of OUR clips, written to poses/<clip_id>.npz."""
-    runner = runner_for(cfg, files)
+def extract_poses(clip: Path, clip_id: str, cfg: PoseConfig, files: tuple[Path, ...], models: str, workspace: Path,
+                  runner: DWPose | TruthPoses | None = None) -> PoseRecord:  # fmt: skip
+    """Whole-body poses of every frame of one of OUR clips, written to poses/<clip_id>.npz;
+    ``runner`` answers in DWPose's place (the truth model)."""
+    runner = runner or runner_for(cfg, files)
     import decord  # our own normalised clips only (see preprocess.media)
 
     num_frames = len(decord.VideoReader(str(clip), num_threads=1))

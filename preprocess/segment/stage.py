@@ -13,7 +13,10 @@ from data_schemas.config import SegmentConfig
 from data_schemas.mask import MASKS_DIR, MaskRecord
 from preprocess.media import read_frames
 from preprocess.pose.stage import load_poses, models_digest
+from preprocess.segment.ground_truth import GroundTruthSegmenter
 from preprocess.segment.identity import IdentityTracker, Segmenter
+from preprocess.synthetic import SyntheticClip
+from preprocess.truth import TRUTH
 
 
 def _device(cfg: SegmentConfig) -> str:
@@ -35,7 +38,10 @@ def _model(models: str, folder: Path, seed: int, device: str):
 
 
 def sam2_digest(cfg: SegmentConfig) -> str:
-    """What identifies the SAM2 weights in cache keys: their content for real ones, the seed for tiny."""
+    """What identifies the SAM2 weights in cache keys: their content for real ones, the seed
+    for tiny, 'truth' for the ground truth."""
+    if cfg.models == "truth":
+        return TRUTH
     if cfg.models == "tiny":
         return f"tiny{cfg.tiny_seed}"
     folder = cfg.model_folder()
@@ -44,6 +50,8 @@ def sam2_digest(cfg: SegmentConfig) -> str:
 
 def sam2_factory(cfg: SegmentConfig) -> tuple[Callable[[], Segmenter], str]:
     """A maker of fresh SAM2 trackers (one per clip) and the name of the mask source."""
+    if cfg.models == "truth":
+        raise ValueError("segment.models 'truth' has no SAM2: the ground truth is per clip (truth_factory)")
     import torch
 
     from preprocess.segment.sam2 import Sam2Tracker
@@ -54,6 +62,11 @@ def sam2_factory(cfg: SegmentConfig) -> tuple[Callable[[], Segmenter], str]:
     model, processor = _model(cfg.models, folder, cfg.tiny_seed, device)
     source = "sam2" if cfg.models == "files" else "sam2-tiny"
     return (lambda: Sam2Tracker(model, processor, device=device, dtype=dtype, state_on_cpu=cfg.state_on_cpu)), source
+
+
+def truth_factory(truth: SyntheticClip) -> tuple[Callable[[], Segmenter], str]:
+    """The truth model's segmenter for one clip (preprocess/truth.py) and its source name."""
+    return (lambda: GroundTruthSegmenter(truth.masks)), TRUTH
 
 
 def segment_clip(clip: Path, clip_id: str, poses_path: Path, make_segmenter: Callable[[], Segmenter], source: str,

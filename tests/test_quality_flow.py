@@ -1,0 +1,54 @@
+"""The quality stage in the preprocess flow: measures in manifests/quality.parquet, the
+shard filters applied with their reasons counted, the data card, and new filter values that
+rewrite the shards without measuring again."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from data_schemas import ProjectConfig, read_records
+from data_schemas.quality import QUALITY_MANIFEST, ClipQuality
+from data_schemas.shard import ShardSample
+from preprocess.synthetic import SyntheticSpec, make_synthetic_video
+from tests.test_cli import cli_env
+
+
+@pytest.mark.slow
+def test_filters_leave_out_clips_by_their_measures(tmp_path, prefect_api):
+    from flows.preprocess import preprocess
+    from tests.test_ingest_flow import task_states
+
+    folder, workspace = tmp_path / "in", tmp_path / "ws"
+    for name, persons in (("pair", 2), ("trio", 3), ("alone", 1)):
+        make_synthetic_video(SyntheticSpec(width=128, height=96, num_frames=30, num_persons=persons, seed=persons), folder, name)
+    truth = {"pose": {"models": "truth"}, "segment": {"models": "truth"}}
+    summary = preprocess(folder, workspace, ProjectConfig.model_validate(truth))  # default filters: two or more persons
+
+    rows = {r.clip_id: r for r in read_records(workspace / QUALITY_MANIFEST, ClipQuality)}
+    assert sorted(r.num_visible_persons for r in rows.values()) == [1, 2, 3]
+    (alone,) = [i for i, r in rows.items() if r.num_visible_persons == 1]
+    index = read_records(workspace / "shards" / "index.parquet", ShardSample)
+    assert {s.key for s in index} == set(rows) - {alone}
+    assert (summary.num_samples, summary.num_left_out, summary.left_out) == (2, 1, {"min_persons": 1})
+    card = (workspace / "reports" / "data-card.md").read_text()
+    assert "| min_persons | 1 |" in card and (workspace / "reports" / "data-card" / "motion.png").is_file()
+
+    # New filter values: the shards again, every measure from the cache.
+    state = preprocess(folder, workspace, ProjectConfig.model_validate(truth | {"shards": {"filters": {"min_persons": 1, "max_persons": 2}}}),
+                       return_state=True)  # fmt: skip
+    second = state.result()
+    states = task_states(state.state_details.flow_run_id, expected=len(rows) * 4 + 2)
+    assert {n: s for n, s in states.items() if n.startswith("quality ")} == {f"quality {i}": "Cached" for i in rows}
+    assert (second.num_samples, second.left_out) == (2, {"max_persons": 1})
+    assert {s.key for s in read_records(workspace / "shards" / "index.parquet", ShardSample)} == {i for i, r in rows.items() if r.num_visible_persons <= 2}
+
+    # The card again from the manifests, with other filters, through the command line.
+    profile = tmp_path / "p.yaml"
+    profile.write_text("shards:\n  filters:\n    min_persons: 3\n")
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "data-card", "-w", str(workspace), "-c", str(profile)],
+                          env=cli_env(), capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "| min_persons | 2 |" in (workspace / "reports" / "data-card.md").read_text()
