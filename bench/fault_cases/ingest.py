@@ -237,7 +237,7 @@ def two_folders(tmp: Path) -> tuple[Path, Path]:
 
     week1, week2 = tmp / "week1", tmp / "week2"
     for folder, name, seed in ((week1, "a", 1), (week1, "b", 2), (week2, "c", 3)):
-        make_synthetic_video(SyntheticSpec(width=96, height=64, num_frames=30, num_persons=1, seed=seed), folder, name)
+        make_synthetic_video(SyntheticSpec(width=96, height=64, num_frames=30, num_persons=2, seed=seed), folder, name)
     (week2 / "copy of a.mp4").write_bytes((week1 / "a.mp4").read_bytes())
     return week1, week2
 
@@ -250,8 +250,11 @@ def case_two_folders(tmp: Path) -> tuple[bool, str]:
 
     week1, week2 = two_folders(tmp)
     workspace = tmp / "ws"
+    # the truth models: both persons found, so the default filters (two or more) keep every clip
+    profile = tmp / "truth.yaml"
+    profile.write_text("pose:\n  models: truth\nsegment:\n  models: truth\n")
     first = cli("ingest", week1, "-w", workspace)
-    second = cli("preprocess", week2, "-w", workspace)
+    second = cli("preprocess", week2, "-w", workspace, "-c", profile)
     rows = {Path(r.path).relative_to(tmp).as_posix(): r for r in manifest(workspace).values()}
     index = workspace / "shards" / "index.parquet"
     sources = {s.source_sha256 for s in read_records(index, ShardSample)} if index.exists() else set()
