@@ -278,11 +278,25 @@ def test_the_gpu_limit_makes_a_third_run_wait_for_a_slot(prefect_api):
     from tasks.common import GPU_TAG
 
     sections: list[tuple[float, float]] = []
+    state = {"inside": 0, "most": 0, "started": 0}
+    changed = threading.Condition()
 
     @task(tags=[GPU_TAG])
     def gpu_section(seconds: float) -> None:
-        start = time.monotonic()
-        time.sleep(seconds)
+        # The first two hold their slots until both are inside (flow start-up is slow on a
+        # loaded machine), then for a while longer: time in which a third would get in if
+        # the limit let it. Timing alone would not show overlap under load.
+        with changed:
+            state["inside"] += 1
+            state["started"] += 1
+            state["most"] = max(state["most"], state["inside"])
+            changed.notify_all()
+            start, order = time.monotonic(), state["started"]
+            if order <= 2:
+                changed.wait_for(lambda: state["inside"] >= 2, timeout=60)
+                changed.wait_for(lambda: state["inside"] >= 3, timeout=seconds)
+            state["inside"] -= 1
+            changed.notify_all()
         sections.append((start, time.monotonic()))
 
     @flow
@@ -298,7 +312,7 @@ def test_the_gpu_limit_makes_a_third_run_wait_for_a_slot(prefect_api):
 
     anyio.run(limit, 2)
     try:
-        runs = [threading.Thread(target=one_run, args=(3.0,)) for _ in range(3)]
+        runs = [threading.Thread(target=one_run, args=(6.0,)) for _ in range(3)]
         for run in runs:
             run.start()
         for run in runs:
@@ -307,7 +321,5 @@ def test_the_gpu_limit_makes_a_third_run_wait_for_a_slot(prefect_api):
         anyio.run(limit, None)
     assert len(sections) == 3
     sections.sort()
-    events = sorted([(start, 1) for start, _ in sections] + [(end, -1) for _, end in sections])
-    running = [sum(step for _, step in events[: i + 1]) for i in range(len(events))]
-    assert max(running) == 2, sections
+    assert state["most"] == 2, (state, sections)
     assert sections[2][0] >= min(end for _, end in sections[:2]) - 0.05, sections
