@@ -27,11 +27,10 @@ import numpy as np
 
 from data_schemas.video import ClipRecord
 from preprocess.pose.dwpose import FramePoses
-from preprocess.synthetic import OPENPOSE_TO_WHOLEBODY, SyntheticClip, load_ground_truth
+from preprocess.synthetic import SyntheticClip, ground_truth_poses, load_ground_truth
 
 TRUTH = "truth"
 TRUTH_SUFFIX = ".gt.npz"
-VISIBLE_SCORE = 0.9
 
 
 class MissingTruthError(ValueError):
@@ -77,37 +76,22 @@ def truth_of(clip: ClipRecord) -> SyntheticClip:
     return clip_truth(clip.clip_id, Path(clip.source_path), clip.start_s, clip.fps, clip.num_frames, clip.width, clip.height)
 
 
-def truth_frame_poses(truth: SyntheticClip, t: int, rng: np.random.Generator) -> FramePoses:
-    """What a perfect whole-body detector returns for frame t."""
-    present = [p for p in range(truth.masks.shape[1]) if truth.masks[t, p].any()]
-    rng.shuffle(present)
-    n = len(present)
-    keypoints = np.full((n, 133, 2), -1, np.float32)
-    scores = np.zeros((n, 133), np.float32)
-    boxes = np.zeros((n, 4), np.float32)
-    for row, p in enumerate(present):
-        for op, wb in OPENPOSE_TO_WHOLEBODY.items():
-            keypoints[row, wb] = truth.keypoints[t, p, op]
-            scores[row, wb] = VISIBLE_SCORE if truth.keypoint_visible[t, p, op] else 0.0
-        ys, xs = np.nonzero(truth.masks[t, p])
-        boxes[row] = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
-    return FramePoses(boxes=boxes, box_scores=np.full(n, VISIBLE_SCORE, np.float32), keypoints=keypoints, scores=scores)
-
-
 class TruthPoses:
     """``DWPose.estimate`` answered from a clip's ground truth, frame after frame."""
 
     provider = TRUTH
 
     def __init__(self, truth: SyntheticClip, seed: int = 0):
-        self.truth = truth
-        self.rng = np.random.default_rng(seed)
+        # the generator's own perfect-detector arrays (preprocess.synthetic.ground_truth_poses)
+        self.arrays, _ = ground_truth_poses(truth, seed=seed)
         self._t = 0
 
     def estimate(self, frames: np.ndarray, max_persons: int | None = None) -> tuple[list[FramePoses], int]:
         out, truncated = [], 0
+        a = self.arrays
         for _ in range(len(frames)):
-            poses = truth_frame_poses(self.truth, self._t, self.rng)
+            t, n = self._t, int(a["num_persons"][self._t])
+            poses = FramePoses(a["boxes"][t, :n], a["box_scores"][t, :n], a["keypoints"][t, :n], a["scores"][t, :n])
             self._t += 1
             if max_persons is not None and len(poses.boxes) > max_persons:
                 # as DWPose does: the largest boxes are kept
