@@ -5,7 +5,7 @@ VENV   := .venv
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup browser demo test bench clean-workspace
+.PHONY: setup browser lint demo test bench clean-workspace
 
 setup: $(STAMP)
 
@@ -25,7 +25,12 @@ browser:
 	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || \
 		{ echo "installing Debian's chromium and chromium-driver"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-test: setup browser
+# ruff's lint rules and its formatter (pyproject.toml: [tool.ruff]); CI runs both through `make test`
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup browser lint
 	$(VENV)/bin/python -m pytest -ra
 
 bench: setup

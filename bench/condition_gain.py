@@ -68,8 +68,8 @@ def main() -> None:
         pipe, model = MultiAnimatePipeline(comps), ConditionedDenoiser(dit)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-        with_conditions = TrainConfig(workspace=ws, num_frames=FRAMES, height=HEIGHT, width=WIDTH, max_stride=STRIDE,
-                                      min_stride=STRIDE, image_dropout=0.0, pose_dropout=0.0)  # fmt: skip
+        shape = {"num_frames": FRAMES, "height": HEIGHT, "width": WIDTH, "max_stride": STRIDE, "min_stride": STRIDE}
+        with_conditions = TrainConfig(workspace=ws, loader=shape, image_dropout=0.0, pose_dropout=0.0)
         without = with_conditions.model_copy(update={"pose_condition": False})
         cache = EmbeddingCache(ws / "embeddings", profile_encoder_id("tiny"))
         loader_cfg = LoaderConfig(num_frames=FRAMES, height=HEIGHT, width=WIDTH, max_stride=STRIDE, min_stride=STRIDE,

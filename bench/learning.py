@@ -51,20 +51,21 @@ from model.text_cache import EmbeddingCache, captions_from_shards, fill_cache
 from model.text_encoder import WAN_NEGATIVE_PROMPT, build_tiny_text_encoder, profile_encoder_id
 from model.train import launch_command
 from preprocess.shards import write_shards
-from tests.test_shards import make_workspace
+from tests.helpers.workspaces import make_workspace
 
 STEPS = int(os.environ.get("LEARNING_STEPS", "150"))
 LR = float(os.environ.get("LEARNING_LR", "1e-3"))
 BASE_STEPS = int(os.environ.get("LEARNING_BASE_STEPS", "300"))
 GUIDANCE = 2.0
 FRAMES, HEIGHT, WIDTH, STRIDE = 9, 48, 64, 2
+SHAPE = {"num_frames": FRAMES, "height": HEIGHT, "width": WIDTH, "max_stride": STRIDE, "min_stride": STRIDE}  # the runs' loader
 CLIPS = dict(clips_per_source=1, num_frames=40, background="flat", motions=("walk", "walk"), walk_speed=0.3)
 
 
 def train_run(ws: Path, name: str, pose_condition: bool, base: Path) -> Path:
     # gradient clipping at 1: the margins below were measured with it (the default is now off)
-    cfg = TrainConfig(workspace=ws, run_name=name, model=ModelConfig(tiny_transformer=base), num_frames=FRAMES, height=HEIGHT, width=WIDTH, max_stride=STRIDE,
-                      min_stride=STRIDE, max_steps=STEPS, checkpoint_every=STEPS, num_workers=0, nproc=1, lr=LR, warmup_steps=10,
+    cfg = TrainConfig(workspace=ws, run_name=name, model=ModelConfig(tiny_transformer=base), loader=SHAPE, max_steps=STEPS,
+                      checkpoint_every=STEPS, num_workers=0, nproc=1, lr=LR, warmup_steps=10,
                       pose_condition=pose_condition, image_dropout=0.0, pose_dropout=0.0, activation_checkpointing=False,
                       grad_clip=1.0)  # fmt: skip
     path = ws / f"{name}.json"
@@ -89,7 +90,7 @@ def prepare(tmp_path: Path, num_clips: int = 64) -> tuple[Path, Path, Path]:
     fill_cache(ws / "embeddings", encoder, texts + [WAN_NEGATIVE_PROMPT])
 
     base = tmp_path / "tiny-base"
-    shape = TrainConfig(workspace=ws, num_frames=FRAMES, height=HEIGHT, width=WIDTH, max_stride=STRIDE, min_stride=STRIDE, grad_clip=1.0)
+    shape = TrainConfig(workspace=ws, loader=SHAPE, grad_clip=1.0)
     print("base pretraining:", pretrain_tiny_base(shape, base, steps=BASE_STEPS), flush=True)
     return ws, held_out, base
 

@@ -47,12 +47,13 @@ def build_data(root: Path, num_clips: int) -> None:
     from data_schemas import ClipRecord, IngestConfig, PoseRecord, write_records
     from data_schemas.config import SegmentConfig, ShardConfig
     from data_schemas.mask import MaskRecord
+    from preprocess.media import write_video
     from preprocess.pose.convert import wholebody_to_openpose
     from preprocess.pose.render import draw_pose
     from preprocess.segment.ground_truth import GroundTruthSegmenter
     from preprocess.segment.stage import segment_clip
     from preprocess.shards import write_shards
-    from preprocess.synthetic import SyntheticSpec, ground_truth_poses, render_clip, write_video
+    from preprocess.synthetic import SyntheticSpec, ground_truth_poses, render_clip
     from preprocess.video import ingest_video, sha256_file
 
     workspace = root / "ours"

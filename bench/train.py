@@ -27,11 +27,11 @@ from model.text_cache import captions_from_shards, fill_cache  # noqa: E402
 from model.text_encoder import WAN_NEGATIVE_PROMPT, build_tiny_text_encoder  # noqa: E402
 from model.train import launch_command  # noqa: E402
 from preprocess.shards import write_shards  # noqa: E402
-from tests.test_shards import make_workspace  # noqa: E402
+from tests.helpers.workspaces import make_workspace  # noqa: E402
 
 
 def run(ws: Path, nproc: int, steps: int, frames: int, height: int, width: int) -> dict:
-    cfg = TrainConfig(workspace=ws, run_name=f"bench-{nproc}", num_frames=frames, height=height, width=width,
+    cfg = TrainConfig(workspace=ws, run_name=f"bench-{nproc}", loader={"num_frames": frames, "height": height, "width": width},
                       max_steps=steps, checkpoint_every=steps, num_workers=1, nproc=nproc)  # fmt: skip
     path = ws / f"bench-{nproc}.json"
     path.write_text(cfg.model_dump_json())

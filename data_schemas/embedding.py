@@ -16,8 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # Wan's I2V cross-attention takes the first 512 context tokens as text, the rest as image.
 TEXT_LEN = 512
-EMBEDDINGS_DIR = "embeddings"
-INDEX_NAME = "index.parquet"
 TENSOR_NAME = "embedding"  # the one tensor of an entry file
 
 EmbeddingDtype = Literal["float32", "bfloat16", "float16"]

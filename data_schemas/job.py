@@ -36,9 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from data_schemas.atomic import atomic_write_bytes, fsync_file, temp_path_for
 from data_schemas.model import ModelConfig, check_wan_frames, check_wan_size
+from data_schemas.workspace import Workspace
 
-QUEUE_DIR = "queue"
-OUTPUTS_DIR = "outputs"
 RECORD_FILE = "job.json"
 JOB_ID_LENGTH = 16  # hex digits of sha256: collisions are out of reach for any real queue
 
@@ -262,11 +261,11 @@ class GenerateSummary(BaseModel):
 
 
 def queue_path(workspace: Path, job_id: str) -> Path:
-    return Path(workspace) / QUEUE_DIR / f"{job_id}.json"
+    return Workspace(workspace).queue_file(job_id)
 
 
 def record_path(workspace: Path, job_id: str) -> Path:
-    return Path(workspace) / OUTPUTS_DIR / job_id / RECORD_FILE
+    return Workspace(workspace).output(job_id) / RECORD_FILE
 
 
 def submit_job(workspace: Path, spec: JobSpec) -> tuple[str, bool]:
@@ -291,7 +290,7 @@ def read_queue_entry(path: Path) -> JobSpec:
 
 def queued_files(workspace: Path) -> list[Path]:
     """Queue entries, oldest first (file name breaks ties, so the order is stable)."""
-    folder = Path(workspace) / QUEUE_DIR
+    folder = Workspace(workspace).queue
     if not folder.is_dir():
         return []
     files = [p for p in folder.glob("*.json") if not p.name.startswith(".")]  # temporaries start with a dot
@@ -315,7 +314,7 @@ def is_finished(workspace: Path, job_id: str) -> bool:
 def staging_folder(workspace: Path, job_id: str) -> Path:
     """A new temporary folder beside ``outputs/<job_id>/`` for the job's files (its name
     marks the writer, so a later run removes it when the writer is dead)."""
-    folder = temp_path_for(Path(workspace) / OUTPUTS_DIR / job_id)
+    folder = temp_path_for(Workspace(workspace).output(job_id))
     folder.mkdir(parents=True)
     return folder
 
@@ -326,7 +325,7 @@ def publish_job(workspace: Path, record: JobRecord, staging: Path | None = None)
     is whole or absent. An earlier folder of the job (a failure) is moved to a temporary
     name first and deleted after; a killed run between the two renames leaves no folder
     (the job runs again). A job finished meanwhile by another run is kept: ours is dropped."""
-    final = Path(workspace) / OUTPUTS_DIR / record.job_id
+    final = Workspace(workspace).output(record.job_id)
     staging = staging_folder(workspace, record.job_id) if staging is None else Path(staging)
     if is_finished(workspace, record.job_id):
         shutil.rmtree(staging, ignore_errors=True)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MASKS_DIR = "masks"
-
 
 class MaskRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-POSES_DIR = "poses"
-
 
 class PoseRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

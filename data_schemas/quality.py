@@ -13,13 +13,13 @@ frames, so a passer-by seen in three frames neither counts as a person nor spoil
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data_schemas.config import QualityConfig, QualityFilters  # noqa: F401 - the measures' settings live with the other configs
-
-QUALITY_MANIFEST = "manifests/quality.parquet"
+from data_schemas.workspace import Workspace
 
 
 class ClipQuality(BaseModel):

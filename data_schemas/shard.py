@@ -21,10 +21,9 @@ from typing import IO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SHARDS_DIR = "shards"  # what readers open: a symlink to the current set
-SETS_DIR = "shard-sets"  # the sets themselves, one folder each
+from data_schemas.workspace import SHARD_SETS
+
 NO_MEASURES = "no_measures"  # why a clip without quality measures is left out when filters apply
-INDEX_NAME = "index.parquet"
 READERS_SUFFIX = ".readers"  # shard-sets/.<set id>.readers: shared locks of the runs reading a set
 
 
@@ -39,7 +38,7 @@ def hold_for_reading(shards: list[Path]) -> list[IO]:
     newer set's publication leaves these sets in place, removed by a later one."""
     held = []
     for set_dir in sorted({Path(os.path.realpath(p)).parent for p in shards}):
-        if set_dir.parent.name != SETS_DIR:
+        if set_dir.parent.name != SHARD_SETS:
             continue  # shards outside a workspace's sets: nobody removes them
         handle = open(readers_file(set_dir), "a")
         fcntl.flock(handle, fcntl.LOCK_SH)

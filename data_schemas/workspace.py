@@ -34,7 +34,9 @@ EVALS = "evals"
 SAMPLES = "samples"
 PREFECT = ".prefect"
 MODELS = ".models"  # tiny random-weight models built for the tiny profile
+REFERENCES = "references"  # reference images of imported legacy clips
 INDEX = "index.parquet"  # the index file of shards/ and embeddings/
+LOCK = ".lock"  # the workspace lock (flows/runtime.py): one writing run at a time
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,14 @@ class Workspace:
 
     def mask_file(self, clip_id: str) -> Path:
         return self.masks / f"{clip_id}.npz"
+
+    def pose_images_file(self, clip_id: str) -> Path:
+        """Rendered pose images of an imported legacy clip (its poses exist only as images)."""
+        return self.poses / f"{clip_id}.images.npz"
+
+    def reference_file(self, clip_id: str) -> Path:
+        """The reference image of an imported legacy clip."""
+        return self.root / REFERENCES / f"{clip_id}.png"
 
     # -- reports ---------------------------------------------------------------------------
     @property
@@ -195,9 +205,26 @@ class Workspace:
     def eval(self, name: str) -> Path:
         return self.evals / name
 
+    def eval_clips(self, name: str) -> Path:
+        """``evals/<name>/per_clip.parquet``: one row per scored clip (and its persons)."""
+        return self.eval(name) / "per_clip.parquet"
+
+    def eval_summary(self, name: str) -> Path:
+        """``evals/<name>/metrics.parquet``: the aggregates of one evaluation."""
+        return self.eval(name) / "metrics.parquet"
+
     @property
     def samples(self) -> Path:
         return self.root / SAMPLES
+
+    @property
+    def raw_samples(self) -> Path:
+        """The demo's generated source videos (the folder it preprocesses)."""
+        return self.samples / "raw"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK
 
     @property
     def prefect_home(self) -> Path:
@@ -211,6 +238,11 @@ class Workspace:
     @property
     def models(self) -> Path:
         return self.root / MODELS
+
+    @property
+    def tiny_dwpose(self) -> Path:
+        """The tiny profile's random-weight DWPose ONNX files, built on first use."""
+        return self.models / "dwpose-tiny"
 
 
 @dataclass(frozen=True)

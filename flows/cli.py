@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from data_schemas.workspace import Workspace
 from flows.runtime import WorkspaceBusy, failure_cause, use_workspace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MultiAnimate: raw videos -> training data -> model -> videos.")
@@ -39,6 +40,30 @@ class NothingDone(Exception):
     """The verb ran, but nothing it was asked for succeeded: the message says why."""
 
 
+def _check_weights(cfg, stages: tuple[str, ...] = ("pose", "segment"), strict: bool = True) -> list[tuple[str, bool, str]]:
+    """The real weight files the profile ``cfg`` names for ``stages`` (of pose, segment, model):
+    per stage, (stage, whether it uses real files, what is missing or ""). ``strict``: the first
+    stage with missing files raises its ValueError instead (the message says how to get them)."""
+    checks = {
+        "pose": (cfg.pose.models == "files", cfg.pose.model_files),
+        "segment": (cfg.segment.models == "files", cfg.segment.model_folder),
+        "model": (cfg.model.profile != "tiny", cfg.model.require_weights),
+    }
+    found = []
+    for stage in stages:
+        uses_files, check = checks[stage]
+        problem = ""
+        if uses_files:
+            try:
+                check()
+            except ValueError as exc:
+                if strict:
+                    raise
+                problem = str(exc)
+        found.append((stage, uses_files, problem))
+    return found
+
+
 def _checked_config(folder: Path, config: Path | None, weights: bool = True):
     """The profile, checked before anything is created: the input folder, the values, the
     weight files it names (one clear message for whatever is missing)."""
@@ -48,10 +73,8 @@ def _checked_config(folder: Path, config: Path | None, weights: bool = True):
         raise typer.BadParameter(f"{folder}: not a folder", param_hint="FOLDER")
     try:
         cfg = load_config(config)
-        if weights and cfg.pose.models == "files":
-            cfg.pose.model_files()
-        if weights and cfg.segment.models == "files":
-            cfg.segment.model_folder()
+        if weights:
+            _check_weights(cfg)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     return cfg
@@ -102,7 +125,7 @@ def _require_usable_input(workspace: Path, folder: Path, num_files: int | None =
     from data_schemas.video import VideoStatus
 
     folder = folder.absolute()
-    manifest = workspace / "manifests" / "videos.parquet"
+    manifest = Workspace(workspace).videos_manifest
     rows = [r for r in read_records(manifest, VideoRecord) if Path(r.path).is_relative_to(folder)] if manifest.is_file() else []
     failed = [r for r in rows if r.status == VideoStatus.failed]
     num_files, num_failed = len(rows) if num_files is None else num_files, len(failed) if num_failed is None else num_failed
@@ -167,7 +190,7 @@ def import_legacy(
     from flows.legacy import import_legacy as import_flow
 
     clips = import_flow(root, workspace, trust_pickles=trust_pickles, fps=fps)
-    console.print(f"imported {len(clips)} clip(s) into {workspace} (manifests/legacy.parquet)")
+    console.print(f"imported {len(clips)} clip(s) into {workspace} ({Workspace(workspace).manifest('legacy')})")
     if not clips:
         raise NothingDone(f"nothing imported from {root}: each folder's reason is in the log above")
 
@@ -191,7 +214,7 @@ def demo(
 
     summary = demo_flow(workspace, num_videos=num_videos, seed=seed, train_steps=train_steps, nproc=nproc, models=models)
     _print_preprocess(summary.preprocess)
-    job = workspace / "outputs" / summary.job_id
+    job = Workspace(workspace).output(summary.job_id)
     table = Table(title="where everything is")
     table.add_column("what")
     table.add_column("path")
@@ -210,6 +233,15 @@ def demo(
     if summary.generation.failed:
         console.print(f"[red]generation failed:[/red] see {job / 'job.json'}")
         raise typer.Exit(1)
+
+
+def _train_default(name: str, section: str = "") -> str:
+    """A TrainConfig field's (``section``: of its loader) description and default, for help
+    texts: the config owns both, the option only overrides what it is given."""
+    from data_schemas.train import LoaderConfig, TrainConfig
+
+    field = (LoaderConfig if section == "loader" else TrainConfig).model_fields[name]
+    return f"{field.description}; default {field.default}"
 
 
 def _job_default(name: str) -> str:
@@ -260,7 +292,7 @@ def submit(
     from pydantic import ValidationError
 
     from data_schemas import load_config
-    from data_schemas.job import JobSpec, describe_validation_error, submit_job
+    from data_schemas.job import JobSpec, describe_validation_error, queue_path, submit_job
     from preprocess.job_inputs import JobInputError, check_job_inputs
 
     given = dict(prompt=prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, height=height, width=width,
@@ -284,7 +316,7 @@ def submit(
         hint = ", ".join(options.get(field, "--poses/--masks" if "/" in field else f"--{field}") for field in exc.problems)
         raise typer.BadParameter(str(exc), param_hint=hint) from exc
     job_id, new = submit_job(Path(workspace).absolute(), spec)
-    Console(stderr=True).print(f"{'queued' if new else 'already queued'}: {Path(workspace).absolute() / 'queue' / (job_id + '.json')}")
+    Console(stderr=True).print(f"{'queued' if new else 'already queued'}: {queue_path(Path(workspace).absolute(), job_id)}")
     typer.echo(job_id)
 
 
@@ -303,10 +335,7 @@ def generate(
         cfg = load_config(config)
         if job_timeout is not None:
             cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"job_timeout_s": job_timeout})})
-        if cfg.pose.models == "files":
-            cfg.pose.model_files()
-        if cfg.segment.models == "files":
-            cfg.segment.model_folder()
+        _check_weights(cfg)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     workspace = use_workspace(workspace)
@@ -354,14 +383,14 @@ def embed(
 def train(
     workspace: WorkspaceOpt = Path("workspace"),
     config: ConfigOpt = None,
-    run_name: Annotated[str, typer.Option(help="runs/<run-name>/ holds checkpoints, metrics and the final weights")] = "run",
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
-    nproc: Annotated[int, typer.Option(help="processes (GPUs) for torchrun")] = 1,
-    num_frames: Annotated[int, typer.Option(help="frames per sample (4k+1)")] = 81,
-    height: Annotated[int, typer.Option(help="sample height (divisible by 16)")] = 480,
-    width: Annotated[int, typer.Option(help="sample width (divisible by 16)")] = 832,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-4,
-    checkpoint_every: Annotated[int, typer.Option(help="steps between resumable checkpoints")] = 100,
+    run_name: Annotated[Optional[str], typer.Option(help=_train_default("run_name"))] = None,
+    steps: Annotated[Optional[int], typer.Option(help=_train_default("max_steps"))] = None,
+    nproc: Annotated[Optional[int], typer.Option(help=_train_default("nproc"))] = None,
+    num_frames: Annotated[Optional[int], typer.Option(help=_train_default("num_frames", "loader"))] = None,
+    height: Annotated[Optional[int], typer.Option(help=_train_default("height", "loader"))] = None,
+    width: Annotated[Optional[int], typer.Option(help=_train_default("width", "loader"))] = None,
+    lr: Annotated[Optional[float], typer.Option(help=_train_default("lr"))] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help=_train_default("checkpoint_every"))] = None,
     train_config: Annotated[Optional[Path], typer.Option(help="a full TrainConfig as JSON/YAML (overrides the options above)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="build the profile's model as training would (no shards or "
                                           "embeddings needed), describe its parameters and persons, do not train")] = False,
@@ -377,9 +406,11 @@ def train(
     try:
         if train_config is not None:
             cfg = TrainConfig.model_validate(yaml.safe_load(train_config.read_text()))
-        else:
-            cfg = TrainConfig(workspace=workspace, model=load_config(config).model, run_name=run_name, max_steps=steps, nproc=nproc,
-                              num_frames=num_frames, height=height, width=width, lr=lr, checkpoint_every=checkpoint_every)  # fmt: skip
+        else:  # only the options given override the config's defaults
+            given = {"run_name": run_name, "max_steps": steps, "nproc": nproc, "lr": lr, "checkpoint_every": checkpoint_every}
+            loader = {"num_frames": num_frames, "height": height, "width": width}
+            cfg = TrainConfig(workspace=workspace, model=load_config(config).model, **{k: v for k, v in given.items() if v is not None},
+                              loader={k: v for k, v in loader.items() if v is not None})  # fmt: skip
     except (ValidationError, ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     if dry_run:
@@ -469,20 +500,8 @@ def weights(
         cfg = load_config(config)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    checks = []  # (stage, what, problem or "")
-    for stage, uses_files, check in (
-        ("pose", cfg.pose.models == "files", cfg.pose.model_files),
-        ("segment", cfg.segment.models == "files", cfg.segment.model_folder),
-        ("model", cfg.model.profile != "tiny", cfg.model.require_weights),
-    ):
-        if not uses_files:
-            checks.append((stage, "tiny random-weight models (built in code)", ""))
-            continue
-        try:
-            check()
-            checks.append((stage, "real weights", ""))
-        except ValueError as exc:
-            checks.append((stage, "real weights", str(exc)))
+    checks = [(stage, "real weights" if uses_files else "tiny random-weight models (built in code)", problem)
+              for stage, uses_files, problem in _check_weights(cfg, ("pose", "segment", "model"), strict=False)]  # fmt: skip
     table = Table(title="weights")
     for column in ("stage", "uses", "status"):
         table.add_column(column)
@@ -508,14 +527,15 @@ def remove(
     clips (with their poses and masks) of content no other listed file holds. Says what it
     removes; a file's content that a listed duplicate also holds stays, under the duplicate."""
     from flows.runtime import workspace_lock
-    from preprocess.video import VIDEOS_MANIFEST, remove_sources
+    from preprocess.video import remove_sources
 
-    if not (Path(workspace) / VIDEOS_MANIFEST).is_file():
+    manifest = Workspace(Path(workspace).absolute()).videos_manifest
+    if not manifest.is_file():
         raise typer.BadParameter(f"{Path(workspace).absolute()}: no videos manifest, nothing was ingested there", param_hint="--workspace")
     with workspace_lock(workspace, wait):  # no Prefect, no free-space check: removing is how space is made
         plan = remove_sources(workspace, paths, dry_run=True)
         if not plan.rows:
-            raise NothingDone(f"no file listed in {Path(workspace).absolute() / VIDEOS_MANIFEST} is at or under {', '.join(map(str, paths))}")
+            raise NothingDone(f"no file listed in {manifest} is at or under {', '.join(map(str, paths))}")
         table = Table(title=f"{'would remove' if dry_run else 'removing'} {len(plan.rows)} file(s) from the manifest")
         for column in ("file", "status", "its clips"):
             table.add_column(column)
@@ -538,11 +558,11 @@ def data_card(workspace: WorkspaceOpt = Path("workspace"), config: ConfigOpt = N
     """Write reports/data-card.md again from the manifests, with the profile's shards.filters
     (what they would remove; the shards change at the next preprocess)."""
     from data_schemas import load_config
-    from data_schemas.quality import QUALITY_MANIFEST
     from preprocess.data_card import write_data_card
 
-    if not (Path(workspace) / QUALITY_MANIFEST).is_file():
-        raise typer.BadParameter(f"{Path(workspace).absolute() / QUALITY_MANIFEST}: missing; `multianimate preprocess` measures the clips",
+    manifest = Workspace(Path(workspace).absolute()).quality_manifest
+    if not manifest.is_file():
+        raise typer.BadParameter(f"{manifest}: missing; `multianimate preprocess` measures the clips",
                                  param_hint="--workspace")  # fmt: skip
     try:
         filters = load_config(config).shards.filters

@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import cv2
 from prefect import flow
 from pydantic import BaseModel, ConfigDict
 
@@ -26,17 +25,14 @@ from data_schemas.embedding import EmbeddingSummary
 from data_schemas.job import GenerateSummary, JobSpec, submit_job
 from data_schemas.model import ModelConfig
 from data_schemas.pose import PreprocessSummary
-from data_schemas.train import TrainConfig, TrainResult
+from data_schemas.train import LoaderConfig, TrainConfig, TrainResult
+from data_schemas.workspace import Workspace
 from flows.embed import embed
 from flows.generate import generate
 from flows.preprocess import preprocess
 from flows.train import train
-from preprocess.synthetic import SyntheticSpec, render_clip, write_ground_truth_stage_files, write_video
+from preprocess.synthetic import write_demo_job_inputs
 from tasks.samples import make_sample_videos
-
-SAMPLES_DIR = "samples/raw"
-DRIVING_DIR = "samples/driving"
-REFERENCE_DIR = "samples/reference"
 
 
 class DemoSummary(BaseModel):
@@ -51,36 +47,24 @@ class DemoSummary(BaseModel):
     job_id: str
 
 
-def driving_inputs(workspace: Path, seed: int, size: int, num_frames: int) -> tuple[Path, Path, Path, Path]:
-    """A new two-person synthetic video (+ its ground-truth poses and masks) and a reference
-    image of two other persons (+ its ground-truth poses)."""
-    drive = render_clip(SyntheticSpec(width=size, height=size, num_frames=num_frames, num_persons=2, seed=seed * 1000 + 901))
-    write_video(drive.frames, workspace / DRIVING_DIR / "driving.mp4", fps=25.0)
-    poses, masks = write_ground_truth_stage_files(drive, workspace / DRIVING_DIR)
-    ref = render_clip(SyntheticSpec(width=size, height=size, num_frames=1, num_persons=2, seed=seed * 1000 + 902))
-    (workspace / REFERENCE_DIR).mkdir(parents=True, exist_ok=True)
-    reference = workspace / REFERENCE_DIR / "reference.png"
-    cv2.imwrite(str(reference), ref.frames[0][..., ::-1])
-    ref_poses, _ = write_ground_truth_stage_files(ref, workspace / REFERENCE_DIR)
-    return reference, ref_poses, poses, masks
-
-
 @flow(name="demo")
 def demo(workspace: Path, num_videos: int = 4, seed: int = 0, num_frames: int = 75, train_steps: int = 4, nproc: int = 2,
          models: Literal["truth", "tiny"] = "truth") -> DemoSummary:  # fmt: skip
     """Generate sample videos under the workspace and run every stage on them."""
     workspace = Path(workspace).absolute()
-    samples = workspace / SAMPLES_DIR
+    ws = Workspace(workspace)
+    samples = ws.raw_samples
     make_sample_videos(samples, num_videos, seed, num_frames)
     # the built-in defaults (tiny models), with the truth models for pose and segmentation
     config = ProjectConfig.model_validate({"pose": {"models": models}, "segment": {"models": models}})
     prep = preprocess(samples, workspace, config)
     embeddings = embed(workspace, config.model.profile, config.model.wan_folder)
     # a checkpoint midway, so that a demo killed while training resumes; one kept is enough here
-    training = train(TrainConfig(workspace=workspace, run_name="demo", model=config.model, num_frames=9, height=64, width=64,
+    training = train(TrainConfig(workspace=workspace, run_name="demo", model=config.model,
+                                 loader=LoaderConfig(num_frames=9, height=64, width=64),
                                  max_steps=train_steps, checkpoint_every=max(1, train_steps // 2), keep_checkpoints=1,
                                  nproc=nproc, num_workers=0, seed=seed))  # fmt: skip
-    reference, ref_poses, poses, masks = driving_inputs(workspace, seed, size=128, num_frames=40)
+    reference, ref_poses, poses, masks = write_demo_job_inputs(ws.samples, seed, size=128, num_frames=40)
     job = JobSpec(reference=reference, reference_poses=ref_poses, poses=poses, masks=masks, steps=4, num_frames=17,
                   height=64, width=64, fps=15.0, seed=seed, model=ModelConfig(multianimate=training.final_weights))  # fmt: skip
     submit_job(workspace, job)

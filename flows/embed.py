@@ -7,8 +7,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from data_schemas.embedding import EMBEDDINGS_DIR, INDEX_NAME, EmbeddingSummary
-from data_schemas.shard import SHARDS_DIR
+from data_schemas.embedding import EmbeddingSummary
+from data_schemas.workspace import Workspace
 from flows.runtime import run_cached, workspace_lock
 from model.text_encoder import Profile, profile_encoder_id
 from tasks.embed import embed_captions
@@ -25,7 +25,8 @@ def embed(workspace: Path, profile: Profile = "tiny", weights: Path | None = Non
 
 
 def _embed(workspace: Path, profile: Profile, weights: Path | None) -> EmbeddingSummary:
-    index = workspace / SHARDS_DIR / "index.parquet"
+    ws = Workspace(workspace)
+    index = ws.shards_index
     if not index.is_file():
         raise ValueError(f"{index}: no shards index; run the preprocess flow on this workspace first")
     encoder_id = profile_encoder_id(profile, weights)  # fails first, naming any missing weight file
@@ -33,7 +34,7 @@ def _embed(workspace: Path, profile: Profile, weights: Path | None) -> Embedding
     arguments = {"embed": (workspace, index, shards_sha256, profile, weights, encoder_id)}
 
     def products(summary: EmbeddingSummary) -> list[str]:
-        return [f"{EMBEDDINGS_DIR}/{INDEX_NAME}"] + [f"{EMBEDDINGS_DIR}/{name}" for name in summary.files]
+        return [ws.relative(ws.embeddings_index)] + [ws.relative(ws.embeddings / name) for name in summary.files]
 
     summary = run_cached(embed_captions, workspace, arguments, products, "embedding")["embed"]
     if isinstance(summary, BaseException):

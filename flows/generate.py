@@ -14,7 +14,7 @@ means finished: never redone; failed jobs are tried again unless ``retry_failed`
    manifests and files a driving video must not touch (the same source in both places
    would otherwise be re-cut under the same clip id);
 3. one job at a time (the GPU's): the reference pose, retargeting, prompt embeddings,
-   sampling and the outputs (tasks.generate.generate_video), into a staging folder, within
+   sampling and the outputs (model.generate.run_job, in the task tasks.generate), into a staging folder, within
    the job's time limit (``generate.job_timeout_s``);
 4. ``job.json`` LAST, ok or failed with a reason and the error, and the staging folder
    swapped in as ``outputs/<job_id>/`` by one rename; the other jobs go on after a failure.
@@ -37,8 +37,6 @@ from data_schemas import ProjectConfig
 from data_schemas.atomic import remove_stale_temps
 from data_schemas.config import IngestConfig
 from data_schemas.job import (
-    OUTPUTS_DIR,
-    QUEUE_DIR,
     GenerateSummary,
     GenerationResult,
     JobFailureReason,
@@ -52,28 +50,20 @@ from data_schemas.job import (
     staging_folder,
     submit_job,
 )
+from data_schemas.workspace import ClipRef, Workspace
 from flows.runtime import run_cached, workspace_lock
+from flows.stages import StageModels, pose_and_segment
 from model.pipeline import DegenerateOutputError
 from preprocess.job_inputs import check_job_inputs
-from preprocess.pose.stage import models_name, resolve_models
-from preprocess.segment.stage import sam2_digest
+from preprocess.pose.stage import resolve_models
 from tasks.generate import generate_video, publish_jobs
 from tasks.ingest import hash_file, ingest_video
-from tasks.pose import extract_poses
-from tasks.segment import segment_clip
-
-DRIVING_DIR = "driving"
 
 
 def driving_ingest_config(base: IngestConfig, fps: float) -> IngestConfig:
     """Ingest for a driving video: resampled to the output rate, never cut (scene scores
     never exceed 1, and no length limit below the file limit), however short."""
     return base.model_copy(update={"fps": fps, "scene_threshold": 1.0, "min_clip_s": 1.0 / fps, "max_clip_s": base.max_duration_s})
-
-
-def driving_root(workspace: Path, fps: float) -> Path:
-    """Where the driving clips of one output rate and their poses and masks live."""
-    return Path(workspace) / DRIVING_DIR / f"{fps:g}fps"
 
 
 def _error(exc: BaseException) -> str:
@@ -130,41 +120,37 @@ def _pending_jobs(workspace: Path, retry_failed: bool, config: ProjectConfig) ->
 
 
 def _prepare_driving(workspace: Path, jobs: dict[str, JobSpec], config: ProjectConfig, pose_files: tuple[Path, Path]) -> dict[str, tuple[Path, Path] | BaseException]:
-    """Driving video -> (poses npz, masks npz) per job, through the preprocessing tasks."""
+    """Driving video -> (poses npz, masks npz) per job, through the preprocessing tasks (the
+    same pose and segment sequence as preprocessing: flows.stages.pose_and_segment)."""
     out: dict[str, tuple[Path, Path] | BaseException] = {}
+    ws = Workspace(workspace)
     hashes = {p: hash_file(p, return_state=True).result(raise_on_failure=False) for p in sorted({s.driving_video for s in jobs.values()})}
-    pose_models, sam2_models = models_name(config.pose, pose_files), sam2_digest(config.segment)
+    models = StageModels.of(config, pose_files)
     for fps in sorted({s.fps for s in jobs.values()}):
-        root = driving_root(workspace, fps)
-        rel = root.relative_to(workspace)
+        held = Workspace(ws.driving_at(fps))  # laid out like a workspace, apart from the training clips
         group = {i: s for i, s in jobs.items() if s.fps == fps}
         shas = {i: hashes[s.driving_video] for i, s in group.items()}
         out |= {i: sha for i, sha in shas.items() if isinstance(sha, BaseException)}
         videos = {sha: group[i].driving_video for i, sha in shas.items() if not isinstance(sha, BaseException)}
         cfg = driving_ingest_config(config.ingest, fps)
-        ingested = run_cached(ingest_video, workspace, {sha: (path, sha, cfg, root) for sha, path in videos.items()},
-                              lambda r: [f"{rel}/{c.path}" for c in r.clips], f"ingesting driving videos at {fps:g} fps")  # fmt: skip
+        ingested = run_cached(ingest_video, workspace, {sha: (path, sha, cfg, held.root) for sha, path in videos.items()},
+                              lambda r, held=held: [ws.relative(held.resolve(c.path)) for c in r.clips],
+                              f"ingesting driving videos at {fps:g} fps")  # fmt: skip
         clips = {}
         for sha, result in ingested.items():
             if not isinstance(result, BaseException) and result.status != "ok":
                 result = ValueError(result.error)
             clips[sha] = result if isinstance(result, BaseException) else result.clips[0]
-        good = {sha: c for sha, c in clips.items() if not isinstance(c, BaseException)}
-        posed = run_cached(extract_poses, workspace, {
-            sha: (c, config.pose, pose_files, pose_models, root) for sha, c in good.items()
-        }, lambda r: [f"{rel}/{r.path}"], "driving poses")  # fmt: skip
-        masked = run_cached(segment_clip, workspace, {
-            sha: (good[sha], root / p.path, p.sha256, config.segment, sam2_models, root)
-            for sha, p in posed.items() if not isinstance(p, BaseException)
-        }, lambda r: [f"{rel}/{r.path}"], "driving masks")  # fmt: skip
+        refs = {sha: ClipRef(c, held) for sha, c in clips.items() if not isinstance(c, BaseException)}
+        posed, masked, failed = pose_and_segment(refs, config, models, ws, "driving")
         for job_id, sha in shas.items():
             if isinstance(sha, BaseException):
                 continue
-            failure = next((x for x in (clips[sha], posed.get(sha), masked.get(sha)) if isinstance(x, BaseException)), None)
+            failure = clips[sha] if isinstance(clips[sha], BaseException) else failed.get(sha)
             if failure is None and clips[sha].num_frames < group[job_id].num_frames:
                 failure = ValueError(f"{group[job_id].driving_video}: {clips[sha].num_frames} frames at {fps:g} fps, "
                                      f"the job needs {group[job_id].num_frames}")  # fmt: skip
-            out[job_id] = failure if failure is not None else (root / posed[sha].path, root / masked[sha].path)
+            out[job_id] = failure if failure is not None else (held.resolve(posed[sha].path), held.resolve(masked[sha].path))
     return out
 
 
@@ -181,7 +167,8 @@ def _run_job(workspace: Path, job_id: str, spec: JobSpec | BaseException, drivin
             timeout = config.generate.timeout_for(spec.model)
             outcome = generate_video(job_id, spec, poses, masks, config.pose, pose_files, workspace, staging, timeout,
                                      return_state=True).result(raise_on_failure=False)  # fmt: skip
-        fields = dict(job_id=job_id, queue_file=f"{QUEUE_DIR}/{job_id}.json", started_at=started, spec=spec if isinstance(spec, JobSpec) else None)
+        ws = Workspace(workspace)
+        fields = dict(job_id=job_id, queue_file=ws.relative(ws.queue_file(job_id)), started_at=started, spec=spec if isinstance(spec, JobSpec) else None)
         if not isinstance(outcome, GenerationResult):
             for partial in staging.iterdir():  # a failed job publishes its record alone
                 partial.unlink()
@@ -212,8 +199,9 @@ def generate(workspace: Path, config: ProjectConfig = ProjectConfig(), retry_fai
 
 def _generate(workspace: Path, config: ProjectConfig, retry_failed: bool, jobs: list[JobSpec] | None) -> GenerateSummary:
     logger = get_run_logger()
-    for folder in (QUEUE_DIR, OUTPUTS_DIR, DRIVING_DIR):
-        for stale in remove_stale_temps(workspace / folder):
+    ws = Workspace(workspace)
+    for folder in (ws.queue, ws.outputs, ws.driving):
+        for stale in remove_stale_temps(folder):
             logger.info("removed %s, left by an interrupted run", stale)
     queued = queue_jobs(workspace, jobs, config) if jobs else []
     pending, skipped, num_queued = _pending_jobs(workspace, retry_failed, config)
@@ -237,5 +225,5 @@ def _generate(workspace: Path, config: ProjectConfig, retry_failed: bool, jobs: 
     publish_jobs(workspace, records)
     return GenerateSummary(
         num_queued=num_queued, skipped=skipped, ok=[r.job_id for r in records if r.status == "ok"],
-        failed=[r.job_id for r in records if r.status == "failed"], queued=queued, outputs_dir=str(workspace / OUTPUTS_DIR),
+        failed=[r.job_id for r in records if r.status == "failed"], queued=queued, outputs_dir=str(ws.outputs),
     )  # fmt: skip

@@ -15,10 +15,9 @@ from prefect.logging import get_run_logger
 from data_schemas import ClipRecord, IngestConfig, IngestSummary, VideoRecord, write_records
 from data_schemas.atomic import remove_stale_temps
 from data_schemas.video import PASSING_REASONS, FailureReason, VideoStatus
+from data_schemas.workspace import Workspace
 from flows.runtime import run_cached
 from preprocess.video import (
-    CLIPS_MANIFEST,
-    VIDEOS_MANIFEST,
     FoundFile,
     IngestResult,
     find_videos,
@@ -41,7 +40,8 @@ def ingest(folder: Path, workspace: Path, config: IngestConfig = IngestConfig())
     folder, workspace = Path(folder).absolute(), Path(workspace).absolute()
     for stale in remove_stale_temps(workspace):
         logger.info("removed %s, left by an interrupted run", stale)
-    videos_path, clips_path = workspace / VIDEOS_MANIFEST, workspace / CLIPS_MANIFEST
+    ws = Workspace(workspace)
+    videos_path, clips_path = ws.videos_manifest, ws.clips_manifest
     earlier = read_videos_manifest(videos_path)  # fails first on a manifest it cannot read
 
     found = [_size_check(f, config) for f in find_videos(folder, config.extensions)]

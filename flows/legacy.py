@@ -10,7 +10,7 @@ from prefect.logging import get_run_logger
 
 from data_schemas import write_records
 from data_schemas.legacy import LegacyClip
-from flows.runtime import MANIFESTS_DIR
+from data_schemas.workspace import Workspace
 from preprocess.legacy import find_legacy
 from tasks.legacy import import_legacy_folder
 
@@ -32,7 +32,7 @@ def import_legacy(root: Path, workspace: Path, trust_pickles: bool = False, fps:
         else:
             clips.append(outcome)
             rows.append({"folder": str(folder), "clip": outcome.clip_id, "error": ""})
-    write_records(clips, LegacyClip, workspace / MANIFESTS_DIR / "legacy.parquet")
+    write_records(clips, LegacyClip, Workspace(workspace).manifest("legacy"))
     create_table_artifact(key="legacy-import", table=rows or [{"folder": str(root), "clip": "", "error": "nothing to import"}],
                           description="Seed folders imported")  # fmt: skip
     logger.info("imported %d of %d folder(s)", len(clips), len(found))

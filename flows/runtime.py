@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-MANIFESTS_DIR = "manifests"
-LOCK_NAME = ".lock"
+from data_schemas.workspace import Workspace
+
 # Prefect's temporary server migrates its database on a workspace's first run: over a minute
 # on a loaded machine, where Prefect's default (20 s) made a newcomer's first command fail.
 SERVER_STARTUP_TIMEOUT_S = 300
@@ -42,7 +42,7 @@ def use_workspace(workspace: Path, wait: bool = False, lock: bool = True) -> Pat
     workspace = Path(workspace).absolute()
     workspace.mkdir(parents=True, exist_ok=True)
     _current_workspace = workspace
-    os.environ.setdefault("PREFECT_HOME", os.fspath(workspace / ".prefect"))
+    os.environ.setdefault("PREFECT_HOME", os.fspath(Workspace(workspace).prefect_home))
     # Analytics off: with it on, a local SQLite database reports "database is locked".
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(SERVER_STARTUP_TIMEOUT_S))
@@ -82,7 +82,7 @@ _held_guard = threading.Lock()
 
 
 def _lock_path(workspace: Path) -> Path:
-    return Path(workspace).absolute() / LOCK_NAME
+    return Workspace(Path(workspace).absolute()).lock
 
 
 def lock_holder(workspace: Path) -> str:
@@ -311,11 +311,3 @@ def run_cached(task, workspace: Path, arguments: dict, products: Callable[[Any],
         get_run_logger().warning("%d cached result(s) lost their files; recomputing", len(stale))
         outcomes |= run(task.with_options(refresh_cache=True), stale, f"{label} (again)")
     return outcomes
-
-
-def run_per_clip(task, workspace: Path, arguments: dict[str, tuple]) -> tuple[dict, list[str]]:
-    """``run_cached`` for stages whose record names one product file (``record.path``);
-    returns (records by clip id, failed clip ids)."""
-    outcomes = run_cached(task, workspace, arguments, lambda record: [record.path], task.name)
-    records = {i: o for i, o in outcomes.items() if not isinstance(o, BaseException)}
-    return records, [i for i, o in outcomes.items() if isinstance(o, BaseException)]

@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
-from data_schemas.embedding import EMBEDDINGS_DIR
-from data_schemas.shard import SHARDS_DIR
 from data_schemas.train import TrainConfig, TrainResult
+from data_schemas.workspace import Workspace
 from model.text_cache import captions_from_shards, missing_texts
 from model.text_encoder import profile_encoder_id
 from model.train import check_inputs
+from tasks.reports import inline_image
 from tasks.train import run_training
 
 
 def check_embeddings(config: TrainConfig) -> None:
     """Every caption of the shards must be in the embedding cache (training never loads the
     text encoder): a ValueError names the missing texts and how to fill the cache."""
-    index = config.workspace / SHARDS_DIR / "index.parquet"
+    ws = Workspace(config.workspace)
     encoder_id = profile_encoder_id(config.model.profile, config.model.wan_folder)
-    missing = missing_texts(config.workspace / EMBEDDINGS_DIR, encoder_id, captions_from_shards(index))
+    missing = missing_texts(ws.embeddings, encoder_id, captions_from_shards(ws.shards_index))
     if missing:
         raise ValueError(
             f"{len(missing)} caption(s) have no cached embedding for encoder {encoder_id}, e.g. {missing[0]!r}: "
@@ -47,12 +46,11 @@ def train(config: TrainConfig = TrainConfig()) -> TrainResult:
                 "peak memory (GiB)": round(result.peak_mem_gib, 3)}],  # fmt: skip
         description=f"training run {config.run_name}",
     )
-    curve = base64.b64encode(result.loss_curve.read_bytes()).decode()
     create_markdown_artifact(
         key="train-result",
         markdown=(
             f"### Training run `{config.run_name}`\n\nWeights (LoRA + encoders): `{result.final_weights}`  \n"
-            f"Metrics: `{result.run_dir / 'metrics.csv'}`\n\n![loss curve](data:image/png;base64,{curve})"
+            f"Metrics: `{result.run_dir / 'metrics.csv'}`\n\n{inline_image(result.loss_curve, 'loss curve', fmt='png')}"
         ),
         description="where the trained weights are, and the loss curve",
     )

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
-from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
 from data_schemas.model import ModelConfig
@@ -52,7 +51,8 @@ def _squashing_processor(size: int) -> CLIPImageProcessor:
     )  # fmt: skip
 
 
-# The tiny VAE's own latent normalisation, measured by measure_latent_statistics (and
+# The tiny VAE's own latent normalisation, measured by measure_latent_statistics over 8
+# synthetic two-person clips (9 frames, 64x48; textured and flat backgrounds alternately;
 # re-measured by tests/test_model.py). Wan's published constants belong to the real VAE: on
 # the random tiny one they leave the picture content at ~6 % of the noise's scale, and a
 # tiny model then has almost nothing to learn from.
@@ -60,17 +60,11 @@ TINY_LATENTS_MEAN = (0.7818, 0.5057, -0.0751, 0.5233, 0.1579, -0.3689, 0.7367, -
 TINY_LATENTS_STD = (0.1128, 0.2312, 0.1401, 0.1424, 0.1954, 0.0631, 0.2023, 0.0605, 0.0964, 0.0735, 0.1310, 0.1255, 0.1441, 0.0878, 0.3301, 0.0871)
 
 
-def measure_latent_statistics(vae: AutoencoderKLWan, num_clips: int = 8) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of a VAE's latents (posterior mode) over synthetic two-person
-    clips (9 frames, 64x48; textured and flat backgrounds alternately): how Wan's published
-    ``latents_mean``/``latents_std`` normalise its latents, measured for the tiny VAE."""
-    from preprocess.synthetic import SyntheticSpec, render_clip
-
-    clips = [
-        render_clip(SyntheticSpec(width=64, height=48, num_frames=9, seed=s, background=("texture", "flat")[s % 2])).frames
-        for s in range(num_clips)
-    ]  # fmt: skip
-    video = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+def measure_latent_statistics(vae: AutoencoderKLWan, clips_NTHWC: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of a VAE's latents (posterior mode) over ``clips_NTHWC``
+    (uint8 RGB, T = 4k+1): how Wan's published ``latents_mean``/``latents_std`` normalise its
+    latents, measured for the tiny VAE (the clips are the caller's: model/ does not make data)."""
+    video = torch.from_numpy(np.asarray(clips_NTHWC)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
     with torch.no_grad():
         z = vae.encode(video.to(vae.dtype)).latent_dist.mode().double()
     return z.mean(dim=(0, 2, 3, 4)).tolist(), z.std(dim=(0, 2, 3, 4)).tolist()

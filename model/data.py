@@ -83,7 +83,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlparse
 
 import cv2
@@ -91,12 +91,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_schemas import batch as B
 from data_schemas.batch import Batch, Sample
-from data_schemas.model import check_wan_frames, check_wan_size
+from data_schemas.shard import MEMBERS
+from data_schemas.train import LoaderConfig
 from preprocess.pose.convert import wholebody_to_openpose
 from preprocess.pose.render import draw_pose_rows
 
@@ -120,7 +120,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_MEMBERS = ("mp4", "pose.npz", "mask.npz", "txt", "json")  # ref.png is not read
+REQUIRED_MEMBERS = tuple(m for m in MEMBERS if m != "ref.png")  # not read: the reference is the window's first frame
 NUM_WHOLEBODY = 133
 
 # Why a sample or shard was skipped. Sample reasons first, then shard reasons.
@@ -138,58 +138,6 @@ SKIP_REASONS: tuple[str, ...] = (
 )
 SAMPLE_REASONS = SKIP_REASONS[:6]
 SHARD_REASONS = SKIP_REASONS[6:]
-
-
-class LoaderConfig(BaseModel):
-    """How clips are sampled, augmented and streamed (spec D.5)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    num_frames: int = Field(81, ge=1, description="frames per sample; Wan needs 4k+1 (81 in the seed)")
-    height: int = Field(480, ge=16, description="output height in pixels, divisible by 16")
-    width: int = Field(832, ge=16, description="output width in pixels, divisible by 16")
-    max_stride: int = Field(1, ge=1, description="largest frame stride drawn per sample (the seed uses 1)")
-    min_stride: int = Field(1, ge=1, description="smallest frame stride drawn (evaluation at a fixed stride: min = max)")
-    crop_fraction: float = Field(
-        1.0 / 14.0, ge=0.0, lt=0.5,
-        description="each side loses 0..floor(size*fraction) px, drawn independently (seed: W//14, H//14); 0 = no crop",
-    )  # fmt: skip
-    shuffle_buffer: int = Field(
-        100, ge=0,
-        description="samples held for shuffling per worker (raw bytes: mind memory); 0 = no shard or sample shuffle",
-    )  # fmt: skip
-    resampled: bool = Field(
-        False,
-        description="draw shards with replacement forever (use epoch_samples); False = each sample once per epoch",
-    )
-    seed: int | None = Field(
-        0, ge=0, description="seed of shuffling and augmentation (mixed with epoch, rank, worker); None = fresh entropy"
-    )
-    pose_style: Literal["unianimate", "dwpose"] = Field("unianimate", description="pose renderer style")
-    keypoint_threshold: float = Field(0.3, ge=0.0, le=1.0, description="keypoint score threshold of the renderer")
-    max_consecutive_skips: int = Field(
-        100, ge=1,
-        description="a reader that skips this many samples or shards in a row, none usable, raises LoaderStalled",
-    )  # fmt: skip
-    max_member_bytes: int = Field(
-        2**32, ge=1, description="largest tar member read (bytes); a larger header is refused, naming shard and member"
-    )
-
-    @field_validator("num_frames")
-    @classmethod
-    def _four_k_plus_one(cls, v: int) -> int:
-        return check_wan_frames(v)
-
-    @field_validator("height", "width")
-    @classmethod
-    def _multiple_of_16(cls, v: int, info: ValidationInfo) -> int:
-        return check_wan_size(v, info.field_name)
-
-    @model_validator(mode="after")
-    def _strides(self) -> LoaderConfig:
-        if self.min_stride > self.max_stride:
-            raise ValueError(f"min_stride {self.min_stride} exceeds max_stride {self.max_stride}")
-        return self
 
 
 # --------------------------------------------------------------------------- failures

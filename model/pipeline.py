@@ -55,11 +55,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data_schemas.atomic import atomic_path
+from data_schemas.embedding import TEXT_LEN
 from data_schemas.model import check_wan_frames, check_wan_size
 from model.components import Components
 from model.conditions import inference_channels, stack_channels
-
-TEXT_LEN = 512  # Wan's I2V cross-attention splits image and text tokens by this length
 
 Offload = Literal["none", "model", "group", "sequential"]
 
@@ -606,7 +605,7 @@ def preview_frames(result: np.ndarray, cond: Conditions) -> np.ndarray:
 def write_outputs(result: np.ndarray, cond: Conditions, folder: Path, fps: float) -> dict[str, Path]:
     """``video.mp4``, ``preview.mp4`` (reference | pose | result) and ``preview.png`` (its
     middle frame), each written under a temporary name and renamed."""
-    from preprocess.synthetic import write_video  # the project's one atomic mp4 writer
+    from preprocess.media import write_video  # the project's one atomic mp4 writer
 
     folder = Path(folder)
     preview = preview_frames(result, cond)

@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 
 from data_schemas.train import TrainConfig
+from data_schemas.workspace import Workspace
 from model.components import build_tiny
 from model.data import make_loader
 from model.pipeline import MultiAnimatePipeline
 from model.text_cache import EmbeddingCache
 from model.text_encoder import profile_encoder_id
-from model.train import NUM_TRAIN_TIMESTEPS, check_inputs, encode_frozen, training_loader_config, training_sigmas
+from model.train import NUM_TRAIN_TIMESTEPS, check_inputs, encode_frozen, training_sigmas
 
 
 def pretrain_tiny_base(cfg: TrainConfig, out: Path, steps: int = 300, lr: float = 2e-3, batch_size: int = 2) -> dict:
@@ -40,12 +41,12 @@ def pretrain_tiny_base(cfg: TrainConfig, out: Path, steps: int = 300, lr: float 
     if cfg.model.profile != "tiny":
         raise ValueError("only the tiny profile has a base to pretrain (the real one is Wan2.1)")
     shards = check_inputs(cfg)
-    cache = EmbeddingCache(cfg.workspace / "embeddings", profile_encoder_id(cfg.model.profile, cfg.model.wan_folder))
+    cache = EmbeddingCache(Workspace(cfg.workspace).embeddings, profile_encoder_id(cfg.model.profile, cfg.model.wan_folder))
     comps = build_tiny(cfg.model)  # no LoRA: the base itself is trained
     pipe = MultiAnimatePipeline(comps)
     transformer = comps.dit.transformer.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
-    loader_cfg = training_loader_config(cfg, len(shards), cfg.seed + 1)
+    loader_cfg = cfg.run_loader(len(shards), cfg.seed + 1)
     batches = iter(make_loader([str(s) for s in shards], loader_cfg, batch_size, 0, epoch_samples=steps * batch_size))
     sigmas, gen, device = training_sigmas(cfg.model.shift), torch.Generator().manual_seed(cfg.seed), torch.device("cpu")
     losses, t0 = [], time.perf_counter()

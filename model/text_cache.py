@@ -13,7 +13,7 @@ Legend: N texts, L = 512 tokens, D = encoder width.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,11 +22,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from data_schemas.atomic import atomic_path
-from data_schemas.embedding import INDEX_NAME, TENSOR_NAME, TEXT_LEN, EmbeddingDtype, EmbeddingRecord, EmbeddingSummary, embedding_key
+from data_schemas.embedding import TENSOR_NAME, TEXT_LEN, EmbeddingDtype, EmbeddingRecord, EmbeddingSummary, embedding_key
 from data_schemas.io import read_records, write_records
 from data_schemas.shard import ShardSample
+from data_schemas.workspace import INDEX
 
 if TYPE_CHECKING:
+    from data_schemas.model import Profile
     from model.text_encoder import TextEncoder
 
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,7 +54,7 @@ def _dtype_name(dtype: torch.dtype) -> EmbeddingDtype:
 
 def read_index(folder: Path) -> list[EmbeddingRecord]:
     """Every entry of the cache (all encoders); none when the cache is new."""
-    path = Path(folder) / INDEX_NAME
+    path = Path(folder) / INDEX
     return read_records(path, EmbeddingRecord) if path.exists() else []
 
 
@@ -84,7 +86,7 @@ def _publish_index(folder: Path, new: list[EmbeddingRecord]) -> Path:
     # Re-read just before writing: rows another filler published meanwhile are kept.
     records = {r.key: r for r in read_index(folder)} | {r.key: r for r in new}
     ordered = sorted(records.values(), key=lambda r: (r.encoder_id, r.text))
-    return write_records(ordered, EmbeddingRecord, Path(folder) / INDEX_NAME)
+    return write_records(ordered, EmbeddingRecord, Path(folder) / INDEX)
 
 
 def fill_cache(folder: Path, encoder: TextEncoder, texts: Iterable[str], batch_size: int = 8, dtype: torch.dtype | None = None) -> EmbeddingSummary:
@@ -124,8 +126,36 @@ def cached_summary(folder: Path, encoder_id: str, texts: Iterable[str], num_new:
         raise MissingEmbeddingError(f"no cached embedding of {missing!r} for encoder {encoder_id!r} in {folder}; {_FILL_HOWTO}")
     return EmbeddingSummary(
         encoder_id=encoder_id, num_texts=len(wanted), num_new=num_new, num_existing=len(wanted) - num_new,
-        files=tuple(sorted(f"{embedding_key(encoder_id, t)}.safetensors" for t in wanted)), index=str(Path(folder) / INDEX_NAME),
+        files=tuple(sorted(f"{embedding_key(encoder_id, t)}.safetensors" for t in wanted)), index=str(Path(folder) / INDEX),
     )  # fmt: skip
+
+
+def ensure_cached(folder: Path, profile: Profile, weights: Path | None, texts: Iterable[str], before_load: Callable[[], None] | None = None,
+                  encoder_id: str | None = None) -> EmbeddingSummary:  # fmt: skip
+    """Make sure the cache holds ``texts`` for the profile's encoder: the encoder is loaded
+    (and released) only when some text is missing, and then encodes only those.
+
+    ``before_load``: called just before the encoder loads (e.g. to move a resident pipeline
+    off the GPU: the real encoder is 11 GB). ``encoder_id``: the profile's, when the caller
+    has it already (``profile_encoder_id`` reads the real weights' folder).
+    """
+    # Imported here: readers of the cache (training) need no tokenizer or transformers.
+    from model.text_encoder import load_profile_encoder, profile_encoder_id
+
+    encoder_id = encoder_id or profile_encoder_id(profile, weights)
+    texts = list(texts)
+    if not missing_texts(folder, encoder_id, texts):
+        return cached_summary(folder, encoder_id, texts)
+    if before_load is not None:
+        before_load()
+    encoder = load_profile_encoder(profile, weights)
+    assert encoder.encoder_id == encoder_id, (encoder.encoder_id, encoder_id)
+    try:
+        return fill_cache(folder, encoder, texts)
+    finally:
+        del encoder
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the real encoder is 11 GB; the DiT needs the room
 
 
 class EmbeddingCache:

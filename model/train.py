@@ -65,6 +65,7 @@ from data_schemas.atomic import atomic_path
 from data_schemas.batch import video_to_model_range
 from data_schemas.shard import hold_for_reading
 from data_schemas.train import TrainConfig
+from data_schemas.workspace import Workspace
 from model.checkpoint import (
     checkpoint_dir,
     latest_checkpoint,
@@ -77,7 +78,7 @@ from model.checkpoint import (
 )
 from model.components import Components, build_components
 from model.conditions import stack_channels, training_channels
-from model.data import LoaderConfig, make_loader
+from model.data import make_loader
 from model.loading import base_bytes, check_files, load_sharded
 from model.pipeline import MultiAnimatePipeline, sampling_sigmas
 from model.run_folder import LAUNCHER_ENV, die_with_launcher, hold_rank, own_run_folder
@@ -301,14 +302,6 @@ def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
         if p.requires_grad:
             (lora if ".lora_" in name else encoders).append(p)
     return [{"params": lora, "lr": cfg.lr}, {"params": encoders, "lr": cfg.encoder_lr or cfg.lr}]
-
-
-def training_loader_config(cfg: TrainConfig, num_shards: int, seed: int) -> LoaderConfig:
-    """The run's clip shape and strides, drawn endlessly (resampled shards) from ``seed``."""
-    return LoaderConfig(
-        num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, max_stride=cfg.max_stride, min_stride=cfg.min_stride,
-        resampled=True, seed=seed, shuffle_buffer=min(100, 4 * num_shards),
-    )  # fmt: skip
 
 
 def _peak_mem_gib(device: torch.device) -> float:
@@ -543,7 +536,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
 def _train(cfg: TrainConfig, shards: list[Path], rank: int, world: int, device: torch.device) -> dict:
     run_dir = cfg.run_dir
     encoder_id = profile_encoder_id(cfg.model.profile, cfg.model.wan_folder)
-    cache = EmbeddingCache(cfg.workspace / "embeddings", encoder_id)
+    cache = EmbeddingCache(Workspace(cfg.workspace).embeddings, encoder_id)
     if rank == 0:
         remove_checkpoint_leftovers(run_dir)  # of saves a kill or a full disk interrupted
         with atomic_path(run_dir / "config.json") as tmp:
@@ -566,7 +559,7 @@ def _train(cfg: TrainConfig, shards: list[Path], rank: int, world: int, device: 
         if rank == 0:
             print(f"resumed from {resume} at step {step}", flush=True)
     sigmas, weights = training_sigmas(cfg.model.shift), training_weights(cfg.model.shift)
-    loader_cfg = training_loader_config(cfg, len(shards), cfg.seed)
+    loader_cfg = cfg.run_loader(len(shards), cfg.seed)
     readers = max(1, cfg.num_workers)
     metrics_fh = metrics = None
     if rank == 0:

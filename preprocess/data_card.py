@@ -16,11 +16,10 @@ import numpy as np
 from data_schemas import ClipRecord, read_records
 from data_schemas.atomic import atomic_write_bytes
 from data_schemas.config import QualityFilters
-from data_schemas.quality import QUALITY_MANIFEST, ClipQuality
+from data_schemas.quality import ClipQuality
+from data_schemas.workspace import Workspace
 from preprocess.media import read_frames
 
-DATA_CARD = "reports/data-card.md"
-FIGURES_DIR = "reports/data-card"
 WORST = 5
 THUMB_HEIGHT = 72
 
@@ -57,13 +56,13 @@ def _histogram(values: Sequence[float], title: str, path: Path) -> None:
     atomic_write_bytes(path, png.getvalue())
 
 
-def _thumbnails(workspace: Path, clips: Sequence[ClipRecord], path: Path) -> None:
+def _thumbnails(ws: Workspace, clips: Sequence[ClipRecord], path: Path) -> None:
     """Each clip's middle frame, side by side, at one height."""
     import cv2
 
     tiles = []
     for clip in clips:
-        (frame,) = read_frames(workspace / clip.path, [clip.num_frames // 2])
+        (frame,) = read_frames(ws.resolve(clip.path), [clip.num_frames // 2])
         width = max(1, round(frame.shape[1] * THUMB_HEIGHT / frame.shape[0]))
         tiles.append(cv2.resize(frame, (width, THUMB_HEIGHT), interpolation=cv2.INTER_AREA))
         tiles.append(np.full((THUMB_HEIGHT, 4, 3), 255, np.uint8))
@@ -71,12 +70,13 @@ def _thumbnails(workspace: Path, clips: Sequence[ClipRecord], path: Path) -> Non
     atomic_write_bytes(path, png.tobytes())
 
 
-def write_data_card(workspace: Path, filters: QualityFilters) -> Path:
+def write_data_card(workspace: Workspace | Path, filters: QualityFilters) -> Path:
     """reports/data-card.md and its figures, from the workspace's manifests; returns its path."""
-    workspace = Path(workspace)
-    rows = read_records(workspace / QUALITY_MANIFEST, ClipQuality)
-    clips = {c.clip_id: c for c in read_records(workspace / "manifests" / "clips.parquet", ClipRecord)}
-    figures = workspace / FIGURES_DIR
+    ws = Workspace.of(workspace)
+    rows = read_records(ws.quality_manifest, ClipQuality)
+    clips = {c.clip_id: c for c in read_records(ws.clips_manifest, ClipRecord)}
+    figures = ws.data_card_figures
+    link = figures.relative_to(ws.data_card.parent).as_posix()  # the card's links to its figures
     figures.mkdir(parents=True, exist_ok=True)
     kept = [r for r in rows if not filters.reasons(r)]
     lines = [
@@ -104,9 +104,9 @@ def write_data_card(workspace: Path, filters: QualityFilters) -> Path:
         worst = sorted(measured, key=lambda m: (m[0] if worse == "low" else -m[0], m[1]))[:WORST]
         with_video = [clips[c] for _, c in worst if c in clips]
         if with_video:
-            _thumbnails(workspace, with_video, figures / f"{field}-worst.png")
-        lines += [f"![{field}](data-card/{field}.png)", "",
+            _thumbnails(ws, with_video, figures / f"{field}-worst.png")
+        lines += [f"![{field}]({link}/{field}.png)", "",
                   f"Worst {len(worst)}: " + ", ".join(f"`{c}` ({v:.3g})" for v, c in worst), ""]  # fmt: skip
         if with_video:
-            lines += [f"![worst {field}](data-card/{field}-worst.png)", ""]
-    return atomic_write_bytes(workspace / DATA_CARD, ("\n".join(lines) + "\n").encode())
+            lines += [f"![worst {field}]({link}/{field}-worst.png)", ""]
+    return atomic_write_bytes(ws.data_card, ("\n".join(lines) + "\n").encode())

@@ -54,7 +54,8 @@ from PIL import Image
 
 from data_schemas.atomic import atomic_path
 from data_schemas.legacy import LegacyClip
-from preprocess.synthetic import write_video
+from data_schemas.workspace import Workspace
+from preprocess.media import write_video
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 REFERENCE_POSE_NAME = "pose.jpg"
@@ -170,7 +171,7 @@ def _check_fps(fps: float) -> None:
 
 
 def _write_outputs(
-    workspace: Path,
+    workspace: Workspace | Path,
     clip_id: str,
     *,
     kind: Literal["training", "demo"],
@@ -186,14 +187,14 @@ def _write_outputs(
     reference_image: np.ndarray | None = None,
 ) -> LegacyClip:
     """Publish masks, poses, reference, then the clip (last: its presence marks completion)."""
-    workspace = Path(workspace)
-    rel_masks = f"masks/{clip_id}.npz"
-    rel_poses = f"poses/{clip_id}.images.npz"
-    rel_clip = f"clips/{clip_id}.mp4"
-    rel_ref = f"references/{clip_id}.png" if reference_image is not None else None
+    ws = Workspace.of(workspace)
+    rel_masks = ws.relative(ws.mask_file(clip_id))
+    rel_poses = ws.relative(ws.pose_images_file(clip_id))
+    rel_clip = ws.relative(ws.clip_file(clip_id))
+    rel_ref = ws.relative(ws.reference_file(clip_id)) if reference_image is not None else None
 
     _save_npz(
-        workspace / rel_masks,
+        ws.resolve(rel_masks),
         compress=True,
         label_map=label_map,
         person_names=np.array(list(person_names), dtype=str),
@@ -203,7 +204,7 @@ def _write_outputs(
     extra = {} if reference_pose is None else {"reference": np.frombuffer(reference_pose, np.uint8)}
     # Encoded images barely compress: store them as they are.
     _save_npz(
-        workspace / rel_poses,
+        ws.resolve(rel_poses),
         compress=False,
         data=data,
         offsets=offsets,
@@ -212,9 +213,9 @@ def _write_outputs(
         **extra,
     )
     if rel_ref is not None:
-        with atomic_path(workspace / rel_ref) as tmp:
+        with atomic_path(ws.resolve(rel_ref)) as tmp:
             Image.fromarray(reference_image).save(tmp, format="PNG")
-    write_video(frames, workspace / rel_clip, fps)
+    write_video(frames, ws.resolve(rel_clip), fps)
 
     t, h, w = label_map.shape
     return LegacyClip(

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -26,6 +28,7 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
+from data_schemas.atomic import atomic_path
 from data_schemas.video import ProbeInfo
 
 # Demuxers that open still images or text: ffprobe "succeeds" on them, but they are no video.
@@ -354,6 +357,68 @@ def count_and_check_frames(clip: Path) -> tuple[int, int, int]:
         return 0, 0, 0
     frames = reader.get_batch(sorted({0, n - 1})).asnumpy()
     return n, frames.shape[2], frames.shape[1]
+
+
+# ---- our own videos: the project's one mp4 writer (samples, imported clips, generated outputs)
+
+
+def _ffmpeg_exe() -> str:
+    exe = shutil.which("ffmpeg")
+    if exe is None:
+        raise RuntimeError("ffmpeg executable not found on PATH")
+    return exe
+
+
+def write_video(frames: np.ndarray, path: Path, fps: float, crf: int = 12) -> Path:
+    """Encode RGB frames (uint8 [T,H,W,3], even H/W) to an H.264/yuv420p mp4, atomically.
+
+    Frames are piped raw to an ffmpeg subprocess; the output appears under its
+    final name only after ffmpeg succeeded. Raises ValueError for bad inputs and
+    RuntimeError when ffmpeg fails (its stderr tail is included).
+    """
+    path = Path(path)
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"frames must be uint8 [T>0,H,W,3], got {frames.dtype} {frames.shape}")
+    _, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"frame size must be even for yuv420p, got {w}x{h}")
+    if not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive finite number, got {fps}")
+    if not 0 <= crf <= 51:  # libx264 itself accepts any float and silently clamps
+        raise ValueError(f"crf must be in 0..51, got {crf}")
+    exe = _ffmpeg_exe()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        exe, "-hide_banner", "-loglevel", "error", "-y",
+        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", repr(float(fps)),
+        "-i", "pipe:0",
+        "-an", "-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p",
+        "-movflags", "+faststart", "-f", "mp4",
+    ]  # fmt: skip
+    with atomic_path(path) as tmp, tempfile.TemporaryFile() as err:
+        # stderr goes to a file: a full, unread stderr pipe could deadlock the writer.
+        proc = subprocess.Popen([*cmd, str(tmp)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+        assert proc.stdin is not None
+        try:
+            for frame in frames:
+                proc.stdin.write(np.ascontiguousarray(frame).tobytes())
+        except BrokenPipeError:
+            pass  # ffmpeg died early; its exit code and stderr say why
+        except BaseException:
+            proc.kill()  # e.g. KeyboardInterrupt: don't let ffmpeg finish a half clip
+            raise
+        finally:
+            try:
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            rc = proc.wait()
+        if rc != 0:
+            err.seek(0)
+            tail = err.read()[-2000:].decode(errors="replace")
+            raise RuntimeError(f"ffmpeg failed (exit {rc}) writing {path}: {tail}")
+    return path
 
 
 def read_frames(clip: Path, indices: list[int] | None = None) -> np.ndarray:

@@ -58,6 +58,7 @@ from data_schemas.arrays import read_npz
 from data_schemas.config import PoseConfig
 from preprocess.pose.convert import wholebody_to_openpose
 from preprocess.pose.render import PoseStyle, draw_pose_resized
+from preprocess.shards import poses_by_person
 
 ROOT = -1  # the neck: mean of the shoulders, not a WholeBody point of its own
 L_SHOULDER, R_SHOULDER, L_HIP, R_HIP = 5, 6, 11, 12
@@ -315,12 +316,7 @@ def load_driving(poses_path: Path, masks_path: Path, num_frames: int) -> Driving
         )
     if len(label_map) < num_frames:
         raise ValueError(f"{poses_path}: {len(label_map)} frames, the job needs {num_frames}")
-    pose_index = pose_index[:num_frames]
-    keypoints = np.full((num_frames, pose_index.shape[1], 133, 2), -1, np.float32)
-    scores = np.zeros((num_frames, pose_index.shape[1], 133), np.float32)
-    t_idx, k_idx = np.nonzero(pose_index >= 0)  # pose row of person k in frame t (as the shards reorder them)
-    keypoints[t_idx, k_idx] = poses["keypoints"][t_idx, pose_index[t_idx, k_idx]]
-    scores[t_idx, k_idx] = poses["scores"][t_idx, pose_index[t_idx, k_idx]]
+    keypoints, scores = poses_by_person(poses, pose_index[:num_frames])  # as the shards reorder them
     return Driving(keypoints, scores, label_map[:num_frames], width, height)
 
 

@@ -40,7 +40,7 @@ import logging
 import os
 import shutil
 import tarfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -53,7 +53,8 @@ from data_schemas.arrays import npz_bytes
 from data_schemas.atomic import fsync_file, remove_stale_temps, temp_path_for
 from data_schemas.config import ShardConfig
 from data_schemas.mask import MaskRecord
-from data_schemas.shard import INDEX_NAME, MEMBERS, NO_MEASURES, SETS_DIR, readers_file, SHARDS_DIR, ShardSample, ShardSummary
+from data_schemas.shard import MEMBERS, NO_MEASURES, ShardSample, ShardSummary, readers_file
+from data_schemas.workspace import INDEX, Workspace
 from preprocess.media import read_frames
 from preprocess.pose.stage import load_poses
 from preprocess.segment.stage import load_masks
@@ -61,6 +62,9 @@ from preprocess.segment.stage import load_masks
 logger = logging.getLogger(__name__)
 
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+# One sample's records: its clip, the clip's poses and its masks.
+SampleRecords = tuple[ClipRecord, PoseRecord, MaskRecord]
 
 
 def split_of(source_sha256: str, cfg: ShardConfig) -> str:
@@ -74,19 +78,28 @@ def caption_for(persons: int, cfg: ShardConfig) -> str:
     return cfg.caption.format(count=count)
 
 
-def build_sample(workspace: Path, clip: ClipRecord, pose: PoseRecord, mask: MaskRecord, cfg: ShardConfig) -> tuple[dict[str, bytes], dict]:
-    """The members of one sample (by extension) and its metadata."""
-    workspace = Path(workspace)
-    poses, masks = load_poses(workspace / pose.path), load_masks(workspace / mask.path)
-    pose_index = masks["pose_index"].astype(np.int64)  # [T, K]
+def poses_by_person(poses: Mapping[str, np.ndarray], pose_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pose rows reordered so that row k is person k+1 of the label map, every frame:
+    keypoints float32 [T, K, 133, 2] (-1 where person k has no pose) and scores float32
+    [T, K, 133], from a poses npz and the masks' ``pose_index`` [T, K] (its first T frames)."""
+    pose_index = pose_index.astype(np.int64)
     num_frames, persons = pose_index.shape
-    # Reorder the poses so that row k is person k+1 of the label map, every frame.
     keypoints = np.full((num_frames, persons, 133, 2), -1, np.float32)
     scores = np.zeros((num_frames, persons, 133), np.float32)
     t_idx, k_idx = np.nonzero(pose_index >= 0)
     keypoints[t_idx, k_idx] = poses["keypoints"][t_idx, pose_index[t_idx, k_idx]]
     scores[t_idx, k_idx] = poses["scores"][t_idx, pose_index[t_idx, k_idx]]
-    ok, png = cv2.imencode(".png", np.ascontiguousarray(read_frames(workspace / clip.path, [0])[0][..., ::-1]))
+    return keypoints, scores
+
+
+def build_sample(workspace: Workspace | Path, clip: ClipRecord, pose: PoseRecord, mask: MaskRecord,
+                 cfg: ShardConfig) -> tuple[dict[str, bytes], dict]:  # fmt: skip
+    """The members of one sample (by extension, in ``MEMBERS`` order) and its metadata."""
+    ws = Workspace.of(workspace)
+    poses, masks = load_poses(ws.resolve(pose.path)), load_masks(ws.resolve(mask.path))
+    keypoints, scores = poses_by_person(poses, masks["pose_index"])
+    persons = keypoints.shape[1]
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(read_frames(ws.resolve(clip.path), [0])[0][..., ::-1]))
     assert ok
     split = split_of(clip.source_sha256, cfg)
     meta = {
@@ -97,11 +110,12 @@ def build_sample(workspace: Path, clip: ClipRecord, pose: PoseRecord, mask: Mask
     members = {
         "json": json.dumps(meta, sort_keys=True).encode(),
         "mask.npz": npz_bytes(label_map=masks["label_map"]),
-        "mp4": (workspace / clip.path).read_bytes(),
+        "mp4": ws.resolve(clip.path).read_bytes(),
         "pose.npz": npz_bytes(keypoints=keypoints, scores=scores),
         "ref.png": png.tobytes(),
         "txt": caption.encode(),
     }
+    assert tuple(members) == MEMBERS, f"a sample's members are data_schemas.shard.MEMBERS, not {tuple(members)}"
     return members, meta | {"caption": caption}
 
 
@@ -148,7 +162,7 @@ class _SplitWriter:
             self._sink = _Sink(self.open_file(self.folder / self._name))
             self._tar = tarfile.open(fileobj=self._sink, mode="w", format=tarfile.USTAR_FORMAT)  # type: ignore[arg-type]
         start = self._tar.offset
-        for ext in sorted(members):
+        for ext in MEMBERS:  # sorted: the order inside a sample
             _add(self._tar, f"{key}.{ext}", members[ext])
         shard, size = self._name, self._tar.offset - start
         if self._tar.offset >= self.target:
@@ -173,18 +187,28 @@ class _SplitWriter:
             self._tar = self._sink = None
 
 
-def write_shards(workspace: Path, cfg: ShardConfig, *, quality: Mapping[str, ClipQuality] | None = None,
+def manifest_records(workspace: Workspace | Path) -> list[SampleRecords]:
+    """(clip, poses, masks) of every clip the workspace's manifests list with poses and masks."""
+    ws = Workspace.of(workspace)
+    poses = {r.clip_id: r for r in read_records(ws.poses_manifest, PoseRecord)}
+    masks = {r.clip_id: r for r in read_records(ws.masks_manifest, MaskRecord)}
+    clips = read_records(ws.clips_manifest, ClipRecord)
+    return [(c, poses[c.clip_id], masks[c.clip_id]) for c in clips if c.clip_id in poses and c.clip_id in masks]
+
+
+def write_shards(workspace: Workspace | Path, cfg: ShardConfig, records: Iterable[SampleRecords] | None = None, *,
+                 quality: Mapping[str, ClipQuality] | None = None,
                  open_file: Callable[[Path], BinaryIO] = create_file) -> ShardSummary:  # fmt: skip
-    """Every clip with poses and masks becomes one sample, unless ``cfg.filters`` leave it out
-    by its ``quality`` measures (manifests/quality.parquet; None: no measures, no filtering);
-    the set is published as one unit (module docstring). ``open_file`` opens each tar of the
-    new set for writing."""
-    workspace = Path(workspace)
-    manifests = workspace / "manifests"
-    poses = {r.clip_id: r for r in read_records(manifests / "poses.parquet", PoseRecord)}
-    masks = {r.clip_id: r for r in read_records(manifests / "masks.parquet", MaskRecord)}
-    clips = sorted((c for c in read_records(manifests / "clips.parquet", ClipRecord) if c.clip_id in poses and c.clip_id in masks),
-                   key=lambda c: c.clip_id)  # fmt: skip
+    """Every clip of ``records`` (its clip, poses and masks records; None: those the
+    workspace's manifests list) becomes one sample, unless ``cfg.filters`` leave it out by its
+    ``quality`` measures (manifests/quality.parquet; None: no measures, no filtering); the set
+    is published as one unit (module docstring). ``open_file`` opens each tar of the new set
+    for writing."""
+    ws = Workspace.of(workspace)
+    samples = sorted(manifest_records(ws) if records is None else records, key=lambda r: r[0].clip_id)
+    clips = [clip for clip, _, _ in samples]
+    poses = {clip.clip_id: pose for clip, pose, _ in samples}
+    masks = {clip.clip_id: mask for clip, _, mask in samples}
     left_out: dict[str, int] = {}  # filter -> clips it left out
     if quality is not None:
         reasons = {c.clip_id: cfg.filters.reasons(quality[c.clip_id]) if c.clip_id in quality else [NO_MEASURES] for c in clips}
@@ -192,7 +216,7 @@ def write_shards(workspace: Path, cfg: ShardConfig, *, quality: Mapping[str, Cli
             left_out[reason] = left_out.get(reason, 0) + 1
         dropped = sum(bool(reasons[c.clip_id]) for c in clips)
         clips = [c for c in clips if not reasons[c.clip_id]]
-    sets = workspace / SETS_DIR
+    sets = ws.shard_sets
     sets.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(sets)  # what killed writers left; live writers' folders are spared
     building = temp_path_for(sets / "set")
@@ -201,7 +225,7 @@ def write_shards(workspace: Path, cfg: ShardConfig, *, quality: Mapping[str, Cli
     index: list[ShardSample] = []
     try:
         for clip in clips:
-            members, meta = build_sample(workspace, clip, poses[clip.clip_id], masks[clip.clip_id], cfg)
+            members, meta = build_sample(ws, clip, poses[clip.clip_id], masks[clip.clip_id], cfg)
             shard, offset, size = writers[meta["split"]].add(clip.clip_id, members)
             index.append(ShardSample(
                 key=clip.clip_id, shard=shard, offset=offset, size_bytes=size, split=meta["split"],
@@ -210,25 +234,25 @@ def write_shards(workspace: Path, cfg: ShardConfig, *, quality: Mapping[str, Cli
             ))  # fmt: skip
         for writer in writers.values():
             writer.close()
-        write_records(index, ShardSample, building / INDEX_NAME)
+        write_records(index, ShardSample, building / INDEX)
         digests = {name: sha for writer in writers.values() for name, sha in writer.digests.items()}
-        digests[INDEX_NAME] = hashlib.sha256((building / INDEX_NAME).read_bytes()).hexdigest()
+        digests[INDEX] = hashlib.sha256((building / INDEX).read_bytes()).hexdigest()
         set_id = hashlib.sha256("".join(f"{name}:{sha};" for name, sha in sorted(digests.items())).encode()).hexdigest()[:16]
         _fsync_dir(building)
-        _publish(workspace, building, set_id)
+        _publish(ws, building, set_id)
     except BaseException:
         for writer in writers.values():
             writer.abandon()
         shutil.rmtree(building, ignore_errors=True)
         raise
-    shards = sorted(name for name in digests if name != INDEX_NAME)
+    shards = sorted(name for name in digests if name != INDEX)
     return ShardSummary(
         num_samples=len(index),
-        shards=tuple(f"{SHARDS_DIR}/{name}" for name in shards),
+        shards=tuple(ws.relative(ws.shards / name) for name in shards),
         num_train=sum(s.split == "train" for s in index),
         num_val=sum(s.split == "val" for s in index),
-        index=str(workspace / SHARDS_DIR / INDEX_NAME),
-        set_dir=f"{SETS_DIR}/{set_id}",
+        index=str(ws.shards_index),
+        set_dir=ws.relative(ws.shard_sets / set_id),
         num_left_out=dropped if quality is not None else 0,
         left_out=left_out,
     )
@@ -246,9 +270,9 @@ def _publication_lock(sets: Path) -> Iterator[None]:
         yield
 
 
-def _publish(workspace: Path, building: Path, set_id: str) -> None:
+def _publish(ws: Workspace, building: Path, set_id: str) -> None:
     """Rename the whole set into place, point ``shards`` at it, remove the sets it replaces."""
-    sets, link, target = workspace / SETS_DIR, workspace / SHARDS_DIR, f"{SETS_DIR}/{set_id}"
+    sets, link, target = ws.shard_sets, ws.shards, ws.relative(ws.shard_sets / set_id)
     with _publication_lock(sets):
         try:
             os.rename(building, sets / set_id)
@@ -260,13 +284,13 @@ def _publish(workspace: Path, building: Path, set_id: str) -> None:
         _fsync_dir(sets)
         legacy = None
         if not (link.is_symlink() and os.readlink(link) == target):
-            new_link = temp_path_for(sets / SHARDS_DIR)  # the target is relative to the workspace, where it lands
+            new_link = temp_path_for(sets / link.name)  # the target is relative to the workspace, where it lands
             os.symlink(target, new_link)
             if link.is_dir() and not link.is_symlink():  # a workspace from before shard sets
                 legacy = temp_path_for(sets / "legacy")
                 os.rename(link, legacy)  # (killed right here: no link, the new set whole; a rerun links it)
             os.replace(new_link, link)
-            _fsync_dir(workspace)
+            _fsync_dir(ws.root)
         replaced = [e for e in sorted(sets.iterdir()) if e.name != set_id and not e.name.startswith(".")]  # dot: lock, temporaries
         for entry in replaced + ([legacy] if legacy is not None else []):
             _remove_set(entry)
@@ -304,9 +328,9 @@ def verify_shard_set(folder: Path) -> list[str]:
     tar, every tar sample is indexed once, every tar ends properly and no other tar is there."""
     folder = Path(folder)
     try:
-        rows = read_records(folder / INDEX_NAME, ShardSample)
+        rows = read_records(folder / INDEX, ShardSample)
     except (OSError, ValueError) as error:
-        return [f"{folder / INDEX_NAME}: {error}"]
+        return [f"{folder / INDEX}: {error}"]
     problems: list[str] = []
     by_shard: dict[str, list[ShardSample]] = {}
     for row in rows:

@@ -33,9 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -45,6 +42,7 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from data_schemas.atomic import atomic_path
+from preprocess.media import write_video
 from preprocess.pose.convert import OPENPOSE_BODY_NAMES as OPENPOSE_18  # one list of joint names
 
 KP = {name: i for i, name in enumerate(OPENPOSE_18)}
@@ -531,65 +529,6 @@ def render_clip(spec: SyntheticSpec) -> SyntheticClip:
 # ------------------------------------------------------------------------------- I/O
 
 
-def _ffmpeg_exe() -> str:
-    exe = shutil.which("ffmpeg")
-    if exe is None:
-        raise RuntimeError("ffmpeg executable not found on PATH")
-    return exe
-
-
-def write_video(frames: np.ndarray, path: Path, fps: float, crf: int = 12) -> Path:
-    """Encode RGB frames (uint8 [T,H,W,3], even H/W) to an H.264/yuv420p mp4, atomically.
-
-    Frames are piped raw to an ffmpeg subprocess; the output appears under its
-    final name only after ffmpeg succeeded. Raises ValueError for bad inputs and
-    RuntimeError when ffmpeg fails (its stderr tail is included).
-    """
-    path = Path(path)
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise ValueError(f"frames must be uint8 [T>0,H,W,3], got {frames.dtype} {frames.shape}")
-    _, h, w, _ = frames.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"frame size must be even for yuv420p, got {w}x{h}")
-    if not (math.isfinite(fps) and fps > 0):
-        raise ValueError(f"fps must be a positive finite number, got {fps}")
-    if not 0 <= crf <= 51:  # libx264 itself accepts any float and silently clamps
-        raise ValueError(f"crf must be in 0..51, got {crf}")
-    ffmpeg = _ffmpeg_exe()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        ffmpeg, "-hide_banner", "-loglevel", "error", "-y",
-        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", repr(float(fps)),
-        "-i", "pipe:0",
-        "-an", "-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p",
-        "-movflags", "+faststart", "-f", "mp4",
-    ]  # fmt: skip
-    with atomic_path(path) as tmp, tempfile.TemporaryFile() as err:
-        # stderr goes to a file: a full, unread stderr pipe could deadlock the writer.
-        proc = subprocess.Popen([*cmd, str(tmp)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
-        assert proc.stdin is not None
-        try:
-            for frame in frames:
-                proc.stdin.write(np.ascontiguousarray(frame).tobytes())
-        except BrokenPipeError:
-            pass  # ffmpeg died early; its exit code and stderr say why
-        except BaseException:
-            proc.kill()  # e.g. KeyboardInterrupt: don't let ffmpeg finish a half clip
-            raise
-        finally:
-            try:
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            rc = proc.wait()
-        if rc != 0:
-            err.seek(0)
-            tail = err.read()[-2000:].decode(errors="replace")
-            raise RuntimeError(f"ffmpeg failed (exit {rc}) writing {path}: {tail}")
-    return path
-
-
 def save_ground_truth(clip: SyntheticClip, path: Path) -> Path:
     """Write the clip's ground truth (no frames) to a compressed npz, atomically.
 
@@ -721,3 +660,19 @@ def write_ground_truth_stage_files(clip: SyntheticClip, folder: Path, seed: int 
     write_npz(folder / "masks.npz", label_map=clip.label_map(), pose_index=pose_index,
               first_frame=np.zeros(num_persons, np.int32), source=np.array("ground-truth"))  # fmt: skip
     return folder / "poses.npz", folder / "masks.npz"
+
+
+def write_demo_job_inputs(folder: Path, seed: int, size: int, num_frames: int) -> tuple[Path, Path, Path, Path]:
+    """A new two-person synthetic video with its ground-truth poses and masks (``folder/driving/``),
+    and a reference image of two other persons with its ground-truth poses (``folder/reference/``):
+    returns (reference image, its poses, driving poses, driving masks)."""
+    folder = Path(folder)
+    drive = render_clip(SyntheticSpec(width=size, height=size, num_frames=num_frames, num_persons=2, seed=seed * 1000 + 901))
+    write_video(drive.frames, folder / "driving" / "driving.mp4", fps=25.0)
+    poses, masks = write_ground_truth_stage_files(drive, folder / "driving")
+    ref = render_clip(SyntheticSpec(width=size, height=size, num_frames=1, num_persons=2, seed=seed * 1000 + 902))
+    (folder / "reference").mkdir(parents=True, exist_ok=True)
+    reference = folder / "reference" / "reference.png"
+    cv2.imwrite(str(reference), ref.frames[0][..., ::-1])
+    ref_poses, _ = write_ground_truth_stage_files(ref, folder / "reference")
+    return reference, ref_poses, poses, masks

@@ -37,12 +37,9 @@ from data_schemas.io import SchemaError, read_records, write_records
 from data_schemas.mask import MaskRecord
 from data_schemas.pose import PoseRecord
 from data_schemas.video import PASSING_REASONS, ClipRecord, FailureReason, ProbeInfo, VideoRecord, VideoStatus
+from data_schemas.workspace import Workspace
 from preprocess import media
 
-CLIPS_DIR = "clips"
-MANIFESTS_DIR = "manifests"
-VIDEOS_MANIFEST = f"{MANIFESTS_DIR}/videos.parquet"
-CLIPS_MANIFEST = f"{MANIFESTS_DIR}/clips.parquet"
 # Smallest clip side accepted: Wan works in multiples of 16 px, and nobody can be posed in less.
 MIN_SIDE_PX = 16
 
@@ -176,7 +173,7 @@ def clip_id_for(sha256: str, index: int) -> str:
     return f"{sha256[:16]}-{index:03d}"
 
 
-def ingest_video(path: Path, sha256: str, cfg: IngestConfig, workspace: Path) -> IngestResult:
+def ingest_video(path: Path, sha256: str, cfg: IngestConfig, workspace: Workspace | Path) -> IngestResult:
     """Probe, validate and normalise one file into ``workspace/clips/<clip_id>.mp4``.
 
     Raises OSError (``media.MediaTimeout`` included) when the machine, not the file, failed."""
@@ -201,12 +198,12 @@ def ingest_video(path: Path, sha256: str, cfg: IngestConfig, workspace: Path) ->
                    f"under {MIN_SIDE_PX} px on a side")  # fmt: skip
         return IngestResult.failed("too_small", message, probe)
 
-    clips_dir = Path(workspace) / CLIPS_DIR
-    clips_dir.mkdir(parents=True, exist_ok=True)
-    staging = temp_path_for(clips_dir / sha256[:16])
+    ws = Workspace.of(workspace)
+    ws.clips.mkdir(parents=True, exist_ok=True)
+    staging = temp_path_for(ws.clips / sha256[:16])
     staging.mkdir()
     try:
-        return _normalise_and_cut(path, sha256, probe, cfg, size, staging, clips_dir)
+        return _normalise_and_cut(path, sha256, probe, cfg, size, staging, ws)
     except media.MediaTimeout:
         raise
     except media.MediaError as exc:
@@ -215,7 +212,7 @@ def ingest_video(path: Path, sha256: str, cfg: IngestConfig, workspace: Path) ->
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _normalise_and_cut(path, sha256, probe, cfg, size, staging: Path, clips_dir: Path) -> IngestResult:
+def _normalise_and_cut(path, sha256, probe, cfg, size, staging: Path, ws: Workspace) -> IngestResult:
     encoder = dict(vcodec="libx264", pix_fmt="yuv420p", crf=cfg.crf, preset=cfg.preset)
     gop = max(1, round(cfg.fps * cfg.keyframe_interval_s))
     timeout = _timeout(probe.duration_s, cfg)
@@ -253,7 +250,7 @@ def _normalise_and_cut(path, sha256, probe, cfg, size, staging: Path, clips_dir:
         clip_id = clip_id_for(sha256, len(records))
         count, width, height = media.count_and_check_frames(segment)
         assert count == end - start, f"{path}: clip {clip_id} has {count} frames, planned {end - start}"
-        final = clips_dir / f"{clip_id}.mp4"
+        final = ws.clip_file(clip_id)
         records.append(
             ClipRecord(
                 clip_id=clip_id,
@@ -266,13 +263,13 @@ def _normalise_and_cut(path, sha256, probe, cfg, size, staging: Path, clips_dir:
                 fps=cfg.fps,
                 width=width,
                 height=height,
-                path=f"{CLIPS_DIR}/{final.name}",
+                path=ws.relative(final),
                 sha256=sha256_file(segment),
                 size_bytes=segment.stat().st_size,
             )
         )
         publish(segment, final)
-    _remove_outdated_clips(clips_dir, sha256, {r.clip_id for r in records})
+    _remove_outdated_clips(ws.clips, sha256, {r.clip_id for r in records})
     return IngestResult(status=VideoStatus.ok, probe=probe, clips=tuple(records), **decode)
 
 
@@ -329,9 +326,9 @@ def video_record(
 
 
 @contextlib.contextmanager
-def manifest_lock(workspace: Path) -> Iterator[None]:
+def manifest_lock(workspace: Workspace | Path) -> Iterator[None]:
     """Serialise read-merge-write of the manifests between processes of this host."""
-    lock = Path(workspace) / MANIFESTS_DIR / ".lock"
+    lock = Workspace.of(workspace).manifests_lock
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -456,17 +453,17 @@ def _under(path: str, targets: list[str]) -> bool:
     return any(path == t or path.startswith(t.rstrip(os.sep) + os.sep) for t in targets)
 
 
-def remove_sources(workspace: Path, targets: list[Path], dry_run: bool = False) -> Removal:
+def remove_sources(workspace: Workspace | Path, targets: list[Path], dry_run: bool = False) -> Removal:
     """Take the files at or under ``targets`` (as ingest listed them) out of the workspace:
     their manifest rows, and the clips (manifest rows, clip, pose and mask files) of the
     content no remaining file holds. Content a remaining duplicate holds stays, under it.
     Manifests are rewritten first, files deleted after: a kill in between leaves unlisted
     files only. Shards made earlier keep their samples until they are made again."""
-    workspace = Path(workspace)
+    ws = Workspace.of(workspace)
     wanted = [os.path.abspath(t) for t in targets]
-    with manifest_lock(workspace):
-        rows = read_videos_manifest(workspace / VIDEOS_MANIFEST)
-        clips = read_clips_manifest(workspace / CLIPS_MANIFEST)
+    with manifest_lock(ws):
+        rows = read_videos_manifest(ws.videos_manifest)
+        clips = read_clips_manifest(ws.clips_manifest)
         removed = [r for r in rows if _under(r.path, wanted)]
         kept = {r.path: r for r in rows if not _under(r.path, wanted)}
         new_rows, new_clips = _settle(kept, removed, set(), clips, {})
@@ -477,15 +474,14 @@ def remove_sources(workspace: Path, targets: list[Path], dry_run: bool = False) 
         if dry_run or not removed:
             return removal
         gone_ids = {c.clip_id for c in removal.clips}
-        write_records(new_rows, VideoRecord, workspace / VIDEOS_MANIFEST)
-        write_records(new_clips, ClipRecord, workspace / CLIPS_MANIFEST)
-        files = [workspace / c.path for c in removal.clips]
-        for name, record in (("poses", PoseRecord), ("masks", MaskRecord)):
-            manifest = workspace / MANIFESTS_DIR / f"{name}.parquet"
+        write_records(new_rows, VideoRecord, ws.videos_manifest)
+        write_records(new_clips, ClipRecord, ws.clips_manifest)
+        files = [ws.resolve(c.path) for c in removal.clips]
+        for manifest, record in ((ws.poses_manifest, PoseRecord), (ws.masks_manifest, MaskRecord)):
             if manifest.exists():
                 products = read_records(manifest, record)
                 write_records([r for r in products if r.clip_id not in gone_ids], record, manifest)
-                files += [workspace / r.path for r in products if r.clip_id in gone_ids]
+                files += [ws.resolve(r.path) for r in products if r.clip_id in gone_ids]
         for path in files:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

@@ -12,7 +12,8 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 
-RESULTS_DIR = ".prefect/results"
+from data_schemas.workspace import Workspace
+
 # Tasks that hold a GPU carry this tag; `multianimate deploy` puts a concurrency limit on it.
 GPU_TAG = "gpu"
 # Prefect's JSON serializer: our records are pydantic models, stored as
@@ -37,7 +38,7 @@ def code_version(*modules: ModuleType) -> str:
 
 def result_storage(workspace: Path) -> Path:
     """Prefect results live in the workspace, so a workspace is self-contained."""
-    return Path(workspace).absolute() / RESULTS_DIR
+    return Workspace(Path(workspace).absolute()).results
 
 
 def persisted(task, workspace: Path):

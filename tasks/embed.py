@@ -9,7 +9,8 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
 import data_schemas.embedding
-from data_schemas.embedding import EMBEDDINGS_DIR, EmbeddingSummary
+from data_schemas.embedding import EmbeddingSummary
+from data_schemas.workspace import Workspace
 from model import text_cache, text_encoder
 from model.text_encoder import WAN_NEGATIVE_PROMPT, Profile
 from tasks.common import GPU_TAG, code_version, retry_transient
@@ -32,15 +33,9 @@ def _embed_cache_key(context: TaskRunContext, parameters: dict) -> str:
 )
 def embed_captions(workspace: Path, shards_index: Path, shards_sha256: str, profile: Profile, weights: Path | None, encoder_id: str) -> EmbeddingSummary:
     """Cache the embeddings of every caption in the shards index and of the negative prompt
-    (see model.text_cache); the encoder is loaded only when some text is missing."""
+    (model.text_cache.ensure_cached: the encoder is loaded only when some text is missing)."""
     logger = get_run_logger()
-    folder = Path(workspace) / EMBEDDINGS_DIR
     texts = text_cache.captions_from_shards(shards_index) + [WAN_NEGATIVE_PROMPT]
-    if text_cache.missing_texts(folder, encoder_id, texts):
-        encoder = text_encoder.load_profile_encoder(profile, weights)
-        assert encoder.encoder_id == encoder_id, (encoder.encoder_id, encoder_id)
-        summary = text_cache.fill_cache(folder, encoder, texts)
-    else:
-        summary = text_cache.cached_summary(folder, encoder_id, texts)
+    summary = text_cache.ensure_cached(Workspace(workspace).embeddings, profile, weights, texts, encoder_id=encoder_id)
     logger.info("%d text(s) for encoder %s: %d encoded, %d already cached", summary.num_texts, encoder_id, summary.num_new, summary.num_existing)
     return summary

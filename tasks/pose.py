@@ -12,7 +12,7 @@ from prefect.logging import get_run_logger
 import data_schemas.pose
 from data_schemas.config import PoseConfig
 from data_schemas.pose import PoseRecord
-from data_schemas.video import ClipRecord
+from data_schemas.workspace import ClipRef, Workspace
 from preprocess.media import read_frames
 from preprocess.pose import convert, dwpose, render, stage
 from preprocess.truth import TRUTH, TruthPoses, truth_of
@@ -20,43 +20,44 @@ from tasks.common import GPU_TAG, code_version, retry_transient
 from tasks.reports import publish_image_grid
 
 POSE_CODE = code_version(stage, dwpose, data_schemas.pose)
-CONTACT_SHEET = "reports/pose-contact-sheet.png"
 
 
 def _pose_cache_key(context: TaskRunContext, parameters: dict) -> str:
     # The clip's content, the model files' content, the config and our code: not paths.
     config: PoseConfig = parameters["config"]
-    return f"pose-{parameters['clip'].sha256}-{parameters['models']}-{config.digest()}-{POSE_CODE}"
+    return f"pose-{parameters['ref'].clip.sha256}-{parameters['models']}-{config.digest()}-{POSE_CODE}"
 
 
 @task(
     name="pose",
-    task_run_name="pose {clip.clip_id}",
+    task_run_name="pose {ref.clip_id}",
     tags=[GPU_TAG],  # a concurrency limit on this tag keeps GPU stages from oversubscribing
     cache_key_fn=_pose_cache_key,
     persist_result=True,
     retries=1,
     retry_condition_fn=retry_transient,
 )
-def extract_poses(clip: ClipRecord, config: PoseConfig, files: tuple[Path, ...], models: str, workspace: Path) -> PoseRecord:
-    """DWPose (or the truth model) over one clip of ``workspace`` (see preprocess.pose.stage)."""
-    runner = TruthPoses(truth_of(clip)) if config.models == TRUTH else None
-    record = stage.extract_poses(Path(workspace) / clip.path, clip.clip_id, config, files, models, workspace, runner=runner)
+def extract_poses(ref: ClipRef, config: PoseConfig, files: tuple[Path, ...], models: str) -> PoseRecord:
+    """DWPose (or the truth model) over one clip, into its workspace (see preprocess.pose.stage)."""
+    runner = TruthPoses(truth_of(ref.clip)) if config.models == TRUTH else None
+    record = stage.extract_poses(ref.video, ref.clip_id, config, files, models, ref.workspace, runner=runner)
     get_run_logger().info(
         "%s: %d frames, up to %d person(s), %d frame(s) over the limit, on %s",
-        clip.clip_id, record.num_frames, record.max_persons, record.frames_over_limit, record.provider,
+        ref.clip_id, record.num_frames, record.max_persons, record.frames_over_limit, record.provider,
     )  # fmt: skip
     return record
 
 
-def publish_contact_sheet(workspace: Path, records: list[PoseRecord], config: PoseConfig, clips: int = 4, frames: int = 4) -> Path | None:
+def publish_contact_sheet(workspace: Workspace | Path, records: list[PoseRecord], config: PoseConfig, clips: int = 4,
+                          frames: int = 4) -> Path | None:  # fmt: skip
     """reports/pose-contact-sheet.png and its artifact: rows are clips, each tile a sampled
     frame beside its rendered pose image."""
+    ws = Workspace.of(workspace)
     rows = []
     for record in records[:clips]:
-        poses = stage.load_poses(Path(workspace) / record.path)
+        poses = stage.load_poses(ws.resolve(record.path))
         picks = np.linspace(0, record.num_frames - 1, frames).round().astype(int).tolist()
-        images = read_frames(Path(workspace) / "clips" / f"{record.clip_id}.mp4", picks)
+        images = read_frames(ws.clip_file(record.clip_id), picks)
         row = []
         for t, image in zip(picks, images):
             n = int(poses["num_persons"][t])
@@ -65,4 +66,5 @@ def publish_contact_sheet(workspace: Path, records: list[PoseRecord], config: Po
         rows.append(row)
     if not rows:
         return None
-    return publish_image_grid(workspace, CONTACT_SHEET, "pose-contact-sheet", f"Poses ({config.style} style): frames beside their pose images", rows)
+    title = f"Poses ({config.style} style): frames beside their pose images"
+    return publish_image_grid(ws.root, ws.relative(ws.pose_contact_sheet), "pose-contact-sheet", title, rows)

@@ -1,9 +1,12 @@
-"""Image reports: a grid of pictures written under reports/ and shown in a markdown artifact."""
+"""Image reports: a grid of pictures written under reports/ and shown in a markdown artifact,
+and ``inline_image``, the one way an artifact shows a picture (artifacts live in Prefect's
+database: no links to files, which the UI's browser may not reach)."""
 
 from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -12,6 +15,8 @@ from prefect.artifacts import create_markdown_artifact
 from data_schemas.atomic import atomic_write_bytes
 
 TILE_HEIGHT = 192
+GRID_THUMB_WIDTH = 1024
+JPEG_QUALITY = 85
 
 
 def grid(rows: list[list[np.ndarray]], gap: int = 4) -> np.ndarray:
@@ -24,16 +29,30 @@ def grid(rows: list[list[np.ndarray]], gap: int = 4) -> np.ndarray:
     return np.concatenate([np.pad(line, ((0, gap), (0, width - line.shape[1]), (0, 0))) for line in lines], axis=0)
 
 
+def inline_image(image: Path | np.ndarray, alt: str, max_width: int | None = None, fmt: Literal["jpeg", "png"] = "jpeg") -> str:
+    """Markdown showing ``image`` inline (a base64 data URL): an RGB array, or an image file.
+    Wider than ``max_width``: scaled down (aspect kept). JPEG for pictures, PNG for line art
+    (plots). An unreadable file gives a note naming it instead of failing the report."""
+    if isinstance(image, np.ndarray):
+        bgr = np.ascontiguousarray(image[..., ::-1]) if image.ndim == 3 else image  # our arrays are RGB, OpenCV's BGR
+    else:
+        bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
+        if bgr is None:
+            return f"({alt} {image} unreadable)"
+    if max_width is not None and bgr.shape[1] > max_width:
+        bgr = cv2.resize(bgr, (max_width, round(bgr.shape[0] * max_width / bgr.shape[1])), interpolation=cv2.INTER_AREA)
+    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if fmt == "jpeg" else []
+    ok, data = cv2.imencode(f".{'jpg' if fmt == 'jpeg' else 'png'}", bgr, params)
+    assert ok
+    return f"![{alt}](data:image/{fmt};base64,{base64.b64encode(data.tobytes()).decode()})"
+
+
 def publish_image_grid(workspace: Path, relative_path: str, key: str, title: str, rows: list[list[np.ndarray]]) -> Path:
     """Write the grid as a PNG under the workspace and show a JPEG thumbnail of it in a markdown artifact."""
     sheet = grid(rows)
     ok, png = cv2.imencode(".png", sheet[..., ::-1])
     assert ok
     path = atomic_write_bytes(Path(workspace) / relative_path, png.tobytes())
-    width = min(1024, sheet.shape[1])
-    thumb = cv2.resize(sheet, (width, int(sheet.shape[0] * width / sheet.shape[1])), interpolation=cv2.INTER_AREA)
-    _, jpeg = cv2.imencode(".jpg", thumb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 80])
-    data = base64.b64encode(jpeg.tobytes()).decode()
-    markdown = f"### {title}\n\nFull size: `{path}`\n\n![{key}](data:image/jpeg;base64,{data})"
+    markdown = f"### {title}\n\nFull size: `{path}`\n\n{inline_image(sheet, key, max_width=GRID_THUMB_WIDTH)}"
     create_markdown_artifact(key=key, markdown=markdown, description=title)
     return path

@@ -12,7 +12,8 @@ from prefect.logging import get_run_logger
 import data_schemas.mask
 from data_schemas.config import SegmentConfig
 from data_schemas.mask import MaskRecord
-from data_schemas.video import ClipRecord
+from data_schemas.pose import PoseRecord
+from data_schemas.workspace import ClipRef, Workspace
 from preprocess.media import read_frames
 from preprocess.segment import identity, stage
 from preprocess.truth import TRUTH, truth_of
@@ -20,7 +21,6 @@ from tasks.common import GPU_TAG, code_version, retry_transient
 from tasks.reports import publish_image_grid
 
 SEGMENT_CODE = code_version(stage, identity, data_schemas.mask)
-OVERLAYS = "reports/mask-overlays.png"
 # Person k's overlay colour (k = 1..): saturated and far apart.
 PERSON_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180],
                            [70, 240, 240], [240, 50, 230], [210, 245, 60]], np.uint8)  # fmt: skip
@@ -28,24 +28,25 @@ PERSON_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200
 
 def _segment_cache_key(context: TaskRunContext, parameters: dict) -> str:
     config: SegmentConfig = parameters["config"]
-    return f"segment-{parameters['clip'].sha256}-{parameters['poses_sha256']}-{parameters['models']}-{config.digest()}-{SEGMENT_CODE}"
+    return f"segment-{parameters['ref'].clip.sha256}-{parameters['poses'].sha256}-{parameters['models']}-{config.digest()}-{SEGMENT_CODE}"
 
 
 @task(
     name="segment",
-    task_run_name="segment {clip.clip_id}",
+    task_run_name="segment {ref.clip_id}",
     tags=[GPU_TAG],
     cache_key_fn=_segment_cache_key,
     persist_result=True,
     retries=1,
     retry_condition_fn=retry_transient,
 )
-def segment_clip(clip: ClipRecord, poses: Path, poses_sha256: str, config: SegmentConfig, models: str, workspace: Path) -> MaskRecord:
-    """SAM2 (or truth) masklets, stable identities and pose assignment for one clip of
-    ``workspace`` (see preprocess.segment)."""
-    make_segmenter, source = stage.truth_factory(truth_of(clip)) if config.models == TRUTH else stage.sam2_factory(config)
-    record = stage.segment_clip(Path(workspace) / clip.path, clip.clip_id, poses, make_segmenter, source, config, workspace)
-    get_run_logger().info("%s: %d person(s) tracked by %s, %d ignored beyond the limit", clip.clip_id, record.num_persons, source, record.ignored_arrivals)
+def segment_clip(ref: ClipRef, poses: PoseRecord, config: SegmentConfig, models: str) -> MaskRecord:
+    """SAM2 (or truth) masklets, stable identities and pose assignment for one clip with its
+    ``poses``, into its workspace (see preprocess.segment)."""
+    make_segmenter, source = stage.truth_factory(truth_of(ref.clip)) if config.models == TRUTH else stage.sam2_factory(config)
+    record = stage.segment_clip(ref.video, ref.clip_id, ref.workspace.resolve(poses.path), make_segmenter, source, config, ref.workspace)
+    get_run_logger().info("%s: %d person(s) tracked by %s, %d ignored beyond the limit", ref.clip_id, record.num_persons, source,
+                          record.ignored_arrivals)  # fmt: skip
     return record
 
 
@@ -56,14 +57,15 @@ def overlay(frame: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.nd
     return np.where(labels[..., None] > 0, tinted, frame)
 
 
-def publish_overlays(workspace: Path, records: list[MaskRecord], clips: int = 4, frames: int = 4) -> Path | None:
+def publish_overlays(workspace: Workspace | Path, records: list[MaskRecord], clips: int = 4, frames: int = 4) -> Path | None:
     """reports/mask-overlays.png and its artifact: sampled frames with persons tinted by number."""
+    ws = Workspace.of(workspace)
     rows = []
     for record in records[:clips]:
-        labels = stage.load_masks(Path(workspace) / record.path)["label_map"]
+        labels = stage.load_masks(ws.resolve(record.path))["label_map"]
         picks = np.linspace(0, record.num_frames - 1, frames).round().astype(int).tolist()
-        images = read_frames(Path(workspace) / "clips" / f"{record.clip_id}.mp4", picks)
+        images = read_frames(ws.clip_file(record.clip_id), picks)
         rows.append([overlay(image, labels[t]) for t, image in zip(picks, images)])
     if not rows:
         return None
-    return publish_image_grid(workspace, OVERLAYS, "mask-overlays", "Masks: person k tinted with colour k", rows)
+    return publish_image_grid(ws.root, ws.relative(ws.mask_overlays), "mask-overlays", "Masks: person k tinted with colour k", rows)

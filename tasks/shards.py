@@ -20,14 +20,16 @@ SHARDS_CODE = code_version(shards, data_schemas.shard)
 
 
 def _shards_cache_key(context: TaskRunContext, parameters: dict) -> str:
-    # inputs: a digest of every clip's, poses' and masks' content, made by the flow.
+    # inputs: a digest of the content of every clip, poses and masks of ``records``, made by the flow.
     return f"shards-{parameters['inputs']}-{parameters['config'].digest()}-{SHARDS_CODE}"
 
 
 @task(name="write-shards", cache_key_fn=_shards_cache_key, persist_result=True, retries=1, retry_condition_fn=retry_transient)
-def write_shards(workspace: Path, config: ShardConfig, inputs: str, quality: dict[str, ClipQuality] | None = None) -> ShardSummary:
-    """All samples the filters keep into WebDataset shards (see preprocess.shards)."""
-    summary = shards.write_shards(workspace, config, quality=quality)
+def write_shards(workspace: Path, config: ShardConfig, inputs: str, records: list[shards.SampleRecords],
+                 quality: dict[str, ClipQuality] | None = None) -> ShardSummary:  # fmt: skip
+    """All samples of ``records`` (clip, poses, masks) the filters keep into WebDataset shards
+    (see preprocess.shards)."""
+    summary = shards.write_shards(workspace, config, records, quality=quality)
     get_run_logger().info("%d sample(s) in %d shard(s): %d train, %d val; published as %s; %d clip(s) left out by the filters %s",
                           summary.num_samples, len(summary.shards), summary.num_train, summary.num_val, summary.set_dir,
                           summary.num_left_out, summary.left_out or "")  # fmt: skip

@@ -1,4 +1,5 @@
-"""Shared fixtures: Prefect on a throw-away home, media files made with ffmpeg."""
+"""Shared fixtures: Prefect on a throw-away home, a training workspace, the real architecture's
+random weights. Plain helper functions live in tests/helpers/."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+# The helpers' asserts report their operands as the tests' own do (before anything imports them).
+pytest.register_assert_rewrite("tests.helpers")
 
 # Before anything imports prefect: a private home, no analytics, no server of the user's.
 _HOME = tempfile.mkdtemp(prefix="prefect-home-")
@@ -32,16 +36,17 @@ def prefect_api():
 def train_workspace(tmp_path_factory) -> Path:
     """A workspace with shards of four synthetic two-person clips and their embeddings."""
     from data_schemas.config import ShardConfig
+    from data_schemas.workspace import Workspace
     from model.text_cache import captions_from_shards, fill_cache
     from model.text_encoder import WAN_NEGATIVE_PROMPT, build_tiny_text_encoder
     from preprocess.shards import write_shards
-    from tests.test_shards import make_workspace
+    from tests.helpers.workspaces import make_workspace
 
     ws = tmp_path_factory.mktemp("train-ws")
     make_workspace(ws, num_clips=4)
     write_shards(ws, ShardConfig(val_fraction=0.0))
-    texts = captions_from_shards(ws / "shards" / "index.parquet") + [WAN_NEGATIVE_PROMPT]
-    fill_cache(ws / "embeddings", build_tiny_text_encoder(), texts)
+    texts = captions_from_shards(Workspace(ws).shards_index) + [WAN_NEGATIVE_PROMPT]
+    fill_cache(Workspace(ws).embeddings, build_tiny_text_encoder(), texts)
     return ws
 
 
@@ -49,26 +54,10 @@ def train_workspace(tmp_path_factory) -> Path:
 def real_architecture(tmp_path_factory) -> tuple[Path, str]:
     """``multianimate weights --random-real-architecture`` run once for the session (5.3 GB,
     ~45 s): (the folder, the command's output). Tests only read it."""
+    from tests.helpers.cli import cli_env
+
     folder = tmp_path_factory.mktemp("real-arch") / "weights"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {"PYTHONPATH": str(Path(__file__).parents[1]), "COLUMNS": "400"}  # rich wraps at the terminal width
     done = subprocess.run([sys.executable, "-m", "flows.cli", "weights", "--random-real-architecture", str(folder)],
-                          env=env, capture_output=True, text=True)  # fmt: skip
+                          env=cli_env(), capture_output=True, text=True, check=False)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     return folder, done.stdout
-
-
-def ffmpeg(*args: str) -> None:
-    """Run ffmpeg quietly with an argument list; fail the test with its message."""
-    done = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *args], capture_output=True)
-    assert done.returncode == 0, done.stderr.decode()
-
-
-def make_test_video(path: Path, *, size: str = "160x120", rate: int = 25, seconds: float = 2.0, faststart=True, extra=()):
-    """A busy test-pattern H.264 video."""
-    args = ["-f", "lavfi", "-i", f"testsrc2=size={size}:rate={rate}:duration={seconds}"]
-    args += ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", *extra]
-    if faststart:
-        args += ["-movflags", "+faststart"]
-    ffmpeg(*args, str(path))
-    return path

@@ -17,18 +17,10 @@ from data_schemas.mask import MaskRecord
 from data_schemas.shard import ShardSample
 from preprocess import media
 from preprocess.synthetic import SyntheticSpec, make_synthetic_video
-from tests.test_ingest_flow import temp_files
+from tests.helpers.cli import cli_env, temp_files
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "flows.cli"]
-
-
-def cli_env() -> dict[str, str]:
-    """The user's environment: no test Prefect home or API, so the CLI uses the workspace's."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env["PYTHONPATH"] = str(Path(__file__).parents[1])
-    env["COLUMNS"] = "400"  # rich wraps error boxes at the terminal width
-    return env
 
 
 def test_sigkill_mid_run_then_rerun_completes_cleanly(tmp_path):

@@ -38,8 +38,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from data_schemas.job import JobSpec, submit_job
 from preprocess.synthetic import SyntheticSpec, render_clip
-from tests.test_generate import _driving_files, crafted_pose_config
-from tests.test_train import run_config
+from tests.helpers.models import run_config
+from tests.helpers.poses import crafted_pose_config, driving_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def test_deploy_then_train_and_generate_through_a_worker(deployed, train_workspa
 
     ws, inputs = server["tmp"] / "gen-ws", server["tmp"] / "inputs"
     inputs.mkdir()
-    poses, masks = _driving_files(inputs, SyntheticSpec(width=64, height=64, num_frames=9, num_persons=2, seed=2))
+    poses, masks = driving_files(inputs, SyntheticSpec(width=64, height=64, num_frames=9, num_persons=2, seed=2))
     reference = inputs / "reference.png"
     cv2.imwrite(str(reference), render_clip(SyntheticSpec(width=64, height=64, num_frames=1, num_persons=2, seed=5)).frames[0][..., ::-1])
     job_id, _ = submit_job(ws, JobSpec(reference=reference, poses=poses, masks=masks, steps=2, num_frames=5, height=64, width=64))
@@ -239,7 +239,7 @@ def test_train_run_started_from_the_ui_form(deployed, train_workspace, tmp_path,
     """Deployments -> train -> Run -> Custom run, the config form filled in, Submit: the run
     completes and its weights are written."""
     server, name = deployed, "from-browser"
-    # the fields whose defaults are not for a CPU (run_config of test_train)
+    # the fields whose defaults are not for a CPU (run_config of tests/helpers/models.py)
     values = {"workspace": str(train_workspace), "run_name": name, "num_frames": 9, "height": 48, "width": 64,
               "max_steps": 2, "nproc": 1}  # fmt: skip
     browser = chromium(monkeypatch)

@@ -103,8 +103,8 @@ def test_non_finite_latents_end_sampling_at_the_first_bad_step():
 
     from data_schemas.model import ModelConfig
     from model.components import build_components
+    from model.generate import check_video
     from model.pipeline import Conditions, DegenerateOutputError, MultiAnimatePipeline, SamplingConfig
-    from tasks.generate import check_video
 
     pipe = MultiAnimatePipeline(build_components(ModelConfig()))
     emb = torch.randn(512, pipe.c.dit.transformer.config.text_dim)

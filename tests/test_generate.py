@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_schemas.config import PoseConfig, ProjectConfig
+from data_schemas.config import ProjectConfig
 from data_schemas.job import JobRecord, JobSpec, queue_path, record_path, submit_job
 from data_schemas.model import ModelConfig
 from preprocess import retarget
 from preprocess.retarget import BODY_SEGMENTS, ROOT, PersonTransform
-from preprocess.synthetic import SyntheticSpec, ground_truth_poses, make_synthetic_video, render_clip, write_ground_truth_stage_files
+from preprocess.synthetic import SyntheticSpec, ground_truth_poses, make_synthetic_video, render_clip
+from tests.helpers.poses import crafted_pose_config, driving_files
 
 THRESHOLD = 0.3
 L_SH, R_SH, L_HIP, R_HIP, L_WRIST = 5, 6, 11, 12, 9
@@ -134,13 +135,8 @@ def test_masks_move_with_their_person():
     np.testing.assert_array_equal(moved, want)
 
 
-def _driving_files(tmp_path: Path, spec: SyntheticSpec) -> tuple[Path, Path]:
-    """Pose-stage and segment-stage npz files made from a synthetic clip's ground truth."""
-    return write_ground_truth_stage_files(render_clip(spec), tmp_path, seed=3)
-
-
 def test_job_inputs_from_ground_truth_poses_and_masks(tmp_path):
-    poses, masks = _driving_files(tmp_path, SyntheticSpec(width=128, height=96, num_frames=9, num_persons=2, seed=1))
+    poses, masks = driving_files(tmp_path, SyntheticSpec(width=128, height=96, num_frames=9, num_persons=2, seed=1))
     ref_clip = render_clip(SyntheticSpec(width=160, height=128, num_frames=1, num_persons=2, seed=2))
     ref_arrays, ref_origin = ground_truth_poses(ref_clip, seed=0)
     ref_kp, ref_scores = ref_arrays["keypoints"][0], ref_arrays["scores"][0]
@@ -268,8 +264,8 @@ def test_the_real_model_offloads_as_docs_memory_says(real_sized_components, gpu_
 
 
 def test_a_job_samples_with_its_spec_and_the_memory_options(tmp_path):
+    from model.generate import job_sampling
     from model.pipeline import SamplingConfig
-    from tasks.generate import job_sampling
 
     spec = JobSpec(reference=tmp_path / "r.png", driving_video=tmp_path / "d.mp4", steps=3, seed=7, guidance_scale=2.0)
     memory = SamplingConfig(vae_tiling=False, merge_lora=False, step_cache="first-block", steps=9, seed=1)
@@ -282,7 +278,7 @@ def test_a_job_samples_with_its_spec_and_the_memory_options(tmp_path):
 
 
 def test_the_job_pipeline_is_built_once_with_its_lora_merged(monkeypatch):
-    import tasks.generate as generate_module
+    import model.generate as generate_module
     from model.pipeline import SamplingConfig, lora_layers
 
     monkeypatch.setattr(generate_module, "_loaded", {})
@@ -297,25 +293,6 @@ def test_the_job_pipeline_is_built_once_with_its_lora_merged(monkeypatch):
 
 
 # ---- the flow -------------------------------------------------------------------------
-
-# A crafted pose model: a standing figure in crop pixels (288 x 384), no hands or face.
-FIGURE = {0: (144, 80), 1: (134, 70), 2: (154, 70), 3: (124, 75), 4: (164, 75), 5: (104, 130), 6: (184, 130), 7: (90, 190),
-          8: (198, 190), 9: (84, 240), 10: (204, 240), 11: (118, 230), 12: (170, 230), 13: (114, 300), 14: (174, 300),
-          15: (112, 360), 16: (176, 360), 17: (100, 372), 18: (106, 374), 20: (186, 372), 21: (180, 374)}  # fmt: skip
-
-
-def crafted_pose_config(folder: Path, size: tuple[int, int]) -> PoseConfig:
-    """DWPose models that find two persons, always the same, in any frame of ``size`` (w, h):
-    the tiny random ones find nobody, and a job without persons fails."""
-    from preprocess.pose.onnx_models import build_crafted_models, detector_output_for_boxes, simcc_for_points
-
-    w, h = size
-    boxes = np.array([[0.06 * w, 0.15 * h, 0.44 * w, 0.95 * h], [0.53 * w, 0.15 * h, 0.94 * w, 0.95 * h]], np.float32)
-    points = np.full((133, 2), np.nan)
-    for k, xy in FIGURE.items():
-        points[k] = xy
-    files = build_crafted_models(folder, detector_output_for_boxes(boxes, np.full(2, 0.9), (h, w)), simcc_for_points(points))
-    return PoseConfig(models="files", detector_path=files[0], pose_model_path=files[1])
 
 
 def artifact(flow_run_id, key: str):
@@ -345,7 +322,7 @@ def test_generate_runs_the_queue_records_failures_and_never_redoes_a_finished_jo
     bad = JobSpec(reference=inputs / "missing.png", **common)
     good = JobSpec(reference=reference, **common)
     # poses and masks given (ground truth: exactly two persons), matched left to right
-    poses, masks = _driving_files(inputs, SyntheticSpec(width=64, height=64, num_frames=9, num_persons=2, seed=2))
+    poses, masks = driving_files(inputs, SyntheticSpec(width=64, height=64, num_frames=9, num_persons=2, seed=2))
     given = JobSpec(reference=reference, poses=poses, masks=masks, steps=2, num_frames=5, height=64, width=32, prompt="a man and a woman are dancing")
     for spec in (bad, good, given):
         submit_job(workspace, spec)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 
 import pytest
 
 from data_schemas import ClipRecord, IngestConfig, VideoRecord, read_records
-from data_schemas.atomic import is_temp_name
 from preprocess import media
-from tests.media_cases import CLIPS, EXPECTED, build_media_folder
+from tests.helpers.cli import task_states, temp_files
+from tests.helpers.media import CLIPS, EXPECTED, build_media_folder
 
 pytestmark = pytest.mark.slow
 
@@ -23,26 +21,6 @@ def run_ingest(folder: Path, workspace: Path, config: IngestConfig | None = None
 
     state = ingest(folder, workspace, config or IngestConfig(), return_state=True)
     return state.result(), state.state_details.flow_run_id
-
-
-def task_states(flow_run_id, expected: int) -> dict[str, str]:
-    """Task run name -> final state name, as the Prefect API recorded them. Task states
-    reach the API as events, a moment after the flow returns: wait for all of them."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    deadline = time.monotonic() + 60
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            states = {run.name: run.state.name for run in runs if run.state and run.state.is_final()}
-            if len(states) >= expected or time.monotonic() > deadline:
-                return states
-            time.sleep(0.2)
-
-
-def temp_files(root: Path) -> list[Path]:
-    return [Path(d) / n for d, dirs, files in os.walk(root) for n in dirs + files if is_temp_name(n)]
 
 
 def clip_stats(workspace: Path) -> dict[str, tuple[int, int]]:

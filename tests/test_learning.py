@@ -3,7 +3,7 @@ two-person clips puts the figures of held-out clips where their driving poses sa
 more than the untrained model and a pose-blind control trained alike, and follows the poses
 it is given (driven by another clip's poses, its figures go elsewhere). bench/learning.py
 holds the check itself (data, base, runs, measures) and prints every figure; here it is held
-to its margins. About 5 minutes on 2 cores."""
+to its margins. About 5 to 7 minutes on 2 idle cores."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ MARGIN = 1.2
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+# a hang guard, not a speed check: 7 min alone took over 20 on a loaded 2-core machine
+@pytest.mark.timeout(3600)
 def test_fine_tuned_model_follows_the_driving_poses(tmp_path):
     results, shares = run(tmp_path)
     full = shares["full"]

@@ -353,7 +353,7 @@ def test_import_legacy_command_refuses_pickles_unless_trusted(tmp_path: Path, cl
 
     from data_schemas import read_records
     from data_schemas.legacy import LegacyClip
-    from tests.test_cli import cli_env
+    from tests.helpers.cli import cli_env
 
     root = tmp_path / "seed"
     _make_training(root / "processed_data" / "video1", clip)

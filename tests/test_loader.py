@@ -30,11 +30,11 @@ from model.data import (
     make_loader,
     sample_window,
 )
-from preprocess.media import read_frames
+from preprocess.media import read_frames, write_video
 from preprocess.pose.convert import wholebody_to_openpose
 from preprocess.pose.render import draw_pose
-from preprocess.synthetic import OPENPOSE_TO_WHOLEBODY, SyntheticClip, SyntheticSpec, render_clip, write_video
-from tests.test_pose_scale import assert_close, torchvision_resize
+from preprocess.synthetic import OPENPOSE_TO_WHOLEBODY, SyntheticClip, SyntheticSpec, render_clip
+from tests.helpers.poses import assert_close, torchvision_resize
 
 SRC_W, SRC_H, FPS = 128, 96, 25.0
 
@@ -489,7 +489,7 @@ def test_reads_what_write_shards_writes(tmp_path: Path) -> None:
     try:
         from data_schemas.config import ShardConfig
         from preprocess.shards import write_shards
-        from tests.test_shards import make_workspace
+        from tests.helpers.workspaces import make_workspace
     except ImportError as exn:  # the shard stage is written in parallel
         pytest.skip(f"shard writer not importable: {exn}")
     origins = make_workspace(tmp_path, num_clips=4)

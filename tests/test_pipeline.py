@@ -27,7 +27,7 @@ from model.pipeline import (
     time_denoiser_step,
     write_outputs,
 )
-from tests.test_model import randomise_encoder_outputs, randomise_lora
+from tests.helpers.models import randomise_encoder_outputs, randomise_lora
 
 QUIET = {"progress": False}
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 
 from preprocess.pose import dwpose
 from preprocess.pose.onnx_models import (
@@ -16,17 +15,11 @@ from preprocess.pose.onnx_models import (
     detector_output_for_boxes,
     simcc_for_points,
 )
+from tests.helpers.poses import expected_provider
 
 H, W = 480, 832  # landscape: the letterbox leaves padding at the bottom
 BOXES = np.array([[100, 50, 300, 420], [500, 100, 700, 450], [505, 110, 705, 455], [20, 20, 60, 90]], np.float32)
 SCORES = np.array([0.9, 0.8, 0.7, 0.2], np.float32)  # box 2 overlaps box 1 (NMS), box 3 is below 0.3
-
-
-def expected_provider() -> str:
-    """The provider the runner should pick on this host: CUDA when onnxruntime offers it and a
-    GPU exists, else the CPU (onnxruntime falls back to the CPU without a GPU)."""
-    cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
-    return "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
 
 
 def reference_nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:

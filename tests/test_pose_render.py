@@ -6,9 +6,6 @@ not recomputed with the code under test.
 
 from __future__ import annotations
 
-import math
-
-import cv2
 import numpy as np
 import pytest
 
@@ -23,7 +20,15 @@ from preprocess.pose.convert import (
     OpenPoseFrame,
     wholebody_to_openpose,
 )
-from preprocess.pose.render import draw_pose, draw_pose_indices, draw_pose_sequence, hand_edge_color, pose_palette
+from preprocess.pose.render import draw_pose, draw_pose_indices, draw_pose_sequence, pose_palette
+from tests.helpers.poses import (
+    CRAFTED_CANVAS,
+    LEFT_HAND_BASE,
+    RIGHT_HAND_BASE,
+    crafted_person,
+    hand_points,
+    reference_draw_pose,
+)
 
 # ---------------------------------------------------------------------------------------
 # Conversion
@@ -204,43 +209,7 @@ def test_bad_shapes_rejected() -> None:
 # Rendering
 # ---------------------------------------------------------------------------------------
 
-S = 512  # square test canvas: x/512*512 is exact, so pixel positions are the literals below
-
-# A spread-out person (pixel coordinates) so limbs are far apart.
-BODY_WB = {
-    0: (256, 60),  # nose
-    1: (276, 50), 2: (236, 50), 3: (296, 60), 4: (216, 60),  # eyes, ears
-    5: (336, 130), 6: (176, 130),  # shoulders -> neck (256, 130)
-    7: (400, 200), 8: (112, 200),  # elbows
-    9: (440, 280), 10: (72, 280),  # wrists
-    11: (300, 300), 12: (212, 300),  # hips
-    13: (320, 390), 14: (192, 390),  # knees
-    15: (330, 460), 16: (182, 460),  # ankles
-    17: (370, 490), 18: (360, 500), 19: (320, 500),  # L big toe, small toe, heel -> foot (365, 495)
-    20: (142, 490), 21: (152, 500), 22: (192, 500),  # R big toe, small toe, heel -> foot (147, 495)
-}  # fmt: skip
-LEFT_HAND_BASE = (440, 300)
-RIGHT_HAND_BASE = (72, 300)
-
-
-def hand_points(bx: float, by: float) -> list[tuple[float, float]]:
-    """Point 0 at the base; finger f joint j at (bx + 12(f-2), by + 12j)."""
-    pts = [(bx, by)]
-    for f in range(5):
-        for j in range(1, 5):
-            pts.append((bx + 12 * (f - 2), by + 12 * j))
-    return pts
-
-
-def crafted_person(dx: float = 0.0, dy: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    kp = np.zeros((133, 2))
-    for i, xy in BODY_WB.items():
-        kp[i] = xy
-    for k in range(68):  # face dots in the top-left corner, 8 px apart
-        kp[23 + k] = (20 + 8 * (k % 10), 10 + 8 * (k // 10))
-    kp[91:112] = hand_points(*LEFT_HAND_BASE)
-    kp[112:133] = hand_points(*RIGHT_HAND_BASE)
-    return kp + [dx, dy], np.full(133, 0.9)
+S = CRAFTED_CANVAS  # the crafted person's square canvas (tests/helpers/poses.py): x/512*512 is exact
 
 
 def render(kp: np.ndarray, sc: np.ndarray, style: str, h: int = S, w: int = S) -> np.ndarray:
@@ -433,45 +402,6 @@ def test_sequence_and_bad_style(person: tuple[np.ndarray, np.ndarray]) -> None:
 # ---------------------------------------------------------------------------------------
 # The palette-index renderer against the drawing rules applied literally
 # ---------------------------------------------------------------------------------------
-
-
-def reference_draw_pose(frame: OpenPoseFrame, h: int, w: int, style: str) -> np.ndarray:
-    """A.6 step by step: listed colours drawn into a 3-channel canvas, canvas * 0.6 cast to
-    uint8 after the limbs, then points, hands, faces; UniAnimate reads the canvas as BGR."""
-    uni = style == "unianimate"
-    canvas = np.zeros((h, w, 3), np.uint8)
-    pts, sc = (frame.body_and_feet, frame.body_and_feet_scores) if uni else (frame.body, frame.body_scores)
-    limbs = BODY_LIMBS[:BODY_LIMBS_DRAWN] + (FOOT_LIMBS if uni else ())
-    colors = BODY_COLORS + FOOT_COLORS
-    present = (sc > frame.threshold) & ~((pts[..., 0] == -1) & (pts[..., 1] == -1))
-    for i, (ja, jb) in enumerate(limbs):
-        for n in range(frame.num_persons):
-            if present[n, ja - 1] and present[n, jb - 1]:
-                (xa, ya), (xb, yb) = pts[n, ja - 1] * [w, h], pts[n, jb - 1] * [w, h]
-                length = ((xa - xb) ** 2 + (ya - yb) ** 2) ** 0.5
-                angle = int(math.degrees(math.atan2(ya - yb, xa - xb)))
-                poly = cv2.ellipse2Poly((int((xa + xb) / 2), int((ya + yb) / 2)), (int(length / 2), 4), angle, 0, 360, 1)
-                cv2.fillConvexPoly(canvas, poly, colors[i])
-    canvas = (canvas * 0.6).astype(np.uint8)
-    for i in range(pts.shape[1]):
-        for n in range(frame.num_persons):
-            if present[n, i]:
-                cv2.circle(canvas, (int(pts[n, i, 0] * w), int(pts[n, i, 1] * h)), 4, colors[i], thickness=-1)
-    for hand in list(frame.left_hands) + list(frame.right_hands):
-        xy = [(int(x * w), int(y * h)) for x, y in hand]
-        ok = [x > 0.01 and y > 0.01 for x, y in xy]
-        for k, (a, b) in enumerate(HAND_EDGES):
-            if ok[a] and ok[b]:
-                cv2.line(canvas, xy[a], xy[b], hand_edge_color(k), thickness=2)
-        for point, good in zip(xy, ok):
-            if good:
-                cv2.circle(canvas, point, 4, (0, 0, 255), thickness=-1)
-    if not uni:
-        for face in frame.faces:
-            for x, y in face:
-                if int(x * w) > 0.01 and int(y * h) > 0.01:
-                    cv2.circle(canvas, (int(x * w), int(y * h)), 3, (255, 255, 255), thickness=-1)
-    return np.ascontiguousarray(canvas[..., ::-1]) if uni else canvas
 
 
 def test_pixel_identical_to_the_literal_rules() -> None:

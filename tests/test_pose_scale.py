@@ -3,7 +3,7 @@
 resized to the model size with torchvision's bilinear resize.
 
 The reference is written literally: the drawing rules applied with cv2 on a 3-channel canvas
-of the source size (``reference_draw_pose`` of tests/test_pose_render.py), a numpy crop, and
+of the source size (``reference_draw_pose`` of tests/helpers/poses.py), a numpy crop, and
 ``torchvision.transforms.functional.resize(..., BILINEAR, antialias=True)`` on the uint8
 tensor (antialias=True is torchvision's default for tensors since 0.17, and what its PIL path,
 the one the release's loaders took, always does when shrinking).
@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 from preprocess import retarget
 from preprocess.pose.convert import OpenPoseFrame, wholebody_to_openpose
 from preprocess.pose.render import draw_pose, draw_pose_resized, draw_pose_rows, resize_bilinear
-from tests.test_pose_render import crafted_person, reference_draw_pose
+from tests.helpers.poses import MAX_DIFF, assert_close, crafted_person, reference_draw_pose, torchvision_resize
 
 # (source w, h) -> (output w, h): landscape, portrait, an upscale, 4K.
 SIZE_PAIRS = [
@@ -39,13 +36,6 @@ SIZE_PAIRS = [
     ((640, 480), (832, 480)),
     ((3840, 2160), (832, 480)),
 ]
-MAX_DIFF, MEAN_DIFF = 1, 0.02
-
-
-def torchvision_resize(image_hwC: np.ndarray, height: int, width: int) -> np.ndarray:
-    tensor_CHW = torch.from_numpy(np.ascontiguousarray(image_hwC)).permute(2, 0, 1).contiguous()
-    out = TF.resize(tensor_CHW, [height, width], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    return out.permute(1, 2, 0).numpy()
 
 
 def release_image(frame: OpenPoseFrame, source_wh, out_wh, style: str, crop=None) -> np.ndarray:
@@ -53,12 +43,6 @@ def release_image(frame: OpenPoseFrame, source_wh, out_wh, style: str, crop=None
     (src_w, src_h), (out_w, out_h) = source_wh, out_wh
     x0, y0, x1, y1 = crop if crop is not None else (0, 0, src_w, src_h)
     return torchvision_resize(reference_draw_pose(frame, src_h, src_w, style)[y0:y1, x0:x1], out_h, out_w)
-
-
-def assert_close(ours: np.ndarray, reference: np.ndarray) -> None:
-    assert ours.shape == reference.shape and ours.dtype == reference.dtype == np.uint8
-    diff = np.abs(ours.astype(np.int16) - reference.astype(np.int16))
-    assert diff.max() <= MAX_DIFF and diff.mean() < MEAN_DIFF, (int(diff.max()), float(diff.mean()))
 
 
 def random_persons(rng: np.random.Generator, width: int, height: int, persons: int = 2) -> tuple[np.ndarray, ...]:

@@ -14,8 +14,8 @@ from data_schemas.mask import MaskRecord
 from preprocess.pose import stage
 from preprocess.pose.onnx_models import build_crafted_models, detector_output_for_boxes, simcc_for_points
 from preprocess.synthetic import SyntheticSpec, make_synthetic_video, render_clip
-from tests.test_cli import cli_env
-from tests.test_pose_dwpose import expected_provider
+from tests.helpers.cli import cli_env, task_states
+from tests.helpers.poses import expected_provider
 
 
 def mask_boxes(masks: np.ndarray) -> np.ndarray:
@@ -98,7 +98,6 @@ def contact_sheet_artifact(flow_run_id) -> str:
 @pytest.mark.slow
 def test_preprocess_flow_writes_poses_and_masks_and_caches_them(tmp_path, prefect_api):
     from flows.preprocess import preprocess
-    from tests.test_ingest_flow import task_states
 
     folder, workspace = tmp_path / "in", tmp_path / "ws"
     for i in range(2):

@@ -8,7 +8,7 @@ import torch
 from data_schemas.model import MissingWeightsError, ModelConfig
 from model.components import build_components
 from model.pretrain import pretrain_tiny_base
-from tests.test_train import run_config
+from tests.helpers.models import run_config
 
 
 def test_pretrained_base_is_written_and_loaded_by_the_tiny_profile(train_workspace, tmp_path):

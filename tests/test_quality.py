@@ -14,9 +14,9 @@ import pytest
 from data_schemas.arrays import read_npz
 from data_schemas.io import read_records, write_records
 from data_schemas.quality import ClipQuality, QualityConfig, QualityFilters
+from preprocess.media import write_video
 from preprocess.quality import measure_clip, measure_clip_files
-from preprocess.synthetic import (OPENPOSE_TO_WHOLEBODY, SyntheticClip, SyntheticSpec, render_clip,
-                                  write_ground_truth_stage_files, write_video)  # fmt: skip
+from preprocess.synthetic import OPENPOSE_TO_WHOLEBODY, SyntheticClip, SyntheticSpec, render_clip, write_ground_truth_stage_files
 
 BODY_OP = sorted(OPENPOSE_TO_WHOLEBODY)  # the 17 OpenPose points with a COCO-WholeBody body slot (all but the neck)
 APART = dict(num_persons=2, motions=("wave", "dance"))  # two figures that keep to their own places

@@ -10,16 +10,16 @@ import sys
 import pytest
 
 from data_schemas import ProjectConfig, read_records
-from data_schemas.quality import QUALITY_MANIFEST, ClipQuality
+from data_schemas.quality import ClipQuality
 from data_schemas.shard import ShardSample
+from data_schemas.workspace import Workspace
 from preprocess.synthetic import SyntheticSpec, make_synthetic_video
-from tests.test_cli import cli_env
+from tests.helpers.cli import cli_env, task_states
 
 
 @pytest.mark.slow
 def test_filters_leave_out_clips_by_their_measures(tmp_path, prefect_api):
     from flows.preprocess import preprocess
-    from tests.test_ingest_flow import task_states
 
     folder, workspace = tmp_path / "in", tmp_path / "ws"
     for name, persons in (("pair", 2), ("trio", 3), ("alone", 1)):
@@ -27,7 +27,7 @@ def test_filters_leave_out_clips_by_their_measures(tmp_path, prefect_api):
     truth = {"pose": {"models": "truth"}, "segment": {"models": "truth"}}
     summary = preprocess(folder, workspace, ProjectConfig.model_validate(truth))  # default filters: two or more persons
 
-    rows = {r.clip_id: r for r in read_records(workspace / QUALITY_MANIFEST, ClipQuality)}
+    rows = {r.clip_id: r for r in read_records(Workspace(workspace).quality_manifest, ClipQuality)}
     assert sorted(r.num_visible_persons for r in rows.values()) == [1, 2, 3]
     (alone,) = [i for i, r in rows.items() if r.num_visible_persons == 1]
     index = read_records(workspace / "shards" / "index.parquet", ShardSample)

@@ -16,7 +16,7 @@ from data_schemas.train import TrainConfig
 from model.checkpoint import load_released
 from model.dit import MultiAnimateDiT, build_transformer
 from model.train import NUM_TRAIN_TIMESTEPS, build_training_model, describe, seen_timestep_index, training_sigmas
-from tests.released_layout import released_tensors, write_released
+from tests.helpers.models import released_tensors, write_released
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_one_adamw_step_on_a_bf16_base_changes_every_trained_tensor(tmp_path):
     of the trained tensors would not change at all; in fp32 every one does. The zero-initialised
     tensors (LoRA B, the encoders' output convs, biases) get small values first, as after
     loading a checkpoint, so that every tensor has a gradient."""
-    cfg = TrainConfig(workspace=tmp_path, model=ModelConfig(dtype="bfloat16"), num_frames=5, height=32, width=32)
+    cfg = TrainConfig(workspace=tmp_path, model=ModelConfig(dtype="bfloat16"), loader={"num_frames": 5, "height": 32, "width": 32})
     built = build_training_model(cfg, torch.device("cpu"))
     dit = built.comps.dit
     trained = {n: p for n, p in built.model.named_parameters() if p.requires_grad}
@@ -70,7 +70,7 @@ def test_one_adamw_step_on_a_bf16_base_changes_every_trained_tensor(tmp_path):
 def test_the_dry_run_describes_dtypes_and_persons(tmp_path, capsys):
     from model.train import train
 
-    cfg = TrainConfig(workspace=tmp_path, model=ModelConfig(dtype="bfloat16"), num_frames=5, height=32, width=32)
+    cfg = TrainConfig(workspace=tmp_path, model=ModelConfig(dtype="bfloat16"), loader={"num_frames": 5, "height": 32, "width": 32})
     train(cfg, dry_run=True)
     out = capsys.readouterr().out
     assert re.search(r"^trainable: \d+ parameters \(float32\); frozen: \d+ parameters \(bfloat16\)$", out, re.M), out
@@ -120,7 +120,7 @@ def test_each_rank_reads_only_its_rows_and_gets_the_files_exact_values(tmp_path)
     transformer.save_pretrained(tmp_path / "tr", max_shard_size="300KB")
     assert len(list((tmp_path / "tr").glob("*.safetensors"))) > 1
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "tests" / "shard_load_worker.py"),
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "tests" / "helpers" / "shard_load_worker.py"),
          str(tmp_path / "tr")], capture_output=True, text=True, cwd=ROOT, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     rows = re.findall(r"rank (\d) read=(\d+) total=(\d+) mismatched=(\[.*?\]) trained_not_fp32=(\[.*?\]) buffers_ok=(True|False)",

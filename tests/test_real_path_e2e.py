@@ -22,9 +22,9 @@ from safetensors import safe_open
 
 from data_schemas.job import JobSpec, read_record, submit_job
 from data_schemas.model import ModelConfig
-from flows.demo import driving_inputs
+from data_schemas.workspace import Workspace
 from model.train import FAULT_ENV
-from preprocess.synthetic import SyntheticSpec, make_synthetic_video
+from preprocess.synthetic import SyntheticSpec, make_synthetic_video, write_demo_job_inputs
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_the_real_path_on_real_architecture_weights(tmp_path, real_architecture)
     tuned["model"]["multianimate"] = str(run / "final")
     (tmp_path / "tuned.yaml").write_text(yaml.safe_dump(tuned))
     model = ModelConfig(**tuned["model"])
-    reference, ref_poses, poses, masks = driving_inputs(ws, seed=0, size=64, num_frames=12)
+    reference, ref_poses, poses, masks = write_demo_job_inputs(Workspace(ws).samples, seed=0, size=64, num_frames=12)
     job = JobSpec(reference=reference, reference_poses=ref_poses, poses=poses, masks=masks, steps=2, guidance_scale=1.5,
                   num_frames=5, height=32, width=32, fps=15.0, model=model)  # fmt: skip
     job_id, _ = submit_job(ws, job)

@@ -3,27 +3,14 @@ occlude keep their numbers, and every pose goes to its own figure."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 
 from data_schemas.config import SegmentConfig
 from preprocess.segment.ground_truth import GroundTruthSegmenter
 from preprocess.segment.stage import load_masks, segment_clip
-from preprocess.synthetic import SyntheticSpec, ground_truth_poses, render_clip, write_video
-
-
-def write_clip_and_poses(spec: SyntheticSpec, folder, seed: int = 0, keep=None):
-    """The clip, its 'detected' poses (ground truth, shuffled rows) as poses.npz, and
-    origin[t][row] = the figure of each pose row."""
-    clip = render_clip(spec)
-    video = write_video(clip.frames, folder / "clip.mp4", fps=spec.fps)
-    arrays, origin = ground_truth_poses(clip, seed=seed, keep=keep)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    (folder / "poses.npz").write_bytes(buffer.getvalue())
-    return clip, video, folder / "poses.npz", origin
+from preprocess.synthetic import SyntheticSpec
+from tests.helpers.workspaces import write_clip_and_poses
 
 
 def identities(labels: np.ndarray, gt_masks: np.ndarray) -> dict[int, set[int]]:

@@ -6,54 +6,19 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
 
 import numpy as np
 import pytest
 import webdataset as wds
 
-from data_schemas import ClipRecord, PoseRecord, read_records, write_records
+from data_schemas import read_records
 from data_schemas.atomic import is_temp_name
-from data_schemas.config import SegmentConfig, ShardConfig
-from data_schemas.mask import MaskRecord
+from data_schemas.config import ShardConfig
 from data_schemas.shard import ShardSample
-from preprocess.segment.ground_truth import GroundTruthSegmenter
-from preprocess.segment.stage import load_masks, segment_clip
+from preprocess.segment.stage import load_masks
 from preprocess.shards import split_of, write_shards
-from preprocess.synthetic import SyntheticSpec
-from tests.test_segment_identity import write_clip_and_poses
-
-
-def make_workspace(root, num_clips: int = 4, clips_per_source: int = 2, num_frames: int = 12, width: int = 128, height: int = 96, first_seed: int = 0,
-                   **spec_fields):
-    """A workspace with clips, poses and masks of synthetic two-person clips (ground-truth masks);
-    ``spec_fields``: further SyntheticSpec fields (background, motions, walk_speed)."""
-    clips, poses, masks, origins = [], [], [], {}
-    for i in range(num_clips):
-        folder = root / f"src{i}"
-        folder.mkdir(parents=True)
-        spec = SyntheticSpec(width=width, height=height, num_frames=num_frames, num_persons=2, seed=first_seed + i, **spec_fields)
-        clip, video, pose_path, origin = write_clip_and_poses(spec, folder, seed=i)
-        clip_id = f"{i // clips_per_source:016x}-{i % clips_per_source:03d}"
-        os.makedirs(root / "clips", exist_ok=True)
-        os.makedirs(root / "poses", exist_ok=True)
-        shutil.copy(video, root / "clips" / f"{clip_id}.mp4")
-        shutil.copy(pose_path, root / "poses" / f"{clip_id}.npz")
-        record = segment_clip(video, clip_id, pose_path, lambda c=clip: GroundTruthSegmenter(c.masks), "ground-truth", SegmentConfig(), root)
-        sha = hashlib.sha256((root / "clips" / f"{clip_id}.mp4").read_bytes()).hexdigest()
-        source = f"{i // clips_per_source:064x}"
-        clips.append(ClipRecord(clip_id=clip_id, source_sha256=source, source_path=f"/in/{i}.mp4", clip_index=i % clips_per_source,
-                                start_s=0.0, end_s=num_frames / 25, num_frames=num_frames, fps=25.0, width=width, height=height,
-                                path=f"clips/{clip_id}.mp4", sha256=sha, size_bytes=1))  # fmt: skip
-        poses.append(PoseRecord(clip_id=clip_id, path=f"poses/{clip_id}.npz", sha256="x", num_frames=num_frames, width=width, height=height,
-                                max_persons=2, frames_with_persons=num_frames, frames_over_limit=0, models="gt", provider="none"))  # fmt: skip
-        masks.append(record)
-        origins[clip_id] = (clip, origin)
-    write_records(clips, ClipRecord, root / "manifests" / "clips.parquet")
-    write_records(poses, PoseRecord, root / "manifests" / "poses.parquet")
-    write_records(masks, MaskRecord, root / "manifests" / "masks.parquet")
-    return origins
+from tests.helpers.workspaces import make_workspace
 
 
 @pytest.fixture(scope="module")

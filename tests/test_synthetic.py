@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from preprocess import synthetic
+from preprocess import media
+from preprocess.media import write_video
 from preprocess.synthetic import (
     KP,
     OPENPOSE_18,
@@ -20,7 +21,6 @@ from preprocess.synthetic import (
     make_synthetic_video,
     render_clip,
     save_ground_truth,
-    write_video,
 )
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
@@ -274,7 +274,7 @@ def test_write_video_ffmpeg_failure_removes_temp(tmp_path, monkeypatch):
     fake.parent.mkdir()
     fake.write_text('#!/bin/sh\nfor a; do last="$a"; done\necho partial > "$last"\necho boom >&2\nexit 3\n')
     fake.chmod(0o755)
-    monkeypatch.setattr(synthetic, "_ffmpeg_exe", lambda: str(fake))
+    monkeypatch.setattr(media, "_ffmpeg_exe", lambda: str(fake))
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="boom"):
         write_video(np.zeros((50, 64, 64, 3), np.uint8), out / "a.mp4", fps=25)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from data_schemas.train import TrainConfig
 from model.train import FAULT_ENV, training_sigmas, training_weights
+from tests.helpers.models import run_config
 
 
 def test_training_schedule_and_weights_follow_the_spec():
@@ -27,13 +28,6 @@ def test_training_schedule_and_weights_follow_the_spec():
     got = training_weights(shift).numpy()
     np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
     assert math.isclose(got.sum(), 1000, rel_tol=1e-5) and got.min() == 0 and got.argmax() == np.argmin(abs(t - 500))
-
-
-def run_config(ws: Path, name: str, **overrides) -> TrainConfig:
-    values = dict(workspace=ws, run_name=name, num_frames=9, height=48, width=64, max_steps=6, checkpoint_every=2,
-                  num_workers=1, nproc=2, warmup_steps=2)  # fmt: skip
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 def metric_steps(run_dir: Path) -> list[int]:
@@ -105,4 +99,4 @@ def test_encoders_train_at_their_own_rate_when_asked():
     assert len(lora["params"]) + len(encoders["params"]) == sum(p.requires_grad for p in model.parameters())
     assert parameter_groups(model, TrainConfig(lr=1e-4, encoder_lr=1e-3))[1]["lr"] == 1e-3
     with pytest.raises(ValueError, match="min_stride"):
-        TrainConfig(min_stride=3, max_stride=2)
+        TrainConfig(loader={"min_stride": 3, "max_stride": 2})

@@ -9,8 +9,8 @@ import decord
 import numpy as np
 import pytest
 
-from preprocess.media import read_frames
-from preprocess.synthetic import OPENPOSE_TO_WHOLEBODY, SyntheticSpec, make_synthetic_video, render_clip, write_video
+from preprocess.media import read_frames, write_video
+from preprocess.synthetic import OPENPOSE_TO_WHOLEBODY, SyntheticSpec, make_synthetic_video, render_clip
 from preprocess.truth import MissingTruthError, TruthPoses, clip_truth, source_frames
 
 

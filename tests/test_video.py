@@ -14,7 +14,7 @@ from data_schemas import IngestConfig
 from preprocess import media
 from preprocess.synthetic import SyntheticSpec, make_synthetic_video, render_clip
 from preprocess.video import find_videos, ingest_video, plan_clips, sha256_file, target_size
-from tests.conftest import make_test_video
+from tests.helpers.media import make_test_video
 
 
 def _scores(num: int, cuts=()) -> np.ndarray:
@@ -51,7 +51,7 @@ def test_plan_never_snaps_outside_the_limits():
 
 
 def test_split_is_frame_exact_by_copy_and_by_reencoding(tmp_path):
-    from preprocess.synthetic import write_video
+    from preprocess.media import write_video
 
     frames = render_clip(SyntheticSpec(num_frames=50, num_persons=1, seed=3)).frames
     source = write_video(frames, tmp_path / "source.mp4", fps=25.0)

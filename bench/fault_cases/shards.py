@@ -49,7 +49,7 @@ def shard_config(fields: dict):
 
 def make_inputs(root: Path, num_clips: int = 4) -> Path:
     """A workspace with the clips, poses and masks of ``num_clips`` synthetic clips (two sources)."""
-    from tests.test_shards import make_workspace
+    from tests.helpers.workspaces import make_workspace
 
     make_workspace(root, num_clips=num_clips)
     return root

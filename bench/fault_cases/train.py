@@ -47,7 +47,7 @@ def make_workspace(root: Path) -> Path:
     from model.text_cache import captions_from_shards, fill_cache
     from model.text_encoder import WAN_NEGATIVE_PROMPT, build_tiny_text_encoder
     from preprocess.shards import write_shards
-    from tests.test_shards import make_workspace as make_clips
+    from tests.helpers.workspaces import make_workspace as make_clips
 
     ws = Path(root) / "ws"
     ws.mkdir(parents=True)
@@ -62,8 +62,8 @@ def run_config(ws: Path, name: str):
     """A 3-step run that checkpoints every step (all kept, to compare them)."""
     from data_schemas.train import TrainConfig
 
-    return TrainConfig(workspace=ws, run_name=name, num_frames=5, height=32, width=32, max_steps=STEPS, checkpoint_every=1,
-                       keep_checkpoints=STEPS, num_workers=0, nproc=2, warmup_steps=1)  # fmt: skip
+    return TrainConfig(workspace=ws, run_name=name, loader={"num_frames": 5, "height": 32, "width": 32}, max_steps=STEPS,
+                       checkpoint_every=1, keep_checkpoints=STEPS, num_workers=0, nproc=2, warmup_steps=1)  # fmt: skip
 
 
 def config_file(cfg) -> Path:

@@ -10,22 +10,21 @@ import numpy as np
 
 from data_schemas.arrays import read_npz, write_npz
 from data_schemas.config import PoseConfig
-from data_schemas.pose import POSES_DIR, PoseRecord
+from data_schemas.pose import PoseRecord
+from data_schemas.workspace import Workspace
 from preprocess.media import read_frames
 from preprocess.pose.dwpose import DWPose, FramePoses
 from preprocess.pose.onnx_models import build_tiny_models
 from preprocess.truth import TRUTH, TruthPoses
 
-TINY_MODELS_DIR = ".models/dwpose-tiny"
 
-
-def resolve_models(cfg: PoseConfig, workspace: Path) -> tuple[Path, ...]:
+def resolve_models(cfg: PoseConfig, workspace: Workspace | Path) -> tuple[Path, ...]:
     """The (detector, pose model) files of a profile: built once for 'tiny', checked for
     'files'; none for 'truth' (preprocess/truth.py)."""
     if cfg.models == "truth":
         return ()
     if cfg.models == "tiny":
-        return build_tiny_models(Path(workspace) / TINY_MODELS_DIR, seed=cfg.tiny_seed)
+        return build_tiny_models(Workspace.of(workspace).tiny_dwpose, seed=cfg.tiny_seed)
     return cfg.model_files()
 
 
@@ -72,7 +71,7 @@ def pack_poses(frames: list[FramePoses]) -> dict[str, np.ndarray]:
     return packed
 
 
-def extract_poses(clip: Path, clip_id: str, cfg: PoseConfig, files: tuple[Path, ...], models: str, workspace: Path,
+def extract_poses(clip: Path, clip_id: str, cfg: PoseConfig, files: tuple[Path, ...], models: str, workspace: Workspace | Path,
                   runner: DWPose | TruthPoses | None = None) -> PoseRecord:  # fmt: skip
     """Whole-body poses of every frame of one of OUR clips, written to poses/<clip_id>.npz;
     ``runner`` answers in DWPose's place (the truth model)."""
@@ -92,11 +91,12 @@ def extract_poses(clip: Path, clip_id: str, cfg: PoseConfig, files: tuple[Path, 
         frames_out.extend(poses)
         over_limit += truncated
     packed = pack_poses(frames_out)
-    out = Path(workspace) / POSES_DIR / f"{clip_id}.npz"
+    ws = Workspace.of(workspace)
+    out = ws.pose_file(clip_id)
     sha256 = write_npz(out, **packed, width=np.int32(width), height=np.int32(height))
     return PoseRecord(
         clip_id=clip_id,
-        path=f"{POSES_DIR}/{out.name}",
+        path=ws.relative(out),
         sha256=sha256,
         num_frames=num_frames,
         width=width,

@@ -10,7 +10,8 @@ import numpy as np
 
 from data_schemas.arrays import read_npz, write_npz
 from data_schemas.config import SegmentConfig
-from data_schemas.mask import MASKS_DIR, MaskRecord
+from data_schemas.mask import MaskRecord
+from data_schemas.workspace import Workspace
 from preprocess.media import read_frames
 from preprocess.pose.stage import load_poses, models_digest
 from preprocess.segment.ground_truth import GroundTruthSegmenter
@@ -70,7 +71,7 @@ def truth_factory(truth: SyntheticClip) -> tuple[Callable[[], Segmenter], str]:
 
 
 def segment_clip(clip: Path, clip_id: str, poses_path: Path, make_segmenter: Callable[[], Segmenter], source: str,
-                 cfg: SegmentConfig, workspace: Path) -> MaskRecord:  # fmt: skip
+                 cfg: SegmentConfig, workspace: Workspace | Path) -> MaskRecord:  # fmt: skip
     """Track every person of one clip, fix their order, assign poses, write the label map."""
     poses = load_poses(poses_path)
     counts = poses["num_persons"]
@@ -85,11 +86,12 @@ def segment_clip(clip: Path, clip_id: str, poses_path: Path, make_segmenter: Cal
                 n = counts[t]
                 tracker.step(frame, poses["keypoints"][t, :n], poses["scores"][t, :n], poses["boxes"][t, :n])
     label_map, pose_index, first_frame = tracker.finish()
-    out = Path(workspace) / MASKS_DIR / f"{clip_id}.npz"
+    ws = Workspace.of(workspace)
+    out = ws.mask_file(clip_id)
     sha256 = write_npz(out, label_map=label_map, pose_index=pose_index, first_frame=first_frame, source=np.array(source))
     return MaskRecord(
         clip_id=clip_id,
-        path=f"{MASKS_DIR}/{out.name}",
+        path=ws.relative(out),
         sha256=sha256,
         num_frames=num_frames,
         width=width,

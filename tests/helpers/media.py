@@ -1,12 +1,30 @@
-"""A folder of good and bad input files, made with ffmpeg, with the outcome each must get."""
+"""Media made with ffmpeg: test videos, and a folder of good and bad input files with the
+outcome each must get."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 from preprocess.synthetic import SyntheticSpec, make_synthetic_video
-from tests.conftest import ffmpeg, make_test_video
+
+
+def ffmpeg(*args: str) -> None:
+    """Run ffmpeg quietly with an argument list; fail the test with its message."""
+    done = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *args], capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+
+
+def make_test_video(path: Path, *, size: str = "160x120", rate: int = 25, seconds: float = 2.0, faststart=True, extra=()):
+    """A busy test-pattern H.264 video."""
+    args = ["-f", "lavfi", "-i", f"testsrc2=size={size}:rate={rate}:duration={seconds}"]
+    args += ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", *extra]
+    if faststart:
+        args += ["-movflags", "+faststart"]
+    ffmpeg(*args, str(path))
+    return path
+
 
 # name -> (status, reason or None)
 EXPECTED: dict[str, tuple[str, str | None]] = {

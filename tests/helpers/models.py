@@ -1,15 +1,46 @@
-"""Writes a synthetic checkpoint in the released MultiAnimate layout (spec D.4), with tiny
-shapes: the names are spelled here from the spec, independently of model/checkpoint.py."""
+"""Tiny models for tests: random trained-like weights for a fresh DiT, a training config, and
+a synthetic checkpoint in the released MultiAnimate layout (spec D.4), with tiny shapes: its
+names are spelled here from the spec, independently of model/checkpoint.py."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
+from data_schemas.train import TrainConfig
+
+if TYPE_CHECKING:
+    from model.dit import MultiAnimateDiT
+
 ENC_WIDTH = 16
+
+
+def randomise_encoder_outputs(dit: MultiAnimateDiT) -> None:
+    with torch.no_grad():
+        for encoder in (dit.pose_guider, dit.identifier_adapter, dit.ref_pose_guider):
+            encoder[-1].weight.normal_(0, 0.05)
+            encoder[-1].bias.normal_(0, 0.05)
+
+
+def randomise_lora(dit: MultiAnimateDiT, seed: int = 1) -> None:
+    """PEFT starts B at zero (a no-op); tests need a LoRA that changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def run_config(ws: Path, name: str, **overrides) -> TrainConfig:
+    """A short 2-process training run on ``ws`` (tiny profile, 6 steps, a checkpoint every 2)."""
+    values = {"workspace": ws, "run_name": name, "loader": {"num_frames": 9, "height": 48, "width": 64}, "max_steps": 6,
+              "checkpoint_every": 2, "num_workers": 1, "nproc": 2, "warmup_steps": 2}  # fmt: skip
+    values.update(overrides)
+    return TrainConfig(**values)
 
 
 def released_tensors(
