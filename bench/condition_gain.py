@@ -63,7 +63,9 @@ def main() -> None:
         dit.set_trainable()
         for name, p in dit.named_parameters():
             is_lora, is_base = ".lora_" in name, name.startswith("transformer.") and ".lora_" not in name
-            p.requires_grad_({"encoders": not is_lora and not is_base, "lora": not is_base, "all": not is_lora}[args.train])
+            p.requires_grad_(
+                {"encoders": not is_lora and not is_base, "lora": not is_base, "all": not is_lora}[args.train]
+            )
         dit.train()
         pipe, model = MultiAnimatePipeline(comps), ConditionedDenoiser(dit)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -72,8 +74,16 @@ def main() -> None:
         with_conditions = TrainConfig(workspace=ws, loader=shape, image_dropout=0.0, pose_dropout=0.0)
         without = with_conditions.model_copy(update={"pose_condition": False})
         cache = EmbeddingCache(ws / "embeddings", profile_encoder_id("tiny"))
-        loader_cfg = LoaderConfig(num_frames=FRAMES, height=HEIGHT, width=WIDTH, max_stride=STRIDE, min_stride=STRIDE,
-                                  resampled=True, seed=0, shuffle_buffer=64)  # fmt: skip
+        loader_cfg = LoaderConfig(
+            num_frames=FRAMES,
+            height=HEIGHT,
+            width=WIDTH,
+            max_stride=STRIDE,
+            min_stride=STRIDE,
+            resampled=True,
+            seed=0,
+            shuffle_buffer=64,
+        )
         shards = sorted(str(p) for p in (ws / "shards").glob("*.tar"))
         batches = iter(make_loader(shards, loader_cfg, args.batch_size, 0, epoch_samples=args.steps * args.batch_size))
         shift = comps.config.shift
@@ -95,7 +105,10 @@ def main() -> None:
             if (step + 1) % WINDOW == 0:
                 window = np.array(losses[-WINDOW:])
                 gain = 1 - window[:, 0].sum() / window[:, 1].sum()
-                print(f"step {step + 1}: loss {window[:, 0].mean():.4f} with conditions, {window[:, 1].mean():.4f} without, gain {gain:.3f}", flush=True)
+                print(
+                    f"step {step + 1}: loss {window[:, 0].mean():.4f} with conditions, {window[:, 1].mean():.4f} without, gain {gain:.3f}",
+                    flush=True,
+                )
     print(f"condition_gain: {gain:.3f}")
 
 

@@ -24,7 +24,12 @@ from data_schemas.model import WAN_14B_DIT
 
 def block_flops(tokens: int, context: int, dim: int, ffn: int) -> float:
     """Matmul FLOPs of one block, forward + backward (3x forward)."""
-    linear = 2 * tokens * dim * dim * 4 + 2 * tokens * dim * dim * 2 + 2 * context * dim * dim * 4 + 2 * tokens * dim * ffn * 2
+    linear = (
+        2 * tokens * dim * dim * 4
+        + 2 * tokens * dim * dim * 2
+        + 2 * context * dim * dim * 4
+        + 2 * tokens * dim * ffn * 2
+    )
     attention = 4 * tokens * tokens * dim + 4 * tokens * context * dim
     return 3.0 * (linear + attention)
 
@@ -63,17 +68,23 @@ def main() -> None:
     heads = max(1, round(s.num_attention_heads * args.dim_scale))
     dim, ffn = heads * s.attention_head_dim, max(1, round(s.ffn_dim * args.dim_scale))
     torch.manual_seed(0)
-    block = WanTransformerBlock(dim, ffn, heads, "rms_norm_across_heads", True, 1e-6, added_kv_proj_dim=dim).to(device, dtype)
+    block = WanTransformerBlock(dim, ffn, heads, "rms_norm_across_heads", True, 1e-6, added_kv_proj_dim=dim).to(
+        device, dtype
+    )
     t, h, w = (args.frames - 1) // 4 + 1, args.height // 16, args.width // 16
     tokens, context = t * h * w, 257 + 512
-    rope = WanRotaryPosEmbed(s.attention_head_dim, (1, 2, 2), 1024).to(device)(torch.empty(1, 16, t, 2 * h, 2 * w, device=device))
+    rope = WanRotaryPosEmbed(s.attention_head_dim, (1, 2, 2), 1024).to(device)(
+        torch.empty(1, 16, t, 2 * h, 2 * w, device=device)
+    )
     inputs = (
         torch.randn(1, tokens, dim, device=device, dtype=dtype),
         torch.randn(1, context, dim, device=device, dtype=dtype),
         torch.randn(1, 6, dim, device=device, dtype=dtype),
         rope,
     )
-    print(f"device {device} dtype {dtype}: {tokens} tokens, {context} context tokens, dim {dim}, ffn {ffn}, heads {heads}")
+    print(
+        f"device {device} dtype {dtype}: {tokens} tokens, {context} context tokens, dim {dim}, ffn {ffn}, heads {heads}"
+    )
     flops = block_flops(tokens, context, dim, ffn)
     results = {}
     for backend in ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3"):

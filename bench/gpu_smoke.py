@@ -31,8 +31,18 @@ sys.path.insert(0, str(ROOT))
 
 
 def run_tests() -> int:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_real_path.py",
-           "tests/test_real_path_e2e.py", "tests/test_pipeline.py"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_real_path.py",
+        "tests/test_real_path_e2e.py",
+        "tests/test_pipeline.py",
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     print("\n".join(done.stdout.splitlines()[-15:]))
     return done.returncode
@@ -53,10 +63,14 @@ def offload_figures(profile: Path, frames: int, height: int, width: int) -> dict
     labels = np.zeros((frames, height, width), np.uint8)
     labels[:, :, width // 4 : width // 2], labels[:, :, width // 2 : 3 * width // 4] = 1, 2
     cond = Conditions(
-        ref_image=g.integers(0, 256, (height, width, 3), dtype=np.uint8), pose=g.integers(0, 256, (frames, height, width, 3), dtype=np.uint8),
-        ref_pose=g.integers(0, 256, (height, width, 3), dtype=np.uint8), labels=labels,
-        prompt_embeds=torch.randn(512, dim), negative_embeds=torch.randn(512, dim), num_persons=2,
-    )  # fmt: skip
+        ref_image=g.integers(0, 256, (height, width, 3), dtype=np.uint8),
+        pose=g.integers(0, 256, (frames, height, width, 3), dtype=np.uint8),
+        ref_pose=g.integers(0, 256, (height, width, 3), dtype=np.uint8),
+        labels=labels,
+        prompt_embeds=torch.randn(512, dim),
+        negative_embeds=torch.randn(512, dim),
+        num_persons=2,
+    )
     figures, reference = {}, None
     for mode in ("none", "model", "group", "sequential"):
         pipe = MultiAnimatePipeline(comps)
@@ -89,7 +103,10 @@ def dwpose_figures() -> dict[str, str]:
     runner.estimate(frames[:2])
     t0 = time.perf_counter()
     runner.estimate(frames)
-    return {"dwpose_provider": runner.provider, "dwpose_frames_per_s": f"{len(frames) / (time.perf_counter() - t0):.1f}"}
+    return {
+        "dwpose_provider": runner.provider,
+        "dwpose_frames_per_s": f"{len(frames) / (time.perf_counter() - t0):.1f}",
+    }
 
 
 def main() -> None:

@@ -46,12 +46,31 @@ def ffmpeg_floor(videos: list[Path], out: Path, cfg, workers: int) -> float:
     def one(video: Path) -> None:
         width, height = target_size(*probe(video, 30).display_size, cfg.max_side)
         subprocess.run(
-            ["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(video), "-an",
-             "-vf", f"fps={cfg.fps},scale={width}:{height}:flags=bicubic,setsar=1",
-             "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(cfg.crf), "-preset", cfg.preset,
-             "-movflags", "+faststart", str(out / video.name)],
+            [
+                "ffmpeg",
+                "-nostdin",
+                "-v",
+                "error",
+                "-y",
+                "-i",
+                str(video),
+                "-an",
+                "-vf",
+                f"fps={cfg.fps},scale={width}:{height}:flags=bicubic,setsar=1",
+                "-c:v",
+                "libx264",
+                "-pix_fmt",
+                "yuv420p",
+                "-crf",
+                str(cfg.crf),
+                "-preset",
+                cfg.preset,
+                "-movflags",
+                "+faststart",
+                str(out / video.name),
+            ],
             check=True,
-        )  # fmt: skip
+        )
 
     start = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
@@ -93,7 +112,9 @@ def main() -> None:
         assert summary.num_ok == args.videos, summary
 
         frames = int(args.videos * args.seconds * cfg.fps)
-        print(f"videos: {args.videos} x {args.seconds:g} s at {width}x{height}, {frames} output frames, {args.workers} at a time")
+        print(
+            f"videos: {args.videos} x {args.seconds:g} s at {width}x{height}, {frames} output frames, {args.workers} at a time"
+        )
         print(f"ffmpeg_floor_s: {floor_s:.2f}")
         print(f"ingest_first_s: {first_s:.2f}")
         print(f"ingest_rerun_s: {rerun_s:.3f}")

@@ -43,10 +43,17 @@ from data_schemas.train import TrainConfig
 from model.components import build_components
 from model.data import LoaderConfig, make_dataset
 from model.evaluate import (
-    EvalResult, PoseBlindPipeline, evaluate, foreground_share, frozen_figures, frozen_figures_mse, latent_labels, vae_latents,
+    EvalResult,
+    PoseBlindPipeline,
+    evaluate,
+    foreground_share,
+    frozen_figures,
+    frozen_figures_mse,
+    latent_labels,
+    vae_latents,
 )
-from model.pretrain import pretrain_tiny_base
 from model.pipeline import MultiAnimatePipeline, SamplingConfig
+from model.pretrain import pretrain_tiny_base
 from model.text_cache import EmbeddingCache, captions_from_shards, fill_cache
 from model.text_encoder import WAN_NEGATIVE_PROMPT, build_tiny_text_encoder, profile_encoder_id
 from model.train import launch_command
@@ -58,20 +65,41 @@ LR = float(os.environ.get("LEARNING_LR", "1e-3"))
 BASE_STEPS = int(os.environ.get("LEARNING_BASE_STEPS", "300"))
 GUIDANCE = 2.0
 FRAMES, HEIGHT, WIDTH, STRIDE = 9, 48, 64, 2
-SHAPE = {"num_frames": FRAMES, "height": HEIGHT, "width": WIDTH, "max_stride": STRIDE, "min_stride": STRIDE}  # the runs' loader
+SHAPE = {
+    "num_frames": FRAMES,
+    "height": HEIGHT,
+    "width": WIDTH,
+    "max_stride": STRIDE,
+    "min_stride": STRIDE,
+}  # the runs' loader
 CLIPS = dict(clips_per_source=1, num_frames=40, background="flat", motions=("walk", "walk"), walk_speed=0.3)
 
 
 def train_run(ws: Path, name: str, pose_condition: bool, base: Path) -> Path:
     # gradient clipping at 1: the margins below were measured with it (the default is now off)
-    cfg = TrainConfig(workspace=ws, run_name=name, model=ModelConfig(tiny_transformer=base), loader=SHAPE, max_steps=STEPS,
-                      checkpoint_every=STEPS, num_workers=0, nproc=1, lr=LR, warmup_steps=10,
-                      pose_condition=pose_condition, image_dropout=0.0, pose_dropout=0.0, activation_checkpointing=False,
-                      grad_clip=1.0)  # fmt: skip
+    cfg = TrainConfig(
+        workspace=ws,
+        run_name=name,
+        model=ModelConfig(tiny_transformer=base),
+        loader=SHAPE,
+        max_steps=STEPS,
+        checkpoint_every=STEPS,
+        num_workers=0,
+        nproc=1,
+        lr=LR,
+        warmup_steps=10,
+        pose_condition=pose_condition,
+        image_dropout=0.0,
+        pose_dropout=0.0,
+        activation_checkpointing=False,
+        grad_clip=1.0,
+    )
     path = ws / f"{name}.json"
     path.write_text(cfg.model_dump_json())
     # one process, both cores (torchrun would set OMP_NUM_THREADS=1)
-    done = subprocess.run(launch_command(path, 1), capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    done = subprocess.run(
+        launch_command(path, 1), capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2")
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return cfg.run_dir / "final"
 
@@ -86,7 +114,9 @@ def prepare(tmp_path: Path, num_clips: int = 64) -> tuple[Path, Path, Path]:
     write_shards(ws, ShardConfig(val_fraction=0.0, target_shard_bytes=200_000))
     write_shards(held_out, ShardConfig(val_fraction=0.0))
     encoder = build_tiny_text_encoder()
-    texts = captions_from_shards(ws / "shards" / "index.parquet") + captions_from_shards(held_out / "shards" / "index.parquet")
+    texts = captions_from_shards(ws / "shards" / "index.parquet") + captions_from_shards(
+        held_out / "shards" / "index.parquet"
+    )
     fill_cache(ws / "embeddings", encoder, texts + [WAN_NEGATIVE_PROMPT])
 
     base = tmp_path / "tiny-base"
@@ -101,8 +131,18 @@ def run(tmp_path: Path) -> tuple[dict[str, EvalResult], dict[str, float]]:
     ws, held_out, base = prepare(tmp_path)
     weights = {"full": train_run(ws, "full", True, base), "pose-blind": train_run(ws, "pose-blind", False, base)}
 
-    loader_cfg = LoaderConfig(num_frames=FRAMES, height=HEIGHT, width=WIDTH, max_stride=STRIDE, min_stride=STRIDE, crop_fraction=0, shuffle_buffer=0)
-    samples = list(make_dataset(sorted(str(p) for p in (held_out / "shards").glob("*.tar")), loader_cfg, rank=0, world_size=1))
+    loader_cfg = LoaderConfig(
+        num_frames=FRAMES,
+        height=HEIGHT,
+        width=WIDTH,
+        max_stride=STRIDE,
+        min_stride=STRIDE,
+        crop_fraction=0,
+        shuffle_buffer=0,
+    )
+    samples = list(
+        make_dataset(sorted(str(p) for p in (held_out / "shards").glob("*.tar")), loader_cfg, rank=0, world_size=1)
+    )
     cache = EmbeddingCache(ws / "embeddings", profile_encoder_id("tiny"))
     prompts, negative = [cache.get(s["caption"]) for s in samples], cache.get(WAN_NEGATIVE_PROMPT)
     sampling = SamplingConfig(steps=10, guidance_scale=GUIDANCE, progress=False)
@@ -117,15 +157,24 @@ def run(tmp_path: Path) -> tuple[dict[str, EvalResult], dict[str, float]]:
     results = {
         "untrained": evaluate(pipeline(None), samples, prompts, sampling, negative_embeds=negative),
         "full": evaluate(full_pipe, samples, prompts, sampling, negative_embeds=negative),
-        "pose-blind": evaluate(pipeline(weights["pose-blind"], PoseBlindPipeline), samples, prompts, sampling, negative_embeds=negative),
-        "full, driven by another clip": evaluate(full_pipe, samples, prompts, sampling, driving=others, negative_embeds=negative),
+        "pose-blind": evaluate(
+            pipeline(weights["pose-blind"], PoseBlindPipeline), samples, prompts, sampling, negative_embeds=negative
+        ),
+        "full, driven by another clip": evaluate(
+            full_pipe, samples, prompts, sampling, driving=others, negative_embeds=negative
+        ),
     }
     for name, result in results.items():
         print(f"{name}: {result}")
     shares = {name: result.foreground_share for name, result in results.items()}
     labels = [latent_labels(s["labels"].numpy()) for s in samples]
-    for name, videos in (("true clip", [s["video"] for s in samples]), ("frozen figures", [frozen_figures(s["video"]) for s in samples])):
-        shares[name] = float(np.mean([foreground_share(vae_latents(full_pipe, v), lab) for v, lab in zip(videos, labels)]))
+    for name, videos in (
+        ("true clip", [s["video"] for s in samples]),
+        ("frozen figures", [frozen_figures(s["video"]) for s in samples]),
+    ):
+        shares[name] = float(
+            np.mean([foreground_share(vae_latents(full_pipe, v), lab) for v, lab in zip(videos, labels)])
+        )
         print(f"{name}: foreground_share {shares[name]:.3f}")
     print(f"frozen figures: person_mse {frozen_figures_mse(full_pipe, samples):.4f}")
     return results, shares

@@ -59,13 +59,15 @@ def build_data(root: Path, num_clips: int) -> None:
     workspace = root / "ours"
     clips, poses, masks = [], [], []
     for i in range(num_clips):
-        spec = SyntheticSpec(width=WIDTH, height=HEIGHT, num_frames=SOURCE_FRAMES, num_persons=2, seed=i, motions=("dance", "walk"))
+        spec = SyntheticSpec(
+            width=WIDTH, height=HEIGHT, num_frames=SOURCE_FRAMES, num_persons=2, seed=i, motions=("dance", "walk")
+        )
         clip = render_clip(spec)
         arrays, _ = ground_truth_poses(clip, seed=i)
         # The seed's layout: JPEG bytes of every frame, pose image and person mask, pickled per video.
         seed_dir = root / "seed" / f"video{i}"
         seed_dir.mkdir(parents=True)
-        jpeg = lambda image: cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()  # noqa: E731
+        jpeg = lambda image: cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
         keys = [f"{t:06d}.jpg" for t in range(SOURCE_FRAMES)]
         frames = {k: jpeg(clip.frames[t][..., ::-1]) for t, k in enumerate(keys)}
         pose_images = {}
@@ -76,7 +78,10 @@ def build_data(root: Path, num_clips: int) -> None:
         (seed_dir / "frames.pkl").write_bytes(pickle.dumps(frames))
         (seed_dir / "pose.pkl").write_bytes(pickle.dumps(pose_images))
         for p, name in enumerate(("female", "male")):
-            mask = {k: jpeg(np.repeat(clip.masks[t, p][..., None].astype(np.uint8) * 255, 3, axis=2)) for t, k in enumerate(keys)}
+            mask = {
+                k: jpeg(np.repeat(clip.masks[t, p][..., None].astype(np.uint8) * 255, 3, axis=2))
+                for t, k in enumerate(keys)
+            }
             (seed_dir / f"mask_{name}.pkl").write_bytes(pickle.dumps(mask))
         # Ours: ingest's normalised clip, the poses, ground-truth masks, then the shards.
         raw = write_video(clip.frames, root / "raw" / f"video{i}.mp4", fps=25.0)
@@ -89,11 +94,32 @@ def build_data(root: Path, num_clips: int) -> None:
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         pose_path.write_bytes(buffer.getvalue())
-        poses.append(PoseRecord(clip_id=record.clip_id, path=f"poses/{pose_path.name}", sha256=sha, num_frames=SOURCE_FRAMES,
-                                width=WIDTH, height=HEIGHT, max_persons=2, frames_with_persons=SOURCE_FRAMES,
-                                frames_over_limit=0, models="ground-truth", provider="none"))  # fmt: skip
-        masks.append(segment_clip(workspace / record.path, record.clip_id, pose_path, lambda c=clip: GroundTruthSegmenter(c.masks),
-                                  "ground-truth", SegmentConfig(), workspace))  # fmt: skip
+        poses.append(
+            PoseRecord(
+                clip_id=record.clip_id,
+                path=f"poses/{pose_path.name}",
+                sha256=sha,
+                num_frames=SOURCE_FRAMES,
+                width=WIDTH,
+                height=HEIGHT,
+                max_persons=2,
+                frames_with_persons=SOURCE_FRAMES,
+                frames_over_limit=0,
+                models="ground-truth",
+                provider="none",
+            )
+        )
+        masks.append(
+            segment_clip(
+                workspace / record.path,
+                record.clip_id,
+                pose_path,
+                lambda c=clip: GroundTruthSegmenter(c.masks),
+                "ground-truth",
+                SegmentConfig(),
+                workspace,
+            )
+        )
     write_records(clips, ClipRecord, workspace / "manifests" / "clips.parquet")
     write_records(poses, PoseRecord, workspace / "manifests" / "poses.parquet")
     write_records(masks, MaskRecord, workspace / "manifests" / "masks.parquet")
@@ -160,7 +186,8 @@ def child(kind: str, root: Path, samples: int, workers: int) -> dict:
     del iterator, loader
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the
     # parent's peak (the data build) instead of this loader's.
-    own = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
+    status = Path("/proc/self/status").read_text().splitlines()
+    own = next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
     workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"samples_per_s": samples / elapsed, "peak_mb": own, "worker_peak_mb": workers_peak, "shapes": shapes}
 
@@ -181,15 +208,34 @@ def main() -> None:
     build_data(root, args.clips)
     results = {}
     for kind in ("seed", "ours"):
-        out = subprocess.run([sys.executable, __file__, "--child", kind, "--root", str(root), "--samples", str(args.samples),
-                              "--workers", str(args.workers)], capture_output=True, text=True, check=True)  # fmt: skip
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                kind,
+                "--root",
+                str(root),
+                "--samples",
+                str(args.samples),
+                "--workers",
+                str(args.workers),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
-    disk = {kind: sum(p.stat().st_size for p in folder.rglob(pattern))
-            for kind, folder, pattern in (("seed", root / "seed", "*.pkl"), ("ours", root / "ours" / "shards", "*.tar"))}  # fmt: skip
+    disk = {
+        kind: sum(p.stat().st_size for p in folder.rglob(pattern))
+        for kind, folder, pattern in (("seed", root / "seed", "*.pkl"), ("ours", root / "ours" / "shards", "*.tar"))
+    }
     for kind in ("seed", "ours"):
         r = results[kind]
-        print(f"{kind}: {r['samples_per_s']:.3f} samples/s, peak RSS main {r['peak_mb']:.0f} MB, largest worker {r['worker_peak_mb']:.0f} MB, "
-              f"disk {disk[kind] / 2**20:.1f} MB, shapes {r['shapes']}")  # fmt: skip
+        print(
+            f"{kind}: {r['samples_per_s']:.3f} samples/s, peak RSS main {r['peak_mb']:.0f} MB, largest worker {r['worker_peak_mb']:.0f} MB, "
+            f"disk {disk[kind] / 2**20:.1f} MB, shapes {r['shapes']}"
+        )
     print(f"speedup_vs_seed: {results['ours']['samples_per_s'] / results['seed']['samples_per_s']:.2f}")
     print(f"disk_ratio: {disk['ours'] / disk['seed']:.3f}")
 

@@ -23,11 +23,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from preprocess.media import read_frames  # noqa: E402
-from preprocess.pose import convert, render  # noqa: E402
-from preprocess.pose.dwpose import DWPose  # noqa: E402
-from preprocess.pose.onnx_models import build_tiny_models  # noqa: E402
-from preprocess.synthetic import SyntheticSpec, make_synthetic_video, render_clip  # noqa: E402
+from preprocess.media import read_frames
+from preprocess.pose import convert, render
+from preprocess.pose.dwpose import DWPose
+from preprocess.pose.onnx_models import build_tiny_models
+from preprocess.synthetic import SyntheticSpec, make_synthetic_video, render_clip
 
 
 def gt_boxes(masks: np.ndarray) -> list[np.ndarray]:
@@ -68,7 +68,14 @@ def main() -> None:
     width, height = map(int, args.size.split("x"))
 
     root = Path(tempfile.mkdtemp(prefix="bench-pose-"))
-    spec = SyntheticSpec(width=width, height=height, num_frames=args.frames, num_persons=args.persons, seed=0, motions=("dance",) * args.persons)
+    spec = SyntheticSpec(
+        width=width,
+        height=height,
+        num_frames=args.frames,
+        num_persons=args.persons,
+        seed=0,
+        motions=("dance",) * args.persons,
+    )
     clip, _ = make_synthetic_video(spec, root, "clip")
     boxes = gt_boxes(render_clip(spec).masks)
     files = build_tiny_models(root / "models")

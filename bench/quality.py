@@ -81,8 +81,10 @@ def main() -> None:
     for name, spec, video, poses in clips:
         seg, meas, row = run(video, poses, name, root / "ws", factory, source)
         segment_s, measures_s = segment_s + seg, measures_s + meas
-        print(f"{name}: {spec.width}x{spec.height}, {spec.num_persons} persons: segment {seg:.2f} s, "
-              f"measures {meas:.3f} s ({meas / seg:.4f}); persons tracked {row.num_persons}")  # fmt: skip
+        print(
+            f"{name}: {spec.width}x{spec.height}, {spec.num_persons} persons: segment {seg:.2f} s, "
+            f"measures {meas:.3f} s ({meas / seg:.4f}); persons tracked {row.num_persons}"
+        )
     print(f"segment_s: {segment_s:.2f}")
     print(f"measures_s: {measures_s:.3f}")
     print(f"quality_vs_segment: {measures_s / segment_s:.4f}")

@@ -60,7 +60,9 @@ def load_worker(profile: Path, mode: str) -> None:
     gc.collect()
     added = peak_rss_bytes() - before
     dit_bytes = base_bytes(dit.transformer)
-    sys.stdout.write(f"rank {dist.get_rank()} mode={mode} rss_added={added} dit_bytes={dit_bytes}\n")  # one write: ranks share stdout
+    sys.stdout.write(
+        f"rank {dist.get_rank()} mode={mode} rss_added={added} dit_bytes={dit_bytes}\n"
+    )  # one write: ranks share stdout
     sys.stdout.flush()
     dist.barrier()
     dist.destroy_process_group()
@@ -69,10 +71,23 @@ def load_worker(profile: Path, mode: str) -> None:
 def measure_load(profile: Path, mode: str) -> tuple[float, int]:
     """(the busiest rank's added host memory / the DiT's bytes, the DiT's bytes)."""
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__,
-         "--worker", mode, "--profile", str(profile)],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            __file__,
+            "--worker",
+            mode,
+            "--profile",
+            str(profile),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     rows = re.findall(r"rank \d mode=\w+ rss_added=(-?\d+) dit_bytes=(\d+)", out.stdout)
     if out.returncode or len(rows) != 2:
         raise RuntimeError(f"{mode} load failed:\n{out.stdout}\n{out.stderr[-3000:]}")
@@ -92,9 +107,11 @@ def measure_merged_step(profile: Path) -> tuple[float, float]:
 
 
 def loader_speedup() -> float:
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "loader.py")], capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "loader.py")], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     print(out.stdout.rstrip())
-    return float(re.search(r"^speedup_vs_seed: ([0-9.]+)$", out.stdout, re.M).group(1))
+    return float(re.search(r"^speedup_vs_seed: ([0-9.]+)$", out.stdout, re.MULTILINE).group(1))
 
 
 def main() -> None:
@@ -118,7 +135,9 @@ def main() -> None:
     ratios = {}
     for mode in ("whole", "sharded"):
         ratios[mode], dit_bytes = measure_load(profile, mode)
-        print(f"{mode}: the busiest rank's host memory rose by {ratios[mode]:.3f} x the DiT's {dit_bytes / 2**30:.2f} GiB")
+        print(
+            f"{mode}: the busiest rank's host memory rose by {ratios[mode]:.3f} x the DiT's {dit_bytes / 2**30:.2f} GiB"
+        )
     unmerged, merged = measure_merged_step(profile)
     print(f"guided denoiser step: unmerged {unmerged:.3f} s, merged {merged:.3f} s")
     speedup = None if args.skip_loader else loader_speedup()

@@ -21,18 +21,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_schemas.config import ShardConfig  # noqa: E402
-from data_schemas.train import TrainConfig  # noqa: E402
-from model.text_cache import captions_from_shards, fill_cache  # noqa: E402
-from model.text_encoder import WAN_NEGATIVE_PROMPT, build_tiny_text_encoder  # noqa: E402
-from model.train import launch_command  # noqa: E402
-from preprocess.shards import write_shards  # noqa: E402
-from tests.helpers.workspaces import make_workspace  # noqa: E402
+from data_schemas.config import ShardConfig
+from data_schemas.train import TrainConfig
+from model.text_cache import captions_from_shards, fill_cache
+from model.text_encoder import WAN_NEGATIVE_PROMPT, build_tiny_text_encoder
+from model.train import launch_command
+from preprocess.shards import write_shards
+from tests.helpers.workspaces import make_workspace
 
 
 def run(ws: Path, nproc: int, steps: int, frames: int, height: int, width: int) -> dict:
-    cfg = TrainConfig(workspace=ws, run_name=f"bench-{nproc}", loader={"num_frames": frames, "height": height, "width": width},
-                      max_steps=steps, checkpoint_every=steps, num_workers=1, nproc=nproc)  # fmt: skip
+    cfg = TrainConfig(
+        workspace=ws,
+        run_name=f"bench-{nproc}",
+        loader={"num_frames": frames, "height": height, "width": width},
+        max_steps=steps,
+        checkpoint_every=steps,
+        num_workers=1,
+        nproc=nproc,
+    )
     path = ws / f"bench-{nproc}.json"
     path.write_text(cfg.model_dump_json())
     t0 = time.perf_counter()
@@ -44,9 +51,13 @@ def run(ws: Path, nproc: int, steps: int, frames: int, height: int, width: int) 
         rows = list(csv.DictReader(fh))[2:]
     step_s = sum(float(r["step_time_s"]) for r in rows) / len(rows)
     return {
-        "nproc": nproc, "wall_s": wall, "step_s": step_s, "steps_per_s": 1 / step_s,
-        "samples_per_s": nproc / step_s, "peak_mem_gib": max(float(r["peak_mem_gib"]) for r in rows),
-    }  # fmt: skip
+        "nproc": nproc,
+        "wall_s": wall,
+        "step_s": step_s,
+        "steps_per_s": 1 / step_s,
+        "samples_per_s": nproc / step_s,
+        "peak_mem_gib": max(float(r["peak_mem_gib"]) for r in rows),
+    }
 
 
 def main() -> None:
@@ -60,11 +71,17 @@ def main() -> None:
         ws = Path(tmp)
         make_workspace(ws, num_clips=8, clips_per_source=1, num_frames=40)
         write_shards(ws, ShardConfig(val_fraction=0.0, target_shard_bytes=100_000))
-        fill_cache(ws / "embeddings", build_tiny_text_encoder(), captions_from_shards(ws / "shards" / "index.parquet") + [WAN_NEGATIVE_PROMPT])
+        fill_cache(
+            ws / "embeddings",
+            build_tiny_text_encoder(),
+            captions_from_shards(ws / "shards" / "index.parquet") + [WAN_NEGATIVE_PROMPT],
+        )
         results = [run(ws, n, args.steps, args.frames, height, width) for n in (1, 2)]
     for r in results:
-        print(f"{r['nproc']} process(es): {r['step_s']:.3f} s/step, {r['samples_per_s']:.3f} samples/s, "
-              f"peak {r['peak_mem_gib']:.2f} GiB per rank, run {r['wall_s']:.1f} s")  # fmt: skip
+        print(
+            f"{r['nproc']} process(es): {r['step_s']:.3f} s/step, {r['samples_per_s']:.3f} samples/s, "
+            f"peak {r['peak_mem_gib']:.2f} GiB per rank, run {r['wall_s']:.1f} s"
+        )
     print(f"peak_mem_gib_per_rank: {max(r['peak_mem_gib'] for r in results):.2f}")
     print(f"steps_per_s_1proc: {results[0]['steps_per_s']:.3f}")
     print(f"scaling_2proc: {results[1]['samples_per_s'] / results[0]['samples_per_s']:.3f}")

@@ -38,10 +38,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.dit_block import block_flops  # noqa: E402
-from data_schemas.model import WAN_14B_DIT  # noqa: E402
-from model.dit import MultiAnimateDiT, build_transformer  # noqa: E402
-from model.train import shard_denoiser  # noqa: E402
+from bench.dit_block import block_flops
+from data_schemas.model import WAN_14B_DIT
+from model.dit import MultiAnimateDiT, build_transformer
+from model.train import shard_denoiser
 
 
 def sync(device: torch.device) -> None:
@@ -77,12 +77,17 @@ def step_time(layers: int, args, device: torch.device) -> tuple[float, float]:
     t, h, w = (T - 1) // 4 + 1, H // 8, W // 8
     bf = dict(device=device, dtype=torch.bfloat16)
     inputs = (
-        torch.randn(1, 16, t, h, w, **bf), torch.randn(1, 20, t, h, w, **bf), torch.full((1,), 500.0, **bf),
-        torch.randn(1, 512, WAN_14B_DIT.text_dim, **bf), torch.randn(1, 257, WAN_14B_DIT.image_dim, **bf),
+        torch.randn(1, 16, t, h, w, **bf),
+        torch.randn(1, 20, t, h, w, **bf),
+        torch.full((1,), 500.0, **bf),
+        torch.randn(1, 512, WAN_14B_DIT.text_dim, **bf),
+        torch.randn(1, 257, WAN_14B_DIT.image_dim, **bf),
         torch.randint(0, 256, (1, 3, T, H, W), device=device, dtype=torch.uint8),
-        torch.randint(0, 3, (1, T, H, W), device=device), torch.tensor([[0, 3, 5]], device=device),
-        torch.randint(0, 256, (1, 3, H, W), device=device, dtype=torch.uint8), torch.ones(1, 1, 1, 1, 1, **bf),
-    )  # fmt: skip
+        torch.randint(0, 3, (1, T, H, W), device=device),
+        torch.tensor([[0, 3, 5]], device=device),
+        torch.randint(0, 256, (1, 3, H, W), device=device, dtype=torch.uint8),
+        torch.ones(1, 1, 1, 1, 1, **bf),
+    )
     target = torch.randn(1, 16, t, h, w, **bf)
     for i in range(args.warmup + args.iters):
         if i == args.warmup:
@@ -124,8 +129,10 @@ def main() -> None:
     forward = block_flops(tokens, 257 + 512, s.inner_dim, s.ffn_dim) / 3
     peak_rate = matmul_tflops(device, n=8192 if cuda else 1024)
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    print(f"{name}, world {dist.get_world_size()}: {tokens} tokens, "
-          f"activation checkpointing {args.ac}; bf16 matmul {peak_rate:.0f} TFLOP/s")  # fmt: skip
+    print(
+        f"{name}, world {dist.get_world_size()}: {tokens} tokens, "
+        f"activation checkpointing {args.ac}; bf16 matmul {peak_rate:.0f} TFLOP/s"
+    )
     (l1, l2), runs = args.layers, {}
     for layers in (l1, l2):
         runs[layers] = step_time(layers, args, device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -20,9 +20,22 @@ if TYPE_CHECKING:
     from data_schemas.quality import ClipQuality
 
 VIDEO_EXTENSIONS = (
-    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts",
-    ".m2ts", ".wmv", ".flv", ".3gp", ".ogv",
-)  # fmt: skip
+    ".mp4",
+    ".m4v",
+    ".mov",
+    ".mkv",
+    ".webm",
+    ".avi",
+    ".mpg",
+    ".mpeg",
+    ".ts",
+    ".mts",
+    ".m2ts",
+    ".wmv",
+    ".flv",
+    ".3gp",
+    ".ogv",
+)
 
 
 class _Config(BaseModel):
@@ -84,8 +97,9 @@ class PoseConfig(_Config):
     """DWPose whole-body extraction (spec A.3-A.8)."""
 
     models: Literal["tiny", "files", "truth"] = Field(
-        "tiny", description="'tiny': small random-weight ONNX models built at run time; 'files': the real ONNX files; "
-        "'truth': the synthetic generator's exact poses (its videos only, preprocess/truth.py)"
+        "tiny",
+        description="'tiny': small random-weight ONNX models built at run time; 'files': the real ONNX files; "
+        "'truth': the synthetic generator's exact poses (its videos only, preprocess/truth.py)",
     )
     detector_path: Path = Field(Path("weights/dwpose/yolox_l.onnx"), description="YOLOX-L person detector (ONNX)")
     pose_model_path: Path = Field(
@@ -127,26 +141,32 @@ class SegmentConfig(_Config):
     """Per-person masklets with SAM2.1, stable identities, pose assignment (spec B)."""
 
     models: Literal["tiny", "files", "truth"] = Field(
-        "tiny", description="'tiny': small random-weight SAM2 built at run time; 'files': SAM2.1 from sam2_path; "
-        "'truth': the synthetic generator's exact masks (its videos only, preprocess/truth.py)"
+        "tiny",
+        description="'tiny': small random-weight SAM2 built at run time; 'files': SAM2.1 from sam2_path; "
+        "'truth': the synthetic generator's exact masks (its videos only, preprocess/truth.py)",
     )
-    sam2_path: Path = Field(Path("weights/sam2.1-hiera-large"), description="folder of a transformers-format SAM2.1 model")
+    sam2_path: Path = Field(
+        Path("weights/sam2.1-hiera-large"), description="folder of a transformers-format SAM2.1 model"
+    )
     tiny_seed: int = Field(0, description="seed of the tiny model's random weights")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where SAM2 runs; auto = CUDA when present")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="SAM2 precision (bfloat16 on GPUs)")
     state_on_cpu: bool = Field(False, description="keep frames and memories in host RAM while SAM2 runs on the GPU")
     max_persons: int = Field(7, ge=1, le=255, description="persons tracked per clip at most (label pool - 1)")
-    new_person_iou: float = Field(0.3, gt=0, le=1, description="a box overlapping every known person less starts a new one")
+    new_person_iou: float = Field(
+        0.3, gt=0, le=1, description="a box overlapping every known person less starts a new one"
+    )
     keypoint_threshold: float = Field(0.3, ge=0, le=1, description="keypoints that count for pose-to-mask assignment")
     frames_per_chunk: int = Field(32, ge=1, description="frames decoded at a time")
-
 
     def model_folder(self) -> Path:
         """The real model's folder; one ValueError naming it and what it must hold when missing."""
         folder = Path(self.sam2_path)
         missing = [name for name in ("config.json",) if not (folder / name).is_file()]
         if missing:
-            raise ValueError(f"SAM2 weights missing: {folder} (needs {', '.join(missing)} and the weights). {SAM2_HOWTO}")
+            raise ValueError(
+                f"SAM2 weights missing: {folder} (needs {', '.join(missing)} and the weights). {SAM2_HOWTO}"
+            )
         return folder
 
 
@@ -161,32 +181,45 @@ class QualityConfig(_Config):
         0.5, ge=0, le=1, description="a person counts as visible in the clip when present in this share of frames"
     )
     mask_tolerance: float = Field(
-        0.01, ge=0, le=0.2, description="a keypoint is inside its mask when own pixels lie this far (x frame height, "
-        "at least 1 px, Chebyshev) from it"
+        0.01,
+        ge=0,
+        le=0.2,
+        description="a keypoint is inside its mask when own pixels lie this far (x frame height, "
+        "at least 1 px, Chebyshev) from it",
     )
     min_judged_keypoints: int = Field(4, ge=1, le=17, description="found body keypoints a pose needs to be judged")
     disagreement_share: float = Field(
-        0.5, gt=0, le=1, description="pose and mask disagree when fewer of the found body keypoints than this share "
-        "are inside the mask"
+        0.5,
+        gt=0,
+        le=1,
+        description="pose and mask disagree when fewer of the found body keypoints than this share are inside the mask",
     )
     switch_min_iou: float = Field(
-        0.3, gt=0, le=1, description="mask switch: the person's mask overlaps another's previous mask at least "
-        "this much (IoU)"
+        0.3,
+        gt=0,
+        le=1,
+        description="mask switch: the person's mask overlaps another's previous mask at least this much (IoU)",
     )
     switch_margin: float = Field(
         0.2, ge=0, le=1, description="mask switch: ... and this much more than its own previous mask (IoU)"
     )
     jump_min: float = Field(
-        0.05, gt=0, le=1, description="pose jump: the assigned keypoints move at least this far (x frame height, "
-        "median)"
+        0.05,
+        gt=0,
+        le=1,
+        description="pose jump: the assigned keypoints move at least this far (x frame height, median)",
     )
     jump_ratio: float = Field(
-        0.5, gt=0, lt=1, description="pose jump: ... and land within this share of that distance of another's "
-        "previous keypoints"
+        0.5,
+        gt=0,
+        lt=1,
+        description="pose jump: ... and land within this share of that distance of another's previous keypoints",
     )
     cut_threshold: float = Field(
-        0.12, gt=0, le=1, description="camera cut: mean absolute difference of consecutive grey thumbnails (0..1) "
-        "at least this..."
+        0.12,
+        gt=0,
+        le=1,
+        description="camera cut: mean absolute difference of consecutive grey thumbnails (0..1) at least this...",
     )
     cut_ratio: float = Field(4.0, ge=1, description="...and at least this many times the clip's median difference")
     thumbnail_side: int = Field(32, ge=4, le=256, description="side of the grey thumbnails compared for cuts")
@@ -200,21 +233,27 @@ class QualityFilters(_Config):
     A clip whose measure is None (nothing to measure) fails that measure's filter when it is on.
     """
 
-    min_persons: Optional[int] = Field(2, ge=0, description="fewest visible persons (num_visible_persons); "
-                                       "2 = what the release trained on")  # fmt: skip
-    max_persons: Optional[int] = Field(None, ge=0, description="most visible persons (num_visible_persons)")
-    max_identity_switches: Optional[int] = Field(None, ge=0, description="most suspected identity switches "
-                                                 "(num_identity_switches)")  # fmt: skip
-    min_keypoint_confidence: Optional[float] = Field(
+    min_persons: int | None = Field(
+        2, ge=0, description="fewest visible persons (num_visible_persons); 2 = what the release trained on"
+    )
+    max_persons: int | None = Field(None, ge=0, description="most visible persons (num_visible_persons)")
+    max_identity_switches: int | None = Field(
+        None, ge=0, description="most suspected identity switches (num_identity_switches)"
+    )
+    min_keypoint_confidence: float | None = Field(
         None, ge=0, le=1, description="lowest body keypoint confidence of any visible person (min_body_confidence)"
     )
-    min_person_height: Optional[float] = Field(
-        None, ge=0, le=1, description="smallest mean box height / frame height of any visible person "
-        "(min_person_height)"
+    min_person_height: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="smallest mean box height / frame height of any visible person (min_person_height)",
     )
-    min_motion: Optional[float] = Field(
-        None, ge=0, description="slowest allowed clip: its fastest visible person's mean keypoint speed, frame "
-        "heights per frame (motion)"
+    min_motion: float | None = Field(
+        None,
+        ge=0,
+        description="slowest allowed clip: its fastest visible person's mean keypoint speed, frame "
+        "heights per frame (motion)",
     )
 
     @model_validator(mode="after")
@@ -258,13 +297,18 @@ class ShardConfig(_Config):
     """WebDataset shards of the training data."""
 
     target_shard_bytes: int = Field(512 * 2**20, gt=0, description="a shard is closed once it holds this many bytes")
-    val_fraction: float = Field(0.05, ge=0, le=1, description="share of SOURCE VIDEOS (not clips) held out for validation")
+    val_fraction: float = Field(
+        0.05, ge=0, le=1, description="share of SOURCE VIDEOS (not clips) held out for validation"
+    )
     seed: int = Field(0, description="seed of the train/validation split")
     caption: str = Field(
         "{count} person are dancing", description="caption of a clip with {count} persons (the seed's wording)"
     )
-    filters: QualityFilters = Field(default_factory=QualityFilters, description="which clips go into the shards, by their "
-                                    "quality measures (manifests/quality.parquet); the defaults keep two or more persons")  # fmt: skip
+    filters: QualityFilters = Field(
+        default_factory=QualityFilters,
+        description="which clips go into the shards, by their "
+        "quality measures (manifests/quality.parquet); the defaults keep two or more persons",
+    )
 
 
 class ProjectConfig(_Config):
@@ -276,7 +320,9 @@ class ProjectConfig(_Config):
     quality: QualityConfig = Field(default_factory=QualityConfig, description="the quality measures' definitions")
     shards: ShardConfig = Field(default_factory=ShardConfig, description="the shard stage")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the model: profile, weights, constants")
-    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="batch generation: input roots, job time limit, input bounds")
+    generate: GenerateConfig = Field(
+        default_factory=GenerateConfig, description="batch generation: input roots, job time limit, input bounds"
+    )
 
 
 def load_config(path: Path | None = None) -> ProjectConfig:

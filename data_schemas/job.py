@@ -73,7 +73,8 @@ class JobSpec(BaseModel):
     poses: Path | None = Field(None, description="instead of a video: a poses npz as the pose stage writes it")
     masks: Path | None = Field(None, description="with poses: the masks npz the segment stage wrote for the same clip")
     reference_poses: Path | None = Field(
-        None, description="the reference image's poses: a poses npz whose first frame holds them; default: DWPose on the image"
+        None,
+        description="the reference image's poses: a poses npz whose first frame holds them; default: DWPose on the image",
     )
     person_map: dict[int, int] | None = Field(
         None,
@@ -86,13 +87,20 @@ class JobSpec(BaseModel):
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the initial noise")
     steps: int = Field(50, ge=1, le=1000, description="denoising steps (the release: 50)")
     guidance_scale: float = Field(
-        1.5, ge=1.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="classifier-free guidance (the release: 1.5; 1 = one pass)"
+        1.5,
+        ge=1.0,
+        le=MAX_GUIDANCE,
+        allow_inf_nan=False,
+        description="classifier-free guidance (the release: 1.5; 1 = one pass)",
     )
     height: int = Field(480, ge=16, le=MAX_SIDE, description="output height in pixels (divisible by 16)")
     width: int = Field(832, ge=16, le=MAX_SIDE, description="output width in pixels (divisible by 16)")
     num_frames: int = Field(81, ge=1, le=MAX_FRAMES, description="output frames, 4k+1 (the release: 81)")
     fps: float = Field(
-        15.0, ge=1.0, le=120.0, allow_inf_nan=False,
+        15.0,
+        ge=1.0,
+        le=120.0,
+        allow_inf_nan=False,
         description="output frame rate (the release: 15); a driving video is resampled to it",
     )
     model: ModelConfig = Field(default_factory=ModelConfig, description="the model: profile, weights, constants")
@@ -130,7 +138,9 @@ class JobSpec(BaseModel):
             if len(set(self.person_map.values())) != len(self.person_map):
                 raise ValueError(f"person_map {self.person_map}: two driving persons share one reference person")
             if len(self.person_map) > self.model.max_persons:
-                raise ValueError(f"person_map has {len(self.person_map)} persons; the model supports {self.model.max_persons}")
+                raise ValueError(
+                    f"person_map has {len(self.person_map)} persons; the model supports {self.model.max_persons}"
+                )
         return self
 
     def canonical_json(self) -> str:
@@ -190,7 +200,9 @@ class GenerateConfig(BaseModel):
         "jobs queued with the command line read what their user can",
     )
     job_timeout_s: float | None = Field(
-        None, gt=0, allow_inf_nan=False,
+        None,
+        gt=0,
+        allow_inf_nan=False,
         description="a job running longer is stopped at its next denoising step and recorded as failed (timeout); the "
         "model's load is not counted. Default: 600 s for the tiny profile, 3 h for the real one (meant to cover "
         "a 50-step 81-frame 720p job with offload on a 24 GB GPU; set it from the seconds your jobs' records show)",
@@ -198,7 +210,9 @@ class GenerateConfig(BaseModel):
     min_reference_side: int = Field(32, ge=1, description="reference images smaller than this on a side are refused")
     max_reference_pixels: int = Field(4096 * 4096, gt=0, description="reference images with more pixels are refused")
     max_driving_s: float = Field(
-        600.0, gt=0, allow_inf_nan=False,
+        600.0,
+        gt=0,
+        allow_inf_nan=False,
         description="longer driving videos are refused: their poses and masks are extracted whole (cut them first)",
     )
     max_array_bytes: int = Field(
@@ -227,9 +241,13 @@ class JobRecord(BaseModel):
     spec: JobSpec | None = Field(None, description="the job as submitted (None when its queue file was unreadable)")
     queue_file: str = Field(description="the queue entry, relative to the workspace")
     started_at: str = Field(description="UTC start time, ISO 8601")
-    seconds: float = Field(description="wall-clock seconds of the job's own work (shared driving-video stages: see timings)")
+    seconds: float = Field(
+        description="wall-clock seconds of the job's own work (shared driving-video stages: see timings)"
+    )
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per step of the generation")
-    outputs: dict[str, str] = Field(default_factory=dict, description="video, preview, preview_image: paths relative to the workspace")
+    outputs: dict[str, str] = Field(
+        default_factory=dict, description="video, preview, preview_image: paths relative to the workspace"
+    )
     num_persons: int | None = Field(None, description="persons animated")
     person_map: dict[int, int] | None = Field(None, description="driving person -> reference person, as applied")
     prompt: str | None = Field(None, description="the prompt used")
@@ -253,7 +271,10 @@ class GenerateSummary(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     num_queued: int = Field(description="jobs in the queue")
-    skipped: list[str] = Field(default_factory=list, description="jobs not run: finished (never redone), or failed before when retry_failed is off")
+    skipped: list[str] = Field(
+        default_factory=list,
+        description="jobs not run: finished (never redone), or failed before when retry_failed is off",
+    )
     ok: list[str] = Field(default_factory=list, description="jobs generated by this run")
     failed: list[str] = Field(default_factory=list, description="jobs that failed in this run (see their job.json)")
     queued: list[str] = Field(default_factory=list, description="jobs this run queued from its jobs parameter")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,4 +24,4 @@ class LegacyClip(BaseModel):
     clip_path: str = Field(description="clips/<clip_id>.mp4")
     poses_path: str = Field(description="poses/<clip_id>.images.npz")
     masks_path: str = Field(description="masks/<clip_id>.npz")
-    reference_path: Optional[str] = Field(default=None, description="references/<clip_id>.png (demo only)")
+    reference_path: str | None = Field(default=None, description="references/<clip_id>.png (demo only)")

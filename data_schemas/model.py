@@ -73,7 +73,13 @@ TINY_DIT = DiTShape(
     num_layers=2, num_attention_heads=4, attention_head_dim=32, ffn_dim=256, text_dim=32, image_dim=24, freq_dim=32
 )
 WAN_14B_DIT = DiTShape(
-    num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, text_dim=4096, image_dim=1280, freq_dim=256
+    num_layers=40,
+    num_attention_heads=40,
+    attention_head_dim=128,
+    ffn_dim=13824,
+    text_dim=4096,
+    image_dim=1280,
+    freq_dim=256,
 )
 
 
@@ -83,9 +89,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     profile: Profile = Field("tiny", description="tiny = random weights in code; wan-i2v-14b-720p = real weights")
-    wan_folder: Path | None = Field(
-        None, description="diffusers-layout Wan2.1-I2V-14B-720P folder (real profile)"
-    )
+    wan_folder: Path | None = Field(None, description="diffusers-layout Wan2.1-I2V-14B-720P folder (real profile)")
     tiny_transformer: Path | None = Field(
         None,
         description="tiny profile: a pretrained tiny base transformer (diffusers layout, written by "
@@ -94,7 +98,9 @@ class ModelConfig(BaseModel):
     multianimate: Path | None = Field(
         None, description="MultiAnimate weights: the released output_dir of shards, or a folder in our format"
     )
-    label_pool: int = Field(8, ge=2, le=64, description="identifier channels: up to label_pool - 1 persons + background")
+    label_pool: int = Field(
+        8, ge=2, le=64, description="identifier channels: up to label_pool - 1 persons + background"
+    )
     # None (filled in by _profile_defaults) must be valid in the JSON schema too: the UI's run
     # form sends it, and the server checks parameters against the schema
     lora_rank: int | None = Field(

@@ -13,13 +13,11 @@ frames, so a passer-by seen in three frames neither counts as a person nor spoil
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data_schemas.config import QualityConfig, QualityFilters  # noqa: F401 - the measures' settings live with the other configs
-from data_schemas.workspace import Workspace
 
 
 class ClipQuality(BaseModel):
@@ -41,34 +39,34 @@ class ClipQuality(BaseModel):
     )
     person_frames_present: tuple[int, ...] = Field(description="per person: frames where the person has mask pixels")
     person_visible_share: tuple[float, ...] = Field(description="per person: frames present / num_frames")
-    person_box_height: tuple[Optional[float], ...] = Field(
+    person_box_height: tuple[float | None, ...] = Field(
         description="per person: mean over present frames of the box height / frame height; the box bounds the "
         "person's pixels and their assigned pose's box (which also covers parts hidden behind others)"
     )
     # pose
-    person_body_confidence: tuple[Optional[float], ...] = Field(
+    person_body_confidence: tuple[float | None, ...] = Field(
         description="per person: mean score of the 17 body keypoints (COCO-WholeBody 0-16) over present frames, "
         "0 in a frame without an assigned pose"
     )
-    person_hands_confidence: tuple[Optional[float], ...] = Field(
+    person_hands_confidence: tuple[float | None, ...] = Field(
         description="per person: the same for the 42 hand keypoints (91-132)"
     )
-    person_feet_confidence: tuple[Optional[float], ...] = Field(
+    person_feet_confidence: tuple[float | None, ...] = Field(
         description="per person: the same for the 6 foot keypoints (17-22)"
     )
-    person_body_present_share: tuple[Optional[float], ...] = Field(
+    person_body_present_share: tuple[float | None, ...] = Field(
         description="per person: share of present frames whose assigned pose has min_body_share of the body "
         "keypoints found"
     )
     # masks
-    person_mask_stability: tuple[Optional[float], ...] = Field(
+    person_mask_stability: tuple[float | None, ...] = Field(
         description="per person: mean IoU of the mask with the previous frame's, over frame pairs where the person "
         "is present in both (camera cuts excluded)"
     )
-    person_area_share: tuple[Optional[float], ...] = Field(
+    person_area_share: tuple[float | None, ...] = Field(
         description="per person: mean over present frames of mask pixels / frame pixels"
     )
-    person_occlusion_share: tuple[Optional[float], ...] = Field(
+    person_occlusion_share: tuple[float | None, ...] = Field(
         description="per person: mean over present frames of the share of the person's box covered by other "
         "persons' pixels (a label map has no overlaps, so occlusion shows as others' pixels in one's box)"
     )
@@ -77,7 +75,7 @@ class ClipQuality(BaseModel):
         "keypoints lie inside the person's mask"
     )
     # motion
-    person_speed: tuple[Optional[float], ...] = Field(
+    person_speed: tuple[float | None, ...] = Field(
         description="per person: mean body keypoint displacement between consecutive frames, pixels per frame / "
         "frame height (keypoints found in both frames; camera cuts and the person's identity switches excluded)"
     )
@@ -91,16 +89,16 @@ class ClipQuality(BaseModel):
     )
     num_disagreement_frames: int = Field(description="frames where some person's pose and mask disagree")
     # clip aggregates over the visible persons
-    min_person_height: Optional[float] = Field(description="smallest person_box_height of a visible person")
-    min_body_confidence: Optional[float] = Field(description="lowest person_body_confidence of a visible person")
-    min_mask_stability: Optional[float] = Field(description="lowest person_mask_stability of a visible person")
-    max_occlusion_share: Optional[float] = Field(description="highest person_occlusion_share of a visible person")
-    motion: Optional[float] = Field(description="highest person_speed of a visible person (0 when nobody moves)")
+    min_person_height: float | None = Field(description="smallest person_box_height of a visible person")
+    min_body_confidence: float | None = Field(description="lowest person_body_confidence of a visible person")
+    min_mask_stability: float | None = Field(description="lowest person_mask_stability of a visible person")
+    max_occlusion_share: float | None = Field(description="highest person_occlusion_share of a visible person")
+    motion: float | None = Field(description="highest person_speed of a visible person (0 when nobody moves)")
     camera_cuts: tuple[int, ...] = Field(description="frames (0-based) that start a new shot inside the clip")
     # image
     frames_measured: int = Field(description="frames read for the image measures (0 when no frames were given)")
-    blur: Optional[float] = Field(description="mean variance of the grey frames' Laplacian (lower = blurrier)")
-    brightness: Optional[float] = Field(description="mean grey level of the frames, 0..1")
+    blur: float | None = Field(description="mean variance of the grey frames' Laplacian (lower = blurrier)")
+    brightness: float | None = Field(description="mean grey level of the frames, 0..1")
 
     @model_validator(mode="after")
     def _consistent(self) -> ClipQuality:
@@ -131,13 +129,13 @@ class PersonQuality(BaseModel):
     counted: bool = Field(description="see ClipQuality.person_counted")
     frames_present: int = Field(description="see ClipQuality.person_frames_present")
     visible_share: float = Field(description="see ClipQuality.person_visible_share")
-    box_height: Optional[float] = Field(description="see ClipQuality.person_box_height")
-    body_confidence: Optional[float] = Field(description="see ClipQuality.person_body_confidence")
-    hands_confidence: Optional[float] = Field(description="see ClipQuality.person_hands_confidence")
-    feet_confidence: Optional[float] = Field(description="see ClipQuality.person_feet_confidence")
-    body_present_share: Optional[float] = Field(description="see ClipQuality.person_body_present_share")
-    mask_stability: Optional[float] = Field(description="see ClipQuality.person_mask_stability")
-    area_share: Optional[float] = Field(description="see ClipQuality.person_area_share")
-    occlusion_share: Optional[float] = Field(description="see ClipQuality.person_occlusion_share")
+    box_height: float | None = Field(description="see ClipQuality.person_box_height")
+    body_confidence: float | None = Field(description="see ClipQuality.person_body_confidence")
+    hands_confidence: float | None = Field(description="see ClipQuality.person_hands_confidence")
+    feet_confidence: float | None = Field(description="see ClipQuality.person_feet_confidence")
+    body_present_share: float | None = Field(description="see ClipQuality.person_body_present_share")
+    mask_stability: float | None = Field(description="see ClipQuality.person_mask_stability")
+    area_share: float | None = Field(description="see ClipQuality.person_area_share")
+    occlusion_share: float | None = Field(description="see ClipQuality.person_occlusion_share")
     pose_mask_disagreements: int = Field(description="see ClipQuality.person_pose_mask_disagreements")
-    speed: Optional[float] = Field(description="see ClipQuality.person_speed")
+    speed: float | None = Field(description="see ClipQuality.person_speed")

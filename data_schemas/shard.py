@@ -40,7 +40,7 @@ def hold_for_reading(shards: list[Path]) -> list[IO]:
     for set_dir in sorted({Path(os.path.realpath(p)).parent for p in shards}):
         if set_dir.parent.name != SHARD_SETS:
             continue  # shards outside a workspace's sets: nobody removes them
-        handle = open(readers_file(set_dir), "a")
+        handle = open(readers_file(set_dir), "a")  # noqa: SIM115 - held open: the lock lives as long as the handle
         fcntl.flock(handle, fcntl.LOCK_SH)
         held.append(handle)
     return held
@@ -76,5 +76,8 @@ class ShardSummary(BaseModel):
     index: str = Field(description="path of shards/index.parquet")
     set_dir: str = Field(description="the published set, relative to the workspace: shard-sets/<set id>")
     num_left_out: int = Field(0, description="clips the quality filters (shards.filters) left out")
-    left_out: dict[str, int] = Field(default_factory=dict, description="clips left out by each filter (a clip counts under "
-                                     f"every filter it fails; '{NO_MEASURES}': a clip without quality measures)")  # fmt: skip
+    left_out: dict[str, int] = Field(
+        default_factory=dict,
+        description="clips left out by each filter (a clip counts under "
+        f"every filter it fails; '{NO_MEASURES}': a clip without quality measures)",
+    )

@@ -24,15 +24,20 @@ class LoaderConfig(BaseModel):
     height: int = Field(480, ge=16, description="output height in pixels, divisible by 16")
     width: int = Field(832, ge=16, description="output width in pixels, divisible by 16")
     max_stride: int = Field(1, ge=1, description="largest frame stride drawn per sample (the seed uses 1)")
-    min_stride: int = Field(1, ge=1, description="smallest frame stride drawn (evaluation at a fixed stride: min = max)")
+    min_stride: int = Field(
+        1, ge=1, description="smallest frame stride drawn (evaluation at a fixed stride: min = max)"
+    )
     crop_fraction: float = Field(
-        1.0 / 14.0, ge=0.0, lt=0.5,
+        1.0 / 14.0,
+        ge=0.0,
+        lt=0.5,
         description="each side loses 0..floor(size*fraction) px, drawn independently (seed: W//14, H//14); 0 = no crop",
-    )  # fmt: skip
+    )
     shuffle_buffer: int = Field(
-        100, ge=0,
+        100,
+        ge=0,
         description="samples held for shuffling per worker (raw bytes: mind memory); 0 = no shard or sample shuffle",
-    )  # fmt: skip
+    )
     resampled: bool = Field(
         False,
         description="draw shards with replacement forever (use epoch_samples); False = each sample once per epoch",
@@ -43,9 +48,10 @@ class LoaderConfig(BaseModel):
     pose_style: Literal["unianimate", "dwpose"] = Field("unianimate", description="pose renderer style")
     keypoint_threshold: float = Field(0.3, ge=0.0, le=1.0, description="keypoint score threshold of the renderer")
     max_consecutive_skips: int = Field(
-        100, ge=1,
+        100,
+        ge=1,
         description="a reader that skips this many samples or shards in a row, none usable, raises LoaderStalled",
-    )  # fmt: skip
+    )
     max_member_bytes: int = Field(
         2**32, ge=1, description="largest tar member read (bytes); a larger header is refused, naming shard and member"
     )
@@ -78,14 +84,17 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    workspace: Path = Field(Path("workspace"), description="workspace with shards/ and embeddings/; the run goes to runs/<run_name>")
+    workspace: Path = Field(
+        Path("workspace"), description="workspace with shards/ and embeddings/; the run goes to runs/<run_name>"
+    )
     run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="folder name under runs/")
     shards: str = Field("shards/train-*.tar", description="training shards, a glob relative to the workspace")
     model: ModelConfig = Field(default_factory=ModelConfig, description="profile, weights and constants")
     loader: LoaderConfig = Field(
-        default_factory=LoaderConfig, description="clip shape, strides and augmentation of the samples; the run itself "
-        "draws shards with replacement, seeded by seed (loader.resampled and loader.seed have no effect)"
-    )  # fmt: skip
+        default_factory=LoaderConfig,
+        description="clip shape, strides and augmentation of the samples; the run itself "
+        "draws shards with replacement, seeded by seed (loader.resampled and loader.seed have no effect)",
+    )
     batch_size: int = Field(1, ge=1, description="samples per rank per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank")
@@ -99,7 +108,9 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = Field(
         None, gt=0, description="gradient norm clipping; None = off, as the release trains (the norm is still logged)"
     )
-    pose_dropout: float = Field(0.05, ge=0, le=1, description="P(pose, identity and reference-pose features are zeroed)")
+    pose_dropout: float = Field(
+        0.05, ge=0, le=1, description="P(pose, identity and reference-pose features are zeroed)"
+    )
     image_dropout: float = Field(0.10, ge=0, le=1, description="P(CLIP features and the I2V condition y are zeroed)")
     pose_condition: bool = Field(True, description="False: a pose-blind control (pose tokens always zero)")
     precision: Literal["auto", "bf16", "fp32"] = Field(
@@ -117,16 +128,22 @@ class TrainConfig(BaseModel):
         # a run's config.json from before the loader section: say what moved rather than "extra input"
         moved = [name for name in MOVED_TO_LOADER if isinstance(data, dict) and name in data]
         if moved:
-            raise ValueError(f"{', '.join(moved)}: moved into the loader section, write loader: {{{moved[0]}: "
-                             f"{data[moved[0]]!r}, ...}} (a run's config.json from before the move needs this edit)")  # fmt: skip
+            raise ValueError(
+                f"{', '.join(moved)}: moved into the loader section, write loader: {{{moved[0]}: "
+                f"{data[moved[0]]!r}, ...}} (a run's config.json from before the move needs this edit)"
+            )
         return data
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        ignored = [f"loader.{n}" for n in RUN_LOADER_FIELDS if getattr(self.loader, n) != LoaderConfig.model_fields[n].default]
+        ignored = [
+            f"loader.{n}" for n in RUN_LOADER_FIELDS if getattr(self.loader, n) != LoaderConfig.model_fields[n].default
+        ]
         if ignored:
-            warnings.warn(f"{', '.join(ignored)}: no effect in training (a run draws shards with replacement, seeded by seed)",
-                          stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"{', '.join(ignored)}: no effect in training (a run draws shards with replacement, seeded by seed)",
+                stacklevel=2,
+            )
         if self.model.multianimate is not None and self.model.multianimate.resolve() == self.run_dir.resolve():
             raise ValueError("model.multianimate must not be the run's own folder")
         return self

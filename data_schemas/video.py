@@ -8,13 +8,13 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class VideoStatus(str, enum.Enum):
+class VideoStatus(enum.StrEnum):
     ok = "ok"
     failed = "failed"
     duplicate = "duplicate"
 
 
-class FailureReason(str, enum.Enum):
+class FailureReason(enum.StrEnum):
     """Why an input file was rejected: a short, stable code; the message says more."""
 
     unreadable = "unreadable"
@@ -124,9 +124,12 @@ class IngestSummary(_Record):
     num_ok: int = Field(description="files of the folder that produced clips")
     num_failed: int = Field(description="files of the folder rejected, with a reason in the manifest")
     num_passing: int = Field(
-        default=0, description="of the failed files, those that failed for a passing reason (timeout, I/O): retried next run"
+        default=0,
+        description="of the failed files, those that failed for a passing reason (timeout, I/O): retried next run",
     )
-    num_duplicates: int = Field(description="files whose content is listed under another name (this folder or an earlier one)")
+    num_duplicates: int = Field(
+        description="files whose content is listed under another name (this folder or an earlier one)"
+    )
     num_sources: int = Field(default=0, description="files the videos manifest lists, from every folder ingested")
     num_clips: int = Field(description="clips in the clip manifest (every folder ingested)")
     videos_manifest: str = Field(description="path of manifests/videos.parquet")

@@ -15,7 +15,7 @@ import sys
 import traceback
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -24,12 +24,16 @@ from rich.table import Table
 from data_schemas.workspace import Workspace
 from flows.runtime import WorkspaceBusy, failure_cause, use_workspace
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="MultiAnimate: raw videos -> training data -> model -> videos.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="MultiAnimate: raw videos -> training data -> model -> videos."
+)
 console = Console()
 
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="folder that holds every product")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="profile YAML (default: built-in defaults)")]
-WaitOpt = Annotated[bool, typer.Option("--wait", help="when another run holds the workspace, wait for it to end instead of refusing")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="profile YAML (default: built-in defaults)")]
+WaitOpt = Annotated[
+    bool, typer.Option("--wait", help="when another run holds the workspace, wait for it to end instead of refusing")
+]
 
 EXIT_FAILED, EXIT_BUSY, EXIT_INTERRUPTED = 1, 75, 130
 # click's base of usage errors (typer raises them from its own copy of click in recent versions)
@@ -40,7 +44,9 @@ class NothingDone(Exception):
     """The verb ran, but nothing it was asked for succeeded: the message says why."""
 
 
-def _check_weights(cfg, stages: tuple[str, ...] = ("pose", "segment"), strict: bool = True) -> list[tuple[str, bool, str]]:
+def _check_weights(
+    cfg, stages: tuple[str, ...] = ("pose", "segment"), strict: bool = True
+) -> list[tuple[str, bool, str]]:
     """The real weight files the profile ``cfg`` names for ``stages`` (of pose, segment, model):
     per stage, (stage, whether it uses real files, what is missing or ""). ``strict``: the first
     stage with missing files raises its ValueError instead (the message says how to get them)."""
@@ -84,7 +90,12 @@ def _print_summary(summary) -> None:
     table = Table(title="ingest")
     for column in ("files", "ok", "failed", "duplicates", "clips"):
         table.add_column(column, justify="right")
-    table.add_row(*(str(v) for v in (summary.num_files, summary.num_ok, summary.num_failed, summary.num_duplicates, summary.num_clips)))
+    table.add_row(
+        *(
+            str(v)
+            for v in (summary.num_files, summary.num_ok, summary.num_failed, summary.num_duplicates, summary.num_clips)
+        )
+    )
     console.print(table)
     console.print(f"videos manifest: {summary.videos_manifest}\nclips manifest:  {summary.clips_manifest}")
 
@@ -94,8 +105,10 @@ def ingest(
     folder: Annotated[Path, typer.Argument(help="folder of raw videos, walked recursively")],
     workspace: WorkspaceOpt = Path("workspace"),
     config: ConfigOpt = None,
-    dask_address: Annotated[Optional[str], typer.Option(help="run tasks on a Dask cluster, e.g. tcp://127.0.0.1:8786")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="local worker threads (default: CPU count)")] = None,
+    dask_address: Annotated[
+        str | None, typer.Option(help="run tasks on a Dask cluster, e.g. tcp://127.0.0.1:8786")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="local worker threads (default: CPU count)")] = None,
     wait: WaitOpt = False,
 ) -> None:
     """Validate, deduplicate and cut a folder of raw videos into normalised clips."""
@@ -110,15 +123,21 @@ def ingest(
         raise typer.BadParameter(str(exc)) from exc
     summary = ingest_flow.with_options(task_runner=runner)(folder, workspace, cfg.ingest)
     _print_summary(summary)
-    console.print(f"the workspace lists {summary.num_sources} file(s) of every folder ingested into it, {summary.num_clips} clip(s)")
+    console.print(
+        f"the workspace lists {summary.num_sources} file(s) of every folder ingested into it, {summary.num_clips} clip(s)"
+    )
     _require_usable_input(workspace, folder, summary.num_files, summary.num_failed)
     if summary.num_passing:
         # Not a verdict on the files: nothing was cached for them, so the same command retries them.
-        raise NothingDone(f"{summary.num_passing} file(s) under {folder} not processed for a passing reason (timeout or I/O "
-                          f"error, in the log above); run the same command again to process them")  # fmt: skip
+        raise NothingDone(
+            f"{summary.num_passing} file(s) under {folder} not processed for a passing reason (timeout or I/O "
+            f"error, in the log above); run the same command again to process them"
+        )
 
 
-def _require_usable_input(workspace: Path, folder: Path, num_files: int | None = None, num_failed: int | None = None) -> None:
+def _require_usable_input(
+    workspace: Path, folder: Path, num_files: int | None = None, num_failed: int | None = None
+) -> None:
     """NothingDone, with the count of each failure reason and an example, when the folder held
     no file that ingest could use (the counts default to the manifest's rows of the folder)."""
     from data_schemas import VideoRecord, read_records
@@ -126,17 +145,28 @@ def _require_usable_input(workspace: Path, folder: Path, num_files: int | None =
 
     folder = folder.absolute()
     manifest = Workspace(workspace).videos_manifest
-    rows = [r for r in read_records(manifest, VideoRecord) if Path(r.path).is_relative_to(folder)] if manifest.is_file() else []
+    rows = (
+        [r for r in read_records(manifest, VideoRecord) if Path(r.path).is_relative_to(folder)]
+        if manifest.is_file()
+        else []
+    )
     failed = [r for r in rows if r.status == VideoStatus.failed]
-    num_files, num_failed = len(rows) if num_files is None else num_files, len(failed) if num_failed is None else num_failed
+    num_files, num_failed = (
+        len(rows) if num_files is None else num_files,
+        len(failed) if num_failed is None else num_failed,
+    )
     if num_files == 0:
         raise NothingDone(f"no video file under {folder} (see ingest.extensions of the profile)")
     if num_failed < num_files:
         return
-    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(Counter(r.reason.value if r.reason else "?" for r in failed).items()))
+    reasons = ", ".join(
+        f"{n} {reason}" for reason, n in sorted(Counter(r.reason.value if r.reason else "?" for r in failed).items())
+    )
     example = f"; e.g. {failed[0].error}" if failed and failed[0].error else ""
-    raise NothingDone(f"all {num_files} input file(s) under {folder} failed ({reasons or 'see the manifest'}){example}; "
-                      f"every file's reason: {manifest}")  # fmt: skip
+    raise NothingDone(
+        f"all {num_files} input file(s) under {folder} failed ({reasons or 'see the manifest'}){example}; "
+        f"every file's reason: {manifest}"
+    )
 
 
 def _print_preprocess(summary) -> None:
@@ -147,7 +177,11 @@ def _print_preprocess(summary) -> None:
         console.print(f"{summary.num_left_out} clip(s) left out by the quality filters: {summary.left_out}")
     if summary.failed_clips:
         console.print(f"[red]failed clips: {', '.join(summary.failed_clips)}[/red]")
-    for name, path in (("contact sheet", summary.contact_sheet), ("mask overlays", summary.mask_overlays), ("data card", summary.data_card)):
+    for name, path in (
+        ("contact sheet", summary.contact_sheet),
+        ("mask overlays", summary.mask_overlays),
+        ("data card", summary.data_card),
+    ):
         if path:
             console.print(f"{name}: {path}")
 
@@ -157,7 +191,7 @@ def preprocess(
     folder: Annotated[Path, typer.Argument(help="folder of raw videos, walked recursively")],
     workspace: WorkspaceOpt = Path("workspace"),
     config: ConfigOpt = None,
-    workers: Annotated[Optional[int], typer.Option(help="local worker threads (default: CPU count)")] = None,
+    workers: Annotated[int | None, typer.Option(help="local worker threads (default: CPU count)")] = None,
     wait: WaitOpt = False,
 ) -> None:
     """Ingest a folder of raw videos, extract poses of every clip, then track every person."""
@@ -170,16 +204,23 @@ def preprocess(
     _print_preprocess(summary)
     _require_usable_input(workspace, folder)
     if summary.num_samples == 0:
-        raise NothingDone(f"no training sample: {summary.num_clips} clip(s), poses of {summary.num_posed}, masks of "
-                          f"{summary.num_segmented}; the failed tasks' errors are in the log above")  # fmt: skip
+        raise NothingDone(
+            f"no training sample: {summary.num_clips} clip(s), poses of {summary.num_posed}, masks of "
+            f"{summary.num_segmented}; the failed tasks' errors are in the log above"
+        )
 
 
 @app.command("import-legacy")
 def import_legacy(
     root: Annotated[Path, typer.Argument(help="folder holding processed_data/<video>/ pickles and/or demo folders")],
     workspace: WorkspaceOpt = Path("workspace"),
-    trust_pickles: Annotated[bool, typer.Option("--trust-pickles", help="unpickle the seed's .pkl files: they can run code, "
-                                                "so only for data from a source you trust")] = False,
+    trust_pickles: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickles",
+            help="unpickle the seed's .pkl files: they can run code, so only for data from a source you trust",
+        ),
+    ] = False,
     fps: Annotated[float, typer.Option(help="frame rate of the imported clips")] = 25.0,
     wait: WaitOpt = False,
 ) -> None:
@@ -202,8 +243,13 @@ def demo(
     seed: Annotated[int, typer.Option(help="seed of the sample videos")] = 0,
     train_steps: Annotated[int, typer.Option(help="optimizer steps of the demo's training run")] = 4,
     nproc: Annotated[int, typer.Option(help="torchrun processes of the demo's training run")] = 2,
-    models: Annotated[str, typer.Option(help="pose and segment models: 'truth' (the generator's exact poses and masks) "
-                                             "or 'tiny' (random-weight DWPose and SAM2: the real code, meaningless labels)")] = "truth",
+    models: Annotated[
+        str,
+        typer.Option(
+            help="pose and segment models: 'truth' (the generator's exact poses and masks) "
+            "or 'tiny' (random-weight DWPose and SAM2: the real code, meaningless labels)"
+        ),
+    ] = "truth",
     wait: WaitOpt = False,
 ) -> None:
     """The whole pipeline on generated sample videos with tiny models on the CPU."""
@@ -212,7 +258,9 @@ def demo(
     workspace = use_workspace(workspace, wait)
     from flows.demo import demo as demo_flow
 
-    summary = demo_flow(workspace, num_videos=num_videos, seed=seed, train_steps=train_steps, nproc=nproc, models=models)
+    summary = demo_flow(
+        workspace, num_videos=num_videos, seed=seed, train_steps=train_steps, nproc=nproc, models=models
+    )
     _print_preprocess(summary.preprocess)
     job = Workspace(workspace).output(summary.job_id)
     table = Table(title="where everything is")
@@ -259,28 +307,41 @@ def _person_map(text: str | None) -> dict[int, int] | None:
         pairs = [item.split("=") for item in text.split(",") if item.strip()]
         return {int(k): int(v) for k, v in pairs}
     except ValueError as exc:
-        raise typer.BadParameter(f"{text!r}: expected DRIVING=REFERENCE pairs such as 1=2,2=1", param_hint="--person-map") from exc
+        raise typer.BadParameter(
+            f"{text!r}: expected DRIVING=REFERENCE pairs such as 1=2,2=1", param_hint="--person-map"
+        ) from exc
 
 
 @app.command()
 def submit(
     reference: Annotated[Path, typer.Argument(help="reference image: the persons to animate")],
-    video: Annotated[Optional[Path], typer.Option("--video", help="driving video")] = None,
-    poses: Annotated[Optional[Path], typer.Option(help="instead of --video: a poses npz as the pose stage writes it")] = None,
-    masks: Annotated[Optional[Path], typer.Option(help="with --poses: the segment stage's masks npz of the same clip")] = None,
-    reference_poses: Annotated[Optional[Path], typer.Option(help=_job_default("reference_poses"))] = None,
-    person_map: Annotated[Optional[str], typer.Option(help="driving person = reference person pairs, e.g. 1=2,2=1 "
-                                                           "(persons numbered from 1; default: left to right)")] = None,
-    prompt: Annotated[Optional[str], typer.Option(help=_job_default("prompt"))] = None,
-    seed: Annotated[Optional[int], typer.Option(help=_job_default("seed"))] = None,
-    steps: Annotated[Optional[int], typer.Option(help=_job_default("steps"))] = None,
-    guidance_scale: Annotated[Optional[float], typer.Option(help=_job_default("guidance_scale"))] = None,
-    height: Annotated[Optional[int], typer.Option(help=_job_default("height"))] = None,
-    width: Annotated[Optional[int], typer.Option(help=_job_default("width"))] = None,
-    num_frames: Annotated[Optional[int], typer.Option(help=_job_default("num_frames"))] = None,
-    fps: Annotated[Optional[float], typer.Option(help=_job_default("fps"))] = None,
+    video: Annotated[Path | None, typer.Option("--video", help="driving video")] = None,
+    poses: Annotated[
+        Path | None, typer.Option(help="instead of --video: a poses npz as the pose stage writes it")
+    ] = None,
+    masks: Annotated[
+        Path | None, typer.Option(help="with --poses: the segment stage's masks npz of the same clip")
+    ] = None,
+    reference_poses: Annotated[Path | None, typer.Option(help=_job_default("reference_poses"))] = None,
+    person_map: Annotated[
+        str | None,
+        typer.Option(
+            help="driving person = reference person pairs, e.g. 1=2,2=1 "
+            "(persons numbered from 1; default: left to right)"
+        ),
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help=_job_default("prompt"))] = None,
+    seed: Annotated[int | None, typer.Option(help=_job_default("seed"))] = None,
+    steps: Annotated[int | None, typer.Option(help=_job_default("steps"))] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help=_job_default("guidance_scale"))] = None,
+    height: Annotated[int | None, typer.Option(help=_job_default("height"))] = None,
+    width: Annotated[int | None, typer.Option(help=_job_default("width"))] = None,
+    num_frames: Annotated[int | None, typer.Option(help=_job_default("num_frames"))] = None,
+    fps: Annotated[float | None, typer.Option(help=_job_default("fps"))] = None,
     workspace: WorkspaceOpt = Path("workspace"),
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="profile YAML whose model section the job uses")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="profile YAML whose model section the job uses")
+    ] = None,
 ) -> None:
     """Queue one generation job (queue/<job_id>.json) and print its id; the same job twice is queued once.
 
@@ -295,15 +356,35 @@ def submit(
     from data_schemas.job import JobSpec, describe_validation_error, queue_path, submit_job
     from preprocess.job_inputs import JobInputError, check_job_inputs
 
-    given = dict(prompt=prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-                 num_frames=num_frames, fps=fps, person_map=_person_map(person_map))  # fmt: skip
+    given = dict(
+        prompt=prompt,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+        num_frames=num_frames,
+        fps=fps,
+        person_map=_person_map(person_map),
+    )
     # Absolute paths: the job runs later, from another directory or on another worker.
-    files = (("reference", reference), ("driving_video", video), ("poses", poses), ("masks", masks), ("reference_poses", reference_poses))
+    files = (
+        ("reference", reference),
+        ("driving_video", video),
+        ("poses", poses),
+        ("masks", masks),
+        ("reference_poses", reference_poses),
+    )
     paths = {name: Path(os.path.abspath(p)) for name, p in files if p}
     try:
         cfg = load_config(config)
-        model = cfg.model.model_copy(update={k: Path(os.path.abspath(v)) for k in ("wan_folder", "multianimate", "tiny_transformer")
-                                             if (v := getattr(cfg.model, k)) is not None})  # fmt: skip
+        model = cfg.model.model_copy(
+            update={
+                k: Path(os.path.abspath(v))
+                for k in ("wan_folder", "multianimate", "tiny_transformer")
+                if (v := getattr(cfg.model, k)) is not None
+            }
+        )
         spec = JobSpec(**paths, **{k: v for k, v in given.items() if v is not None}, model=model)
     except ValidationError as exc:
         raise typer.BadParameter(describe_validation_error(exc)) from exc
@@ -313,10 +394,14 @@ def submit(
         check_job_inputs(spec, cfg.ingest, cfg.generate)
     except JobInputError as exc:
         options = {"reference": "REFERENCE", "driving_video": "--video", "reference_poses": "--reference-poses"}
-        hint = ", ".join(options.get(field, "--poses/--masks" if "/" in field else f"--{field}") for field in exc.problems)
+        hint = ", ".join(
+            options.get(field, "--poses/--masks" if "/" in field else f"--{field}") for field in exc.problems
+        )
         raise typer.BadParameter(str(exc), param_hint=hint) from exc
     job_id, new = submit_job(Path(workspace).absolute(), spec)
-    Console(stderr=True).print(f"{'queued' if new else 'already queued'}: {queue_path(Path(workspace).absolute(), job_id)}")
+    Console(stderr=True).print(
+        f"{'queued' if new else 'already queued'}: {queue_path(Path(workspace).absolute(), job_id)}"
+    )
     typer.echo(job_id)
 
 
@@ -325,8 +410,14 @@ def generate(
     workspace: WorkspaceOpt = Path("workspace"),
     config: ConfigOpt = None,
     retry_failed: Annotated[bool, typer.Option(help="run jobs that failed before again")] = True,
-    job_timeout: Annotated[Optional[float], typer.Option(min=0.001, help="seconds a job may run before it is stopped and recorded "
-                                                         "as failed (timeout); default: the profile's generate.job_timeout_s")] = None,
+    job_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="seconds a job may run before it is stopped and recorded "
+            "as failed (timeout); default: the profile's generate.job_timeout_s",
+        ),
+    ] = None,
 ) -> None:
     """Generate every queued job that is not finished yet (outputs/<job_id>/)."""
     from data_schemas import load_config
@@ -353,7 +444,10 @@ def generate(
     console.print(f"outputs: {summary.outputs_dir}")
     for job_id in summary.failed:
         record = read_record(workspace, job_id)
-        console.print(f"[red]{job_id} failed ({record.reason if record else '?'}):[/red] {escape(record.error or '') if record else '?'}", highlight=False)
+        console.print(
+            f"[red]{job_id} failed ({record.reason if record else '?'}):[/red] {escape(record.error or '') if record else '?'}",
+            highlight=False,
+        )
     if summary.failed:
         raise typer.Exit(1)
 
@@ -376,24 +470,34 @@ def embed(
     from flows.embed import embed as embed_flow
 
     summary = embed_flow(workspace, model.profile, model.wan_folder)
-    console.print(f"{summary.num_texts} text(s) for encoder {summary.encoder_id}: {summary.num_new} new, {summary.num_existing} cached")
+    console.print(
+        f"{summary.num_texts} text(s) for encoder {summary.encoder_id}: {summary.num_new} new, {summary.num_existing} cached"
+    )
 
 
 @app.command()
 def train(
     workspace: WorkspaceOpt = Path("workspace"),
     config: ConfigOpt = None,
-    run_name: Annotated[Optional[str], typer.Option(help=_train_default("run_name"))] = None,
-    steps: Annotated[Optional[int], typer.Option(help=_train_default("max_steps"))] = None,
-    nproc: Annotated[Optional[int], typer.Option(help=_train_default("nproc"))] = None,
-    num_frames: Annotated[Optional[int], typer.Option(help=_train_default("num_frames", "loader"))] = None,
-    height: Annotated[Optional[int], typer.Option(help=_train_default("height", "loader"))] = None,
-    width: Annotated[Optional[int], typer.Option(help=_train_default("width", "loader"))] = None,
-    lr: Annotated[Optional[float], typer.Option(help=_train_default("lr"))] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help=_train_default("checkpoint_every"))] = None,
-    train_config: Annotated[Optional[Path], typer.Option(help="a full TrainConfig as JSON/YAML (overrides the options above)")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="build the profile's model as training would (no shards or "
-                                          "embeddings needed), describe its parameters and persons, do not train")] = False,
+    run_name: Annotated[str | None, typer.Option(help=_train_default("run_name"))] = None,
+    steps: Annotated[int | None, typer.Option(help=_train_default("max_steps"))] = None,
+    nproc: Annotated[int | None, typer.Option(help=_train_default("nproc"))] = None,
+    num_frames: Annotated[int | None, typer.Option(help=_train_default("num_frames", "loader"))] = None,
+    height: Annotated[int | None, typer.Option(help=_train_default("height", "loader"))] = None,
+    width: Annotated[int | None, typer.Option(help=_train_default("width", "loader"))] = None,
+    lr: Annotated[float | None, typer.Option(help=_train_default("lr"))] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help=_train_default("checkpoint_every"))] = None,
+    train_config: Annotated[
+        Path | None, typer.Option(help="a full TrainConfig as JSON/YAML (overrides the options above)")
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="build the profile's model as training would (no shards or "
+            "embeddings needed), describe its parameters and persons, do not train",
+        ),
+    ] = False,
     wait: WaitOpt = False,
 ) -> None:
     """LoRA fine-tuning on the workspace's shards under torchrun (resumes a killed run)."""
@@ -407,10 +511,20 @@ def train(
         if train_config is not None:
             cfg = TrainConfig.model_validate(yaml.safe_load(train_config.read_text()))
         else:  # only the options given override the config's defaults
-            given = {"run_name": run_name, "max_steps": steps, "nproc": nproc, "lr": lr, "checkpoint_every": checkpoint_every}
+            given = {
+                "run_name": run_name,
+                "max_steps": steps,
+                "nproc": nproc,
+                "lr": lr,
+                "checkpoint_every": checkpoint_every,
+            }
             loader = {"num_frames": num_frames, "height": height, "width": width}
-            cfg = TrainConfig(workspace=workspace, model=load_config(config).model, **{k: v for k, v in given.items() if v is not None},
-                              loader={k: v for k, v in loader.items() if v is not None})  # fmt: skip
+            cfg = TrainConfig(
+                workspace=workspace,
+                model=load_config(config).model,
+                **{k: v for k, v in given.items() if v is not None},
+                loader={k: v for k, v in loader.items() if v is not None},
+            )
     except (ValidationError, ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     if dry_run:
@@ -431,7 +545,9 @@ def train(
 
 @app.command()
 def deploy(
-    gpu_slots: Annotated[int, typer.Option(min=1, help="GPU tasks that may run at once (the gpu tag's concurrency limit)")] = 1,
+    gpu_slots: Annotated[
+        int, typer.Option(min=1, help="GPU tasks that may run at once (the gpu tag's concurrency limit)")
+    ] = 1,
 ) -> None:
     """Set up the Prefect server at PREFECT_API_URL (work pools cpu and gpu, the gpu limit) and deploy prefect.yaml."""
     from flows.deploy import deploy as deploy_all
@@ -447,19 +563,20 @@ def deploy(
 def weights(
     config: ConfigOpt = None,
     random_real_architecture: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
-            "--random-real-architecture", metavar="FOLDER",
+            "--random-real-architecture",
+            metavar="FOLDER",
             help="instead of checking: write Wan2.1-I2V-14B-720P (diffusers layout) and a MultiAnimate checkpoint "
             "with the REAL configs and RANDOM weights (depth cut) into FOLDER, plus FOLDER/profile.yaml, for CI",
         ),
     ] = None,
     num_layers: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(min=1, max=40, help="with --random-real-architecture: transformer blocks (real: 40) [default: 2]"),
     ] = None,
     seed: Annotated[
-        Optional[int], typer.Option(help="with --random-real-architecture: seed of the weights [default: 0]")
+        int | None, typer.Option(help="with --random-real-architecture: seed of the weights [default: 0]")
     ] = None,
 ) -> None:
     """Check that every real weight file the profile names is present; say how to get the rest.
@@ -476,9 +593,11 @@ def weights(
         complete = read_marker(folder) is not None
         try:
             profile = write_random_real_architecture(
-                folder, num_layers=2 if num_layers is None else num_layers, seed=seed or 0,
+                folder,
+                num_layers=2 if num_layers is None else num_layers,
+                seed=seed or 0,
                 progress=lambda message: console.print(message, markup=False, highlight=False),
-            )  # fmt: skip
+            )
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--random-real-architecture") from exc
         if not complete:
@@ -500,8 +619,10 @@ def weights(
         cfg = load_config(config)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    checks = [(stage, "real weights" if uses_files else "tiny random-weight models (built in code)", problem)
-              for stage, uses_files, problem in _check_weights(cfg, ("pose", "segment", "model"), strict=False)]  # fmt: skip
+    checks = [
+        (stage, "real weights" if uses_files else "tiny random-weight models (built in code)", problem)
+        for stage, uses_files, problem in _check_weights(cfg, ("pose", "segment", "model"), strict=False)
+    ]
     table = Table(title="weights")
     for column in ("stage", "uses", "status"):
         table.add_column(column)
@@ -517,7 +638,9 @@ def weights(
 
 @app.command()
 def remove(
-    paths: Annotated[list[Path], typer.Argument(help="files or folders as ingest listed them (everything under a folder)")],
+    paths: Annotated[
+        list[Path], typer.Argument(help="files or folders as ingest listed them (everything under a folder)")
+    ],
     workspace: WorkspaceOpt = Path("workspace"),
     dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be removed, remove nothing")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
@@ -531,7 +654,9 @@ def remove(
 
     manifest = Workspace(Path(workspace).absolute()).videos_manifest
     if not manifest.is_file():
-        raise typer.BadParameter(f"{Path(workspace).absolute()}: no videos manifest, nothing was ingested there", param_hint="--workspace")
+        raise typer.BadParameter(
+            f"{Path(workspace).absolute()}: no videos manifest, nothing was ingested there", param_hint="--workspace"
+        )
     with workspace_lock(workspace, wait):  # no Prefect, no free-space check: removing is how space is made
         plan = remove_sources(workspace, paths, dry_run=True)
         if not plan.rows:
@@ -540,17 +665,24 @@ def remove(
         for column in ("file", "status", "its clips"):
             table.add_column(column)
         for row in plan.rows:
-            fate = f"kept, now under {plan.inherited[row.path]}" if row.path in plan.inherited else (
-                f"{sum(c.source_path == row.path for c in plan.clips)} removed" if row.status == "ok" else "-")
+            fate = (
+                f"kept, now under {plan.inherited[row.path]}"
+                if row.path in plan.inherited
+                else (f"{sum(c.source_path == row.path for c in plan.clips)} removed" if row.status == "ok" else "-")
+            )
             table.add_row(row.path, row.status.value, fate)
         console.print(table, markup=False, highlight=False)
-        console.print(f"{len(plan.clips)} clip(s) no listed file holds: their clip, pose and mask files and manifest rows go")
+        console.print(
+            f"{len(plan.clips)} clip(s) no listed file holds: their clip, pose and mask files and manifest rows go"
+        )
         if dry_run or not (yes or typer.confirm("remove them?")):
             console.print("nothing removed")
             return
         done = remove_sources(workspace, paths)
-    console.print(f"removed {len(done.rows)} file(s) from the manifest, {len(done.clips)} clip(s), {len(done.files)} product file(s); "
-                  "shards made before keep their samples until the next `multianimate preprocess`")  # fmt: skip
+    console.print(
+        f"removed {len(done.rows)} file(s) from the manifest, {len(done.clips)} clip(s), {len(done.files)} product file(s); "
+        "shards made before keep their samples until the next `multianimate preprocess`"
+    )
 
 
 @app.command("data-card")
@@ -562,8 +694,9 @@ def data_card(workspace: WorkspaceOpt = Path("workspace"), config: ConfigOpt = N
 
     manifest = Workspace(Path(workspace).absolute()).quality_manifest
     if not manifest.is_file():
-        raise typer.BadParameter(f"{manifest}: missing; `multianimate preprocess` measures the clips",
-                                 param_hint="--workspace")  # fmt: skip
+        raise typer.BadParameter(
+            f"{manifest}: missing; `multianimate preprocess` measures the clips", param_hint="--workspace"
+        )
     try:
         filters = load_config(config).shards.filters
     except ValueError as exc:
@@ -592,7 +725,7 @@ def main() -> None:
     except NothingDone as exc:
         ending.append(str(exc))
         code = EXIT_FAILED
-    except Exception as exc:  # noqa: BLE001 - the whole story for a bug report, then the cause
+    except Exception as exc:
         if not isinstance(exc, ValueError):  # ours name the file and the reason: no traceback needed
             traceback.print_exception(exc)
         ending.append(failure_cause(exc))

@@ -48,8 +48,15 @@ class DemoSummary(BaseModel):
 
 
 @flow(name="demo")
-def demo(workspace: Path, num_videos: int = 4, seed: int = 0, num_frames: int = 75, train_steps: int = 4, nproc: int = 2,
-         models: Literal["truth", "tiny"] = "truth") -> DemoSummary:  # fmt: skip
+def demo(
+    workspace: Path,
+    num_videos: int = 4,
+    seed: int = 0,
+    num_frames: int = 75,
+    train_steps: int = 4,
+    nproc: int = 2,
+    models: Literal["truth", "tiny"] = "truth",
+) -> DemoSummary:
     """Generate sample videos under the workspace and run every stage on them."""
     workspace = Path(workspace).absolute()
     ws = Workspace(workspace)
@@ -60,13 +67,36 @@ def demo(workspace: Path, num_videos: int = 4, seed: int = 0, num_frames: int = 
     prep = preprocess(samples, workspace, config)
     embeddings = embed(workspace, config.model.profile, config.model.wan_folder)
     # a checkpoint midway, so that a demo killed while training resumes; one kept is enough here
-    training = train(TrainConfig(workspace=workspace, run_name="demo", model=config.model,
-                                 loader=LoaderConfig(num_frames=9, height=64, width=64),
-                                 max_steps=train_steps, checkpoint_every=max(1, train_steps // 2), keep_checkpoints=1,
-                                 nproc=nproc, num_workers=0, seed=seed))  # fmt: skip
+    training = train(
+        TrainConfig(
+            workspace=workspace,
+            run_name="demo",
+            model=config.model,
+            loader=LoaderConfig(num_frames=9, height=64, width=64),
+            max_steps=train_steps,
+            checkpoint_every=max(1, train_steps // 2),
+            keep_checkpoints=1,
+            nproc=nproc,
+            num_workers=0,
+            seed=seed,
+        )
+    )
     reference, ref_poses, poses, masks = write_demo_job_inputs(ws.samples, seed, size=128, num_frames=40)
-    job = JobSpec(reference=reference, reference_poses=ref_poses, poses=poses, masks=masks, steps=4, num_frames=17,
-                  height=64, width=64, fps=15.0, seed=seed, model=ModelConfig(multianimate=training.final_weights))  # fmt: skip
+    job = JobSpec(
+        reference=reference,
+        reference_poses=ref_poses,
+        poses=poses,
+        masks=masks,
+        steps=4,
+        num_frames=17,
+        height=64,
+        width=64,
+        fps=15.0,
+        seed=seed,
+        model=ModelConfig(multianimate=training.final_weights),
+    )
     submit_job(workspace, job)
     generation = generate(workspace, config)
-    return DemoSummary(preprocess=prep, embeddings=embeddings, training=training, generation=generation, job_id=job.job_id)
+    return DemoSummary(
+        preprocess=prep, embeddings=embeddings, training=training, generation=generation, job_id=job.job_id
+    )

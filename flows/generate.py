@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow
@@ -63,7 +63,9 @@ from tasks.ingest import hash_file, ingest_video
 def driving_ingest_config(base: IngestConfig, fps: float) -> IngestConfig:
     """Ingest for a driving video: resampled to the output rate, never cut (scene scores
     never exceed 1, and no length limit below the file limit), however short."""
-    return base.model_copy(update={"fps": fps, "scene_threshold": 1.0, "min_clip_s": 1.0 / fps, "max_clip_s": base.max_duration_s})
+    return base.model_copy(
+        update={"fps": fps, "scene_threshold": 1.0, "min_clip_s": 1.0 / fps, "max_clip_s": base.max_duration_s}
+    )
 
 
 def _error(exc: BaseException) -> str:
@@ -95,7 +97,9 @@ def queue_jobs(workspace: Path, jobs: list[JobSpec], config: ProjectConfig) -> l
     return [submit_job(workspace, spec)[0] for spec in jobs]
 
 
-def _pending_jobs(workspace: Path, retry_failed: bool, config: ProjectConfig) -> tuple[dict[str, JobSpec | BaseException], list[str], int]:
+def _pending_jobs(
+    workspace: Path, retry_failed: bool, config: ProjectConfig
+) -> tuple[dict[str, JobSpec | BaseException], list[str], int]:
     """(job id -> spec, or why it cannot run; finished job ids; queue length)."""
     pending: dict[str, JobSpec | BaseException] = {}
     skipped: list[str] = []
@@ -109,7 +113,9 @@ def _pending_jobs(workspace: Path, retry_failed: bool, config: ProjectConfig) ->
         try:
             spec = read_queue_entry(path)
             if spec.job_id != job_id:
-                raise ValueError(f"{path}: the spec inside hashes to {spec.job_id}, not {job_id}: it was edited; submit it again")
+                raise ValueError(
+                    f"{path}: the spec inside hashes to {spec.job_id}, not {job_id}: it was edited; submit it again"
+                )
             # again at run time: files change after submission (a video probed, not decoded:
             # the driving stages decode it whole)
             check_job_inputs(spec, config.ingest, config.generate, decode=False)
@@ -119,12 +125,17 @@ def _pending_jobs(workspace: Path, retry_failed: bool, config: ProjectConfig) ->
     return pending, skipped, len(entries)
 
 
-def _prepare_driving(workspace: Path, jobs: dict[str, JobSpec], config: ProjectConfig, pose_files: tuple[Path, Path]) -> dict[str, tuple[Path, Path] | BaseException]:
+def _prepare_driving(
+    workspace: Path, jobs: dict[str, JobSpec], config: ProjectConfig, pose_files: tuple[Path, Path]
+) -> dict[str, tuple[Path, Path] | BaseException]:
     """Driving video -> (poses npz, masks npz) per job, through the preprocessing tasks (the
     same pose and segment sequence as preprocessing: flows.stages.pose_and_segment)."""
     out: dict[str, tuple[Path, Path] | BaseException] = {}
     ws = Workspace(workspace)
-    hashes = {p: hash_file(p, return_state=True).result(raise_on_failure=False) for p in sorted({s.driving_video for s in jobs.values()})}
+    hashes = {
+        p: hash_file(p, return_state=True).result(raise_on_failure=False)
+        for p in sorted({s.driving_video for s in jobs.values()})
+    }
     models = StageModels.of(config, pose_files)
     for fps in sorted({s.fps for s in jobs.values()}):
         held = Workspace(ws.driving_at(fps))  # laid out like a workspace, apart from the training clips
@@ -133,9 +144,13 @@ def _prepare_driving(workspace: Path, jobs: dict[str, JobSpec], config: ProjectC
         out |= {i: sha for i, sha in shas.items() if isinstance(sha, BaseException)}
         videos = {sha: group[i].driving_video for i, sha in shas.items() if not isinstance(sha, BaseException)}
         cfg = driving_ingest_config(config.ingest, fps)
-        ingested = run_cached(ingest_video, workspace, {sha: (path, sha, cfg, held.root) for sha, path in videos.items()},
-                              lambda r, held=held: [ws.relative(held.resolve(c.path)) for c in r.clips],
-                              f"ingesting driving videos at {fps:g} fps")  # fmt: skip
+        ingested = run_cached(
+            ingest_video,
+            workspace,
+            {sha: (path, sha, cfg, held.root) for sha, path in videos.items()},
+            lambda r, held=held: [ws.relative(held.resolve(c.path)) for c in r.clips],
+            f"ingesting driving videos at {fps:g} fps",
+        )
         clips = {}
         for sha, result in ingested.items():
             if not isinstance(result, BaseException) and result.status != "ok":
@@ -148,35 +163,68 @@ def _prepare_driving(workspace: Path, jobs: dict[str, JobSpec], config: ProjectC
                 continue
             failure = clips[sha] if isinstance(clips[sha], BaseException) else failed.get(sha)
             if failure is None and clips[sha].num_frames < group[job_id].num_frames:
-                failure = ValueError(f"{group[job_id].driving_video}: {clips[sha].num_frames} frames at {fps:g} fps, "
-                                     f"the job needs {group[job_id].num_frames}")  # fmt: skip
-            out[job_id] = failure if failure is not None else (held.resolve(posed[sha].path), held.resolve(masked[sha].path))
+                failure = ValueError(
+                    f"{group[job_id].driving_video}: {clips[sha].num_frames} frames at {fps:g} fps, "
+                    f"the job needs {group[job_id].num_frames}"
+                )
+            out[job_id] = (
+                failure if failure is not None else (held.resolve(posed[sha].path), held.resolve(masked[sha].path))
+            )
     return out
 
 
-def _run_job(workspace: Path, job_id: str, spec: JobSpec | BaseException, driving: tuple[Path, Path] | BaseException | None,
-             config: ProjectConfig, pose_files: tuple[Path, Path], prepare_s: float) -> JobRecord:  # fmt: skip
+def _run_job(
+    workspace: Path,
+    job_id: str,
+    spec: JobSpec | BaseException,
+    driving: tuple[Path, Path] | BaseException | None,
+    config: ProjectConfig,
+    pose_files: tuple[Path, Path],
+    prepare_s: float,
+) -> JobRecord:
     """Generate one job whose inputs are ready, or record why it cannot run; publish its
     folder (outputs and job.json, or job.json alone for a failure) in one rename."""
-    started, clock = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
+    started, clock = datetime.now(UTC).isoformat(timespec="seconds"), time.perf_counter()
     outcome = spec if isinstance(spec, BaseException) else driving
     staging = staging_folder(workspace, job_id)
     try:
         if isinstance(outcome, tuple):
             poses, masks = outcome
             timeout = config.generate.timeout_for(spec.model)
-            outcome = generate_video(job_id, spec, poses, masks, config.pose, pose_files, workspace, staging, timeout,
-                                     return_state=True).result(raise_on_failure=False)  # fmt: skip
+            outcome = generate_video(
+                job_id, spec, poses, masks, config.pose, pose_files, workspace, staging, timeout, return_state=True
+            ).result(raise_on_failure=False)
         ws = Workspace(workspace)
-        fields = dict(job_id=job_id, queue_file=ws.relative(ws.queue_file(job_id)), started_at=started, spec=spec if isinstance(spec, JobSpec) else None)
+        fields = dict(
+            job_id=job_id,
+            queue_file=ws.relative(ws.queue_file(job_id)),
+            started_at=started,
+            spec=spec if isinstance(spec, JobSpec) else None,
+        )
         if not isinstance(outcome, GenerationResult):
             for partial in staging.iterdir():  # a failed job publishes its record alone
                 partial.unlink()
-            record = JobRecord(**fields, status="failed", reason=_reason(outcome), error=_error(outcome), seconds=time.perf_counter() - clock)
+            record = JobRecord(
+                **fields,
+                status="failed",
+                reason=_reason(outcome),
+                error=_error(outcome),
+                seconds=time.perf_counter() - clock,
+            )
         else:
-            shared = {"prepare_driving_s": prepare_s} if spec.driving_video is not None else {}  # the run's driving-video stages
-            record = JobRecord(**fields, status="ok", seconds=time.perf_counter() - clock, timings=shared | outcome.timings, outputs=outcome.outputs,
-                               num_persons=outcome.num_persons, person_map=outcome.person_map, prompt=outcome.prompt)  # fmt: skip
+            shared = (
+                {"prepare_driving_s": prepare_s} if spec.driving_video is not None else {}
+            )  # the run's driving-video stages
+            record = JobRecord(
+                **fields,
+                status="ok",
+                seconds=time.perf_counter() - clock,
+                timings=shared | outcome.timings,
+                outputs=outcome.outputs,
+                num_persons=outcome.num_persons,
+                person_map=outcome.person_map,
+                prompt=outcome.prompt,
+            )
         publish_job(workspace, record, staging)  # last: the marker of a finished job, with its files
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -185,8 +233,12 @@ def _run_job(workspace: Path, job_id: str, spec: JobSpec | BaseException, drivin
 
 
 @flow(name="generate", flow_run_name="generate {workspace}")
-def generate(workspace: Path, config: ProjectConfig = ProjectConfig(), retry_failed: bool = True,
-             jobs: list[JobSpec] | None = None) -> GenerateSummary:  # fmt: skip
+def generate(
+    workspace: Path,
+    config: ProjectConfig = ProjectConfig(),
+    retry_failed: bool = True,
+    jobs: list[JobSpec] | None = None,
+) -> GenerateSummary:
     """Generate every queued job that is not finished; failures are recorded and the rest go on.
 
     ``config``: the pose, segment and ingest stages used on driving videos and reference
@@ -197,7 +249,9 @@ def generate(workspace: Path, config: ProjectConfig = ProjectConfig(), retry_fai
         return _generate(Path(workspace).absolute(), config, retry_failed, jobs)
 
 
-def _generate(workspace: Path, config: ProjectConfig, retry_failed: bool, jobs: list[JobSpec] | None) -> GenerateSummary:
+def _generate(
+    workspace: Path, config: ProjectConfig, retry_failed: bool, jobs: list[JobSpec] | None
+) -> GenerateSummary:
     logger = get_run_logger()
     ws = Workspace(workspace)
     for folder in (ws.queue, ws.outputs, ws.driving):
@@ -206,12 +260,16 @@ def _generate(workspace: Path, config: ProjectConfig, retry_failed: bool, jobs: 
     queued = queue_jobs(workspace, jobs, config) if jobs else []
     pending, skipped, num_queued = _pending_jobs(workspace, retry_failed, config)
     logger.info("%d queued job(s): %d finished, %d to run", num_queued, len(skipped), len(pending))
-    pose_files = resolve_models(config.pose, workspace) if pending else ()  # a missing weight file stops the run, naming it
+    pose_files = (
+        resolve_models(config.pose, workspace) if pending else ()
+    )  # a missing weight file stops the run, naming it
 
     start = time.perf_counter()
     ready = {i: s for i, s in pending.items() if isinstance(s, JobSpec)}
     videos = {i: s for i, s in ready.items() if s.driving_video is not None}
-    inputs: dict[str, tuple[Path, Path] | BaseException] = _prepare_driving(workspace, videos, config, pose_files) if videos else {}
+    inputs: dict[str, tuple[Path, Path] | BaseException] = (
+        _prepare_driving(workspace, videos, config, pose_files) if videos else {}
+    )
     inputs |= {i: (s.poses, s.masks) for i, s in ready.items() if s.driving_video is None}
     prepare_s = round(time.perf_counter() - start, 3)
 
@@ -224,6 +282,10 @@ def _generate(workspace: Path, config: ProjectConfig, retry_failed: bool, jobs: 
 
     publish_jobs(workspace, records)
     return GenerateSummary(
-        num_queued=num_queued, skipped=skipped, ok=[r.job_id for r in records if r.status == "ok"],
-        failed=[r.job_id for r in records if r.status == "failed"], queued=queued, outputs_dir=str(ws.outputs),
-    )  # fmt: skip
+        num_queued=num_queued,
+        skipped=skipped,
+        ok=[r.job_id for r in records if r.status == "ok"],
+        failed=[r.job_id for r in records if r.status == "failed"],
+        queued=queued,
+        outputs_dir=str(ws.outputs),
+    )

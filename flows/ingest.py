@@ -65,17 +65,26 @@ def ingest(folder: Path, workspace: Path, config: IngestConfig = IngestConfig())
         if sha is None:  # unreadable: the row says why
             records.append(video_record(f, None, None, folder=str(folder)))
         elif sha in settled or primary[sha] != f.path:
-            records.append(video_record(f, sha, None, duplicate_of=settled.get(sha) or str(primary[sha]), folder=str(folder)))
+            records.append(
+                video_record(f, sha, None, duplicate_of=settled.get(sha) or str(primary[sha]), folder=str(folder))
+            )
         else:
             records.append(video_record(f, sha, results[sha], folder=str(folder)))
     new_clips = {sha: r.clips for sha, r in results.items() if r.status == VideoStatus.ok}
     found_paths = {str(f.path) for f in found}
     if gone := [r.path for r in earlier if r.path.startswith(f"{folder}{os.sep}") and r.path not in found_paths]:
-        logger.warning("%d file(s) listed from %s before are not there any more: still listed, with their clips "
-                       "(`multianimate remove PATH` takes them out), e.g. %s", len(gone), folder, gone[0])  # fmt: skip
+        logger.warning(
+            "%d file(s) listed from %s before are not there any more: still listed, with their clips "
+            "(`multianimate remove PATH` takes them out), e.g. %s",
+            len(gone),
+            folder,
+            gone[0],
+        )
 
     with manifest_lock(workspace):  # another run may have written since: merge into what is there now
-        rows, clips = merge_manifests(read_videos_manifest(videos_path), read_clips_manifest(clips_path), records, new_clips)
+        rows, clips = merge_manifests(
+            read_videos_manifest(videos_path), read_clips_manifest(clips_path), records, new_clips
+        )
         write_records(rows, VideoRecord, videos_path)
         write_records(clips, ClipRecord, clips_path)
     counts = publish_summary(records, len(clips))
@@ -129,7 +138,9 @@ def _ingest_unique(primary: dict[str, Path], config: IngestConfig, workspace: Pa
     a timeout or an I/O error that outlived the retries as a passing failure (tried again by
     the next run), anything else as an internal error."""
     arguments = {sha: (path, sha, config, workspace) for sha, path in primary.items()}
-    outcomes = run_cached(ingest_video, workspace, arguments, lambda result: [c.path for c in result.clips], "ingesting")
+    outcomes = run_cached(
+        ingest_video, workspace, arguments, lambda result: [c.path for c in result.clips], "ingesting"
+    )
     results: dict[str, IngestResult] = {}
     for sha, outcome in outcomes.items():
         if isinstance(outcome, BaseException):

@@ -22,7 +22,9 @@ def import_legacy(root: Path, workspace: Path, trust_pickles: bool = False, fps:
     logger = get_run_logger()
     workspace = Path(workspace).absolute()
     found = find_legacy(Path(root))
-    futures = [(folder, import_legacy_folder.submit(kind, folder, workspace, trust_pickles, fps)) for kind, folder in found]
+    futures = [
+        (folder, import_legacy_folder.submit(kind, folder, workspace, trust_pickles, fps)) for kind, folder in found
+    ]
     clips, rows = [], []
     for folder, future in futures:
         outcome = future.result(raise_on_failure=False)
@@ -33,7 +35,10 @@ def import_legacy(root: Path, workspace: Path, trust_pickles: bool = False, fps:
             clips.append(outcome)
             rows.append({"folder": str(folder), "clip": outcome.clip_id, "error": ""})
     write_records(clips, LegacyClip, Workspace(workspace).manifest("legacy"))
-    create_table_artifact(key="legacy-import", table=rows or [{"folder": str(root), "clip": "", "error": "nothing to import"}],
-                          description="Seed folders imported")  # fmt: skip
+    create_table_artifact(
+        key="legacy-import",
+        table=rows or [{"folder": str(root), "clip": "", "error": "nothing to import"}],
+        description="Seed folders imported",
+    )
     logger.info("imported %d of %d folder(s)", len(clips), len(found))
     return clips

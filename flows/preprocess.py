@@ -43,9 +43,13 @@ def _preprocess(folder: Path, workspace: Path, config: ProjectConfig) -> Preproc
     for clip_id in failed:
         logger.error("clip %s failed, see its task run", clip_id)
 
-    measured = run_cached(measure_quality, workspace, {
-        i: (refs[i], poses[i], m, config.quality) for i, m in masks.items()
-    }, lambda row: [], "quality")  # fmt: skip
+    measured = run_cached(
+        measure_quality,
+        workspace,
+        {i: (refs[i], poses[i], m, config.quality) for i, m in masks.items()},
+        lambda row: [],
+        "quality",
+    )
     quality = {i: q for i, q in measured.items() if not isinstance(q, BaseException)}
     for clip_id in (i for i, q in measured.items() if isinstance(q, BaseException)):
         logger.error("clip %s: quality measures failed, see its task run; the filters leave it out", clip_id)
@@ -58,8 +62,13 @@ def _preprocess(folder: Path, workspace: Path, config: ProjectConfig) -> Preproc
         + config.quality.digest().encode()
     ).hexdigest()[:16]
     records = [(clips[i], poses[i], m) for i, m in masks.items()]  # what the manifests above list, clips with both
-    shards = run_cached(write_shards, workspace, {"shards": (workspace, config.shards, inputs, records, quality)},
-                        lambda s: [*s.shards, s.set_dir], "sharding")["shards"]  # fmt: skip
+    shards = run_cached(
+        write_shards,
+        workspace,
+        {"shards": (workspace, config.shards, inputs, records, quality)},
+        lambda s: [*s.shards, s.set_dir],
+        "sharding",
+    )["shards"]
     if isinstance(shards, BaseException):
         raise shards
     card = publish_data_card(workspace, config.shards.filters)

@@ -58,8 +58,11 @@ def use_workspace(workspace: Path, wait: bool = False, lock: bool = True) -> Pat
             raise problem
         free = shutil.disk_usage(folder).free
         if free < MIN_FREE_BYTES:
-            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {free >> 20} MiB free under {folder}, "
-                          f"a run needs at least {MIN_FREE_BYTES >> 20} MiB")  # fmt: skip
+            raise OSError(
+                errno.ENOSPC,
+                f"{os.strerror(errno.ENOSPC)}: {free >> 20} MiB free under {folder}, "
+                f"a run needs at least {MIN_FREE_BYTES >> 20} MiB",
+            )
     return workspace
 
 
@@ -108,11 +111,18 @@ def _acquire(workspace: Path, wait: bool) -> None:
             except BlockingIOError:
                 holder = lock_holder(workspace)
                 if not wait:
-                    raise WorkspaceBusy(f"workspace {workspace} is in use by {holder}; run one verb at a time on a "
-                                        "workspace, or pass --wait to start when it is free") from None  # fmt: skip
+                    raise WorkspaceBusy(
+                        f"workspace {workspace} is in use by {holder}; run one verb at a time on a "
+                        "workspace, or pass --wait to start when it is free"
+                    ) from None
                 print(f"waiting for workspace {workspace}: in use by {holder}", file=sys.stderr, flush=True)
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            me = {"pid": os.getpid(), "host": socket.gethostname(), "command": _command_line(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            me = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": _command_line(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(me).encode(), 0)
         except BaseException:
@@ -195,7 +205,9 @@ def _chain(exc: BaseException) -> list[BaseException]:
             continue
         seen.append(current)
         todo.extend(getattr(current, "exceptions", ()) or ())
-        todo.append(current.__cause__ if current.__cause__ is not None or current.__suppress_context__ else current.__context__)
+        todo.append(
+            current.__cause__ if current.__cause__ is not None or current.__suppress_context__ else current.__context__
+        )
     return seen
 
 
@@ -215,7 +227,9 @@ def _describe(exc: BaseException) -> str:
 
 def _describe_os_error(exc: OSError) -> str:
     """e.g. "No space left on device [ENOSPC]: /ws/clips/x.mp4", plus the message when it says more."""
-    text = f"{os.strerror(exc.errno)} [{errno.errorcode.get(exc.errno, exc.errno)}]" + (f": {exc.filename}" if exc.filename else "")
+    text = f"{os.strerror(exc.errno)} [{errno.errorcode.get(exc.errno, exc.errno)}]" + (
+        f": {exc.filename}" if exc.filename else ""
+    )
     if str(exc) != str(OSError(exc.errno, os.strerror(exc.errno), *((exc.filename,) if exc.filename else ()))):
         text += f" ({type(exc).__name__}: {exc})"
     return _one_line(text)
@@ -245,8 +259,10 @@ def failure_cause(exc: BaseException) -> str:
     disk = next(((folder, problem) for folder in places if (problem := probe_writes(folder)) is not None), None)
     if disk is not None and (os_error is None or os_error.errno != disk[1].errno):
         folder, problem = disk
-        return _one_line(f"{os.strerror(problem.errno)} [{errno.errorcode.get(problem.errno, problem.errno)}] writing under {folder} "
-                         f"(the run failed with: {_describe(chain[-1])})")  # fmt: skip
+        return _one_line(
+            f"{os.strerror(problem.errno)} [{errno.errorcode.get(problem.errno, problem.errno)}] writing under {folder} "
+            f"(the run failed with: {_describe(chain[-1])})"
+        )
     if os_error is not None:
         return _describe_os_error(os_error)
     for e in reversed(chain):
@@ -306,7 +322,11 @@ def run_cached(task, workspace: Path, arguments: dict, products: Callable[[Any],
         return outcomes
 
     outcomes = run(task, list(arguments), label)
-    stale = [k for k, o in outcomes.items() if not isinstance(o, BaseException) and not all((workspace / p).exists() for p in products(o))]
+    stale = [
+        k
+        for k, o in outcomes.items()
+        if not isinstance(o, BaseException) and not all((workspace / p).exists() for p in products(o))
+    ]
     if stale:
         get_run_logger().warning("%d cached result(s) lost their files; recomputing", len(stale))
         outcomes |= run(task.with_options(refresh_cache=True), stale, f"{label} (again)")

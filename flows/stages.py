@@ -36,8 +36,9 @@ class StageModels:
         return cls(pose_files, models_name(config.pose, pose_files), sam2_digest(config.segment))
 
 
-def pose_and_segment(refs: Mapping[K, ClipRef], config: ProjectConfig, models: StageModels, workspace: Workspace,
-                     label: str = "") -> tuple[dict[K, PoseRecord], dict[K, MaskRecord], dict[K, BaseException]]:  # fmt: skip
+def pose_and_segment(
+    refs: Mapping[K, ClipRef], config: ProjectConfig, models: StageModels, workspace: Workspace, label: str = ""
+) -> tuple[dict[K, PoseRecord], dict[K, MaskRecord], dict[K, BaseException]]:
     """The pose task on every clip of ``refs``, then the segment task on every clip posed.
 
     Results are cached under ``workspace`` (the run's); each clip's products go to its own
@@ -55,6 +56,8 @@ def pose_and_segment(refs: Mapping[K, ClipRef], config: ProjectConfig, models: S
         done = {k: o for k, o in outcomes.items() if not isinstance(o, BaseException)}
         return done, {k: o for k, o in outcomes.items() if isinstance(o, BaseException)}
 
-    poses, pose_failed = run(extract_poses, {k: (ref, config.pose, models.pose_files, models.pose) for k, ref in refs.items()})
+    poses, pose_failed = run(
+        extract_poses, {k: (ref, config.pose, models.pose_files, models.pose) for k, ref in refs.items()}
+    )
     masks, mask_failed = run(segment_clip, {k: (refs[k], p, config.segment, models.segment) for k, p in poses.items()})
     return poses, masks, pose_failed | mask_failed

@@ -37,13 +37,22 @@ def train(config: TrainConfig = TrainConfig()) -> TrainResult:
     config = config.model_copy(update={"workspace": Path(config.workspace).absolute()})
     shards = check_inputs(config)  # shards and weights, each missing one named
     check_embeddings(config)
-    logger.info("%d shard(s), %d process(es), %d step(s) -> %s", len(shards), config.nproc, config.max_steps, config.run_dir)
+    logger.info(
+        "%d shard(s), %d process(es), %d step(s) -> %s", len(shards), config.nproc, config.max_steps, config.run_dir
+    )
     result = run_training(config)
     create_table_artifact(
         key="train-metrics",
-        table=[{"run": config.run_name, "steps": result.steps, "final loss": round(result.final_loss, 5),
-                "mean step time (s)": round(result.mean_step_time_s, 3), "samples/s": round(result.samples_per_s, 3),
-                "peak memory (GiB)": round(result.peak_mem_gib, 3)}],  # fmt: skip
+        table=[
+            {
+                "run": config.run_name,
+                "steps": result.steps,
+                "final loss": round(result.final_loss, 5),
+                "mean step time (s)": round(result.mean_step_time_s, 3),
+                "samples/s": round(result.samples_per_s, 3),
+                "peak memory (GiB)": round(result.peak_mem_gib, 3),
+            }
+        ],
         description=f"training run {config.run_name}",
     )
     create_markdown_artifact(

@@ -100,11 +100,7 @@ class LoadReport:
 
 def trained_state(dit: MultiAnimateDiT) -> dict[str, torch.Tensor]:
     """The tensors a MultiAnimate checkpoint holds: LoRA and the three encoders."""
-    return {
-        name: t
-        for name, t in dit.state_dict().items()
-        if not name.startswith("transformer.") or ".lora_" in name
-    }
+    return {name: t for name, t in dit.state_dict().items() if not name.startswith("transformer.") or ".lora_" in name}
 
 
 # ---- our format ----------------------------------------------------------------------
@@ -128,7 +124,10 @@ def save_adapter_tensors(
         "label_pool": label_pool,
         "lora_rank": lora_rank,
         "lora_alpha": lora_alpha,
-        "dit": {k: dit_config[k] for k in ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim", "text_dim", "image_dim")},
+        "dit": {
+            k: dit_config[k]
+            for k in ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim", "text_dim", "image_dim")
+        },
     }
     with atomic_path(folder / ADAPTER_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
@@ -167,12 +166,14 @@ def load_adapter(dit: MultiAnimateDiT, folder: Path) -> LoadReport:
     folder = Path(folder)
     config = json.loads((folder / CONFIG_FILE).read_text())
     if config.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: format version {config.get('version')}, expected {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{folder / CONFIG_FILE}: format version {config.get('version')}, expected {FORMAT_VERSION}"
+        )
     if config["label_pool"] != dit.label_pool:
         raise CheckpointError(f"{folder}: label pool {config['label_pool']} but the model has {dit.label_pool}")
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(folder / ADAPTER_FILE), framework="pt") as f:
-        for key in f.keys():
+        for key in f:
             tensors[key] = f.get_tensor(key)
     report = LoadReport(source=folder, lora_rank=config["lora_rank"])
     _ensure_lora(dit, config["lora_rank"], config["lora_alpha"], folder)
@@ -225,7 +226,7 @@ def load_released(dit: MultiAnimateDiT, folder: Path) -> LoadReport:
     unplaced: list[str] = []
     for shard in _released_shards(folder):
         with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
+            for key in f:
                 try:
                     ours = released_name(key)
                 except KeyError:
@@ -443,16 +444,28 @@ def save_checkpoint_files(state: dict, path: Path, rank: int, step: int) -> None
 
 # What a DCP ``.metadata`` pickle is made of (torch 2.x): its records, sizes, dtypes (and the
 # layout and memory-format constants), the checkpoint id as a path. Nothing that runs code.
-_METADATA_GLOBALS = frozenset({
-    *(("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
-        "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    *((module, name) for module in ("pathlib", "pathlib._local") for name in ("PosixPath", "PurePosixPath")),
-    ("collections", "OrderedDict"),
-})  # fmt: skip
+_METADATA_GLOBALS = frozenset(
+    {
+        *(
+            ("torch.distributed.checkpoint.metadata", name)
+            for name in (
+                "Metadata",
+                "MetadataIndex",
+                "StorageMeta",
+                "TensorProperties",
+                "TensorStorageMetadata",
+                "BytesStorageMetadata",
+                "ChunkStorageMetadata",
+                "_MEM_FORMAT_ENCODING",
+            )
+        ),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        *((module, name) for module in ("pathlib", "pathlib._local") for name in ("PosixPath", "PurePosixPath")),
+        ("collections", "OrderedDict"),
+    }
+)
 _TORCH_CONSTANTS = (torch.dtype, torch.layout, torch.memory_format)
 
 
@@ -482,7 +495,7 @@ def read_checkpoint_metadata(path: Path) -> Metadata:
             metadata = _MetadataUnpickler(fh, file).load()
         except UnsafeCheckpointError:
             raise
-        except Exception as exc:  # noqa: BLE001 - truncated or foreign bytes: one clear error
+        except Exception as exc:
             raise CheckpointError(f"{file}: not readable checkpoint metadata ({type(exc).__name__}: {exc})") from exc
     if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
         raise CheckpointError(f"{file}: holds a {type(metadata).__name__}, not checkpoint metadata")
@@ -525,7 +538,7 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
             lines = [line for line in str(exc).splitlines() if line.strip()]
             reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "not plain data")
             raise UnsafeCheckpointError(f"{self.source}: item {fqn} refused, it would run code: {reason}") from None
-        except Exception as exc:  # noqa: BLE001 - a damaged item: one clear error
+        except Exception as exc:
             raise CheckpointError(f"{self.source}: item {fqn} unreadable ({type(exc).__name__}: {exc})") from exc
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[fqn], obj)

@@ -46,9 +46,15 @@ class Components:
 
 def _squashing_processor(size: int) -> CLIPImageProcessor:
     return CLIPImageProcessor(
-        do_resize=True, size={"height": size, "width": size}, resample=3, do_center_crop=False,
-        do_rescale=True, do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
-    )  # fmt: skip
+        do_resize=True,
+        size={"height": size, "width": size},
+        resample=3,
+        do_center_crop=False,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
 
 
 # The tiny VAE's own latent normalisation, measured by measure_latent_statistics over 8
@@ -56,8 +62,42 @@ def _squashing_processor(size: int) -> CLIPImageProcessor:
 # re-measured by tests/test_model.py). Wan's published constants belong to the real VAE: on
 # the random tiny one they leave the picture content at ~6 % of the noise's scale, and a
 # tiny model then has almost nothing to learn from.
-TINY_LATENTS_MEAN = (0.7818, 0.5057, -0.0751, 0.5233, 0.1579, -0.3689, 0.7367, -0.0794, -0.0575, -0.4688, -0.1384, -0.8362, 0.1851, 0.6319, -0.8351, 0.5557)
-TINY_LATENTS_STD = (0.1128, 0.2312, 0.1401, 0.1424, 0.1954, 0.0631, 0.2023, 0.0605, 0.0964, 0.0735, 0.1310, 0.1255, 0.1441, 0.0878, 0.3301, 0.0871)
+TINY_LATENTS_MEAN = (
+    0.7818,
+    0.5057,
+    -0.0751,
+    0.5233,
+    0.1579,
+    -0.3689,
+    0.7367,
+    -0.0794,
+    -0.0575,
+    -0.4688,
+    -0.1384,
+    -0.8362,
+    0.1851,
+    0.6319,
+    -0.8351,
+    0.5557,
+)
+TINY_LATENTS_STD = (
+    0.1128,
+    0.2312,
+    0.1401,
+    0.1424,
+    0.1954,
+    0.0631,
+    0.2023,
+    0.0605,
+    0.0964,
+    0.0735,
+    0.1310,
+    0.1255,
+    0.1441,
+    0.0878,
+    0.3301,
+    0.0871,
+)
 
 
 def measure_latent_statistics(vae: AutoencoderKLWan, clips_NTHWC: np.ndarray) -> tuple[list[float], list[float]]:
@@ -100,7 +140,9 @@ def smooth_init_encoder(vae: AutoencoderKLWan, seed: int = 0) -> None:
                     module.weight[c, c, :, 0, 0] = 1 / 3
         for conv in (enc.conv_in, enc.conv_out):  # current frame, centre tap only: no edges
             conv.weight.zero_()
-            conv.weight[:, :, -1, 1, 1] = torch.randn(conv.weight.shape[:2], generator=gen) / conv.weight.shape[1] ** 0.5
+            conv.weight[:, :, -1, 1, 1] = (
+                torch.randn(conv.weight.shape[:2], generator=gen) / conv.weight.shape[1] ** 0.5
+            )
             conv.bias.copy_(0.5 * torch.randn(conv.bias.shape, generator=gen))
 
 
@@ -117,16 +159,26 @@ def build_tiny(cfg: ModelConfig) -> Components:
     dit = MultiAnimateDiT(transformer, cfg.label_pool)
     torch.manual_seed(cfg.seed + 1)  # the VAE's own stream: its measured statistics hold for any DiT shape
     vae = AutoencoderKLWan(
-        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-        latents_mean=list(TINY_LATENTS_MEAN), latents_std=list(TINY_LATENTS_STD),
+        base_dim=8,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=list(TINY_LATENTS_MEAN),
+        latents_std=list(TINY_LATENTS_STD),
     )
     smooth_init_encoder(vae)
     clip = CLIPVisionModel(
         CLIPVisionConfig(
-            hidden_size=cfg.dit.image_dim, intermediate_size=2 * cfg.dit.image_dim, num_hidden_layers=3,
-            num_attention_heads=2, image_size=TINY_CLIP_SIZE, patch_size=8, projection_dim=cfg.dit.image_dim,
+            hidden_size=cfg.dit.image_dim,
+            intermediate_size=2 * cfg.dit.image_dim,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=TINY_CLIP_SIZE,
+            patch_size=8,
+            projection_dim=cfg.dit.image_dim,
         )
-    )  # fmt: skip
+    )
     return Components(dit.eval(), vae.eval(), clip.eval(), _squashing_processor(TINY_CLIP_SIZE), cfg)
 
 

@@ -102,14 +102,14 @@ class IdentifierAdapter(nn.Sequential):
             raise ValueError(f"identifier channel {int(channels_BK.max())} outside the pool of {self.pool}")
         labels = repeat_first_frame(labels_BTHW.long(), dim=1)
         if int(labels.max()) >= num_classes:
-            raise ValueError(f"label {int(labels.max())} has no channel: the assignment covers {num_classes - 1} persons")
+            raise ValueError(
+                f"label {int(labels.max())} has no channel: the assignment covers {num_classes - 1} persons"
+            )
         # one sample at a time: each has its own channel selection
         outs = []
         for b in range(labels.shape[0]):
             onehot = F.one_hot(labels[b], num_classes).permute(3, 0, 1, 2)[None].to(first.weight.dtype)
-            outs.append(
-                F.conv3d(onehot, first.weight[:, channels_BK[b]], first.bias, first.stride, first.padding)
-            )
+            outs.append(F.conv3d(onehot, first.weight[:, channels_BK[b]], first.bias, first.stride, first.padding))
         x = torch.cat(outs)
         for layer in list(self)[1:]:
             x = layer(x)

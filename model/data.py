@@ -558,7 +558,7 @@ def _tar_members(url: str, select: Any, max_member_bytes: int) -> Iterator[tuple
     ``max_member_bytes`` (``oversized_member``; the only bound on a stream of unknown length).
     """
     path = _local_path(url)
-    stream = open(path, "rb") if path is not None else wds.gopen(url)  # noqa: SIM115 - closed below
+    stream = open(path, "rb") if path is not None else wds.gopen(url)  # noqa: SIM115 - the with below closes it
     with stream:
         file_size = None
         if path is not None:
@@ -577,7 +577,9 @@ def _tar_members(url: str, select: Any, max_member_bytes: int) -> Iterator[tuple
                     continue
                 data = tar.extractfile(info).read()  # type: ignore[union-attr]
                 if len(data) != info.size:
-                    raise ShardReadError("shard_error", url, f"member {info.name!r} ends after {len(data)} of {info.size} bytes")
+                    raise ShardReadError(
+                        "shard_error", url, f"member {info.name!r} ends after {len(data)} of {info.size} bytes"
+                    )
                 yield info.name, data
 
 
@@ -643,7 +645,7 @@ class ClipDataset(IterableDataset):
 
     def _read_samples(self, src: Iterable[dict[str, Any]], streak: _Streak) -> Iterator[dict[str, Any]]:
         """Shard urls -> raw samples (member bytes by extension, as webdataset groups them)."""
-        select = lambda name: not name.endswith(".ref.png")  # never read by the loader  # noqa: E731
+        select = lambda name: not name.endswith(".ref.png")  # never read by the loader
         for item in src:
             url, sample, failed = item["url"], None, False
             try:
@@ -658,7 +660,7 @@ class ClipDataset(IterableDataset):
                     if ext.lower() in sample:
                         raise ShardReadError("shard_error", url, f"duplicate member {name!r}")
                     sample[ext.lower()] = data
-            except Exception as exn:  # noqa: BLE001 - counted; the next shard goes on
+            except Exception as exn:
                 failed = True
                 self._on_shard_error(exn, streak)
             # After an error this is the stub of the cut sample; decoding counts what it lacks.

@@ -42,8 +42,10 @@ class EvalResult:
     num_clips: int
 
     def __str__(self) -> str:
-        return (f"person_mse {self.person_mse:.4f}, identity_accuracy {self.identity_accuracy:.3f}, "
-                f"denoise_mse {self.denoise_mse:.4f}, foreground_share {self.foreground_share:.3f} over {self.num_clips} clips")  # fmt: skip
+        return (
+            f"person_mse {self.person_mse:.4f}, identity_accuracy {self.identity_accuracy:.3f}, "
+            f"denoise_mse {self.denoise_mse:.4f}, foreground_share {self.foreground_share:.3f} over {self.num_clips} clips"
+        )
 
 
 class PoseBlindPipeline(MultiAnimatePipeline):
@@ -72,7 +74,9 @@ def vae_latents(pipe: MultiAnimatePipeline, video_CTHW: torch.Tensor) -> torch.T
     return ((vae.encode(x).latent_dist.mode() - mean) / std)[0].float().cpu()
 
 
-def region_scores(generated: torch.Tensor, truth: torch.Tensor, labels_thw: np.ndarray, num_persons: int) -> tuple[list[float], list[bool]]:
+def region_scores(
+    generated: torch.Tensor, truth: torch.Tensor, labels_thw: np.ndarray, num_persons: int
+) -> tuple[list[float], list[bool]]:
     """Per person: MSE inside its region (frames >= 1), and whether its generated mean latent
     is nearest to its own true mean latent."""
     errors, correct = [], []
@@ -102,7 +106,9 @@ def foreground_share(latents: torch.Tensor, labels_thw: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def denoised_latents(pipe: MultiAnimatePipeline, cond: Conditions, truth: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+def denoised_latents(
+    pipe: MultiAnimatePipeline, cond: Conditions, truth: torch.Tensor, sigma: float, seed: int
+) -> torch.Tensor:
     """x0 predicted in one step from the truth noised at ``sigma``, with the pipeline's own
     conditions (so a pose-blind pipeline drops them here too)."""
     dit, device = pipe.c.dit, pipe.device
@@ -116,7 +122,9 @@ def denoised_latents(pipe: MultiAnimatePipeline, cond: Conditions, truth: torch.
     x0 = truth[None].to(device, dtype)
     x_t = (1 - sigma) * x0 + sigma * noise.to(device, dtype)
     timestep = torch.full((1,), 1000.0 * sigma, device=device, dtype=dtype)
-    v = pipe.predict(x_t, y, timestep, image, cond.prompt_embeds[None].to(device, dtype), None, tokens, ref_features, 1.0)
+    v = pipe.predict(
+        x_t, y, timestep, image, cond.prompt_embeds[None].to(device, dtype), None, tokens, ref_features, 1.0
+    )
     return (x_t - sigma * v)[0].float().cpu()
 
 
@@ -134,7 +142,9 @@ def frozen_figures_mse(pipe: MultiAnimatePipeline, samples: list[dict]) -> float
     for sample in samples:
         video = sample["video"]
         labels = latent_labels(sample["labels"].numpy())
-        errors += region_scores(vae_latents(pipe, frozen_figures(video)), vae_latents(pipe, video), labels, int(sample["num_persons"]))[0]
+        errors += region_scores(
+            vae_latents(pipe, frozen_figures(video)), vae_latents(pipe, video), labels, int(sample["num_persons"])
+        )[0]
     return float(np.mean(errors))
 
 
@@ -176,4 +186,6 @@ def evaluate(
         for j, sigma in enumerate(denoise_sigmas):
             x0 = denoised_latents(pipe, cond, truth, sigma, seed=sampling.seed + j)
             denoise += region_scores(x0, truth, labels, int(sample["num_persons"]))[0]
-    return EvalResult(float(np.mean(errors)), float(np.mean(correct)), float(np.mean(denoise)), float(np.mean(shares)), len(samples))
+    return EvalResult(
+        float(np.mean(errors)), float(np.mean(correct)), float(np.mean(denoise)), float(np.mean(shares)), len(samples)
+    )

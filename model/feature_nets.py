@@ -30,7 +30,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -70,12 +69,20 @@ _VGG_TAPS = (4, 9, 16, 23, 30)  # ... of vgg16.features
 def _alex_features(c: Sequence[int]) -> nn.Sequential:
     # torchvision AlexNet.features, layer for layer (indices match its state dict)
     return nn.Sequential(
-        nn.Conv2d(3, c[0], 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(c[0], c[1], 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(c[1], c[2], 3, padding=1), nn.ReLU(),
-        nn.Conv2d(c[2], c[3], 3, padding=1), nn.ReLU(),
-        nn.Conv2d(c[3], c[4], 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
-    )  # fmt: skip
+        nn.Conv2d(3, c[0], 11, 4, 2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(c[0], c[1], 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(c[1], c[2], 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(c[2], c[3], 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(c[3], c[4], 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+    )
 
 
 def _vgg_features(c: Sequence[int]) -> nn.Sequential:
@@ -92,7 +99,7 @@ def _vgg_features(c: Sequence[int]) -> nn.Sequential:
 class LPIPS(nn.Module):
     """LPIPS distance: forward(img0, img1) in [-1, 1], [B, 3, H, W] -> [B] (or the spatial map)."""
 
-    def __init__(self, backbone: str = "alex", channels: Optional[Sequence[int]] = None) -> None:
+    def __init__(self, backbone: str = "alex", channels: Sequence[int] | None = None) -> None:
         super().__init__()
         if backbone not in ("alex", "vgg"):
             raise ValueError(f"lpips backbone must be 'alex' or 'vgg', got {backbone!r}")
@@ -144,8 +151,16 @@ def _pad3d(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int]) -> tor
 class Unit3D(nn.Module):
     """Conv3d (SAME padding, no bias) + BatchNorm3d + ReLU, as pytorch-i3d (names conv3d, bn)."""
 
-    def __init__(self, cin: int, cout: int, kernel=(1, 1, 1), stride=(1, 1, 1), relu: bool = True,
-                 batch_norm: bool = True, bias: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel=(1, 1, 1),
+        stride=(1, 1, 1),
+        relu: bool = True,
+        batch_norm: bool = True,
+        bias: bool = False,
+    ) -> None:
         super().__init__()
         self.kernel, self.stride, self.relu = tuple(kernel), tuple(stride), relu
         self.conv3d = nn.Conv3d(cin, cout, self.kernel, self.stride, padding=0, bias=bias)
@@ -182,21 +197,40 @@ class InceptionModule(nn.Module):
 
 
 _I3D_MIXED = {
-    "Mixed_3b": (64, 96, 128, 16, 32, 32), "Mixed_3c": (128, 128, 192, 32, 96, 64),
-    "Mixed_4b": (192, 96, 208, 16, 48, 64), "Mixed_4c": (160, 112, 224, 24, 64, 64),
-    "Mixed_4d": (128, 128, 256, 24, 64, 64), "Mixed_4e": (112, 144, 288, 32, 64, 64),
-    "Mixed_4f": (256, 160, 320, 32, 128, 128), "Mixed_5b": (256, 160, 320, 32, 128, 128),
+    "Mixed_3b": (64, 96, 128, 16, 32, 32),
+    "Mixed_3c": (128, 128, 192, 32, 96, 64),
+    "Mixed_4b": (192, 96, 208, 16, 48, 64),
+    "Mixed_4c": (160, 112, 224, 24, 64, 64),
+    "Mixed_4d": (128, 128, 256, 24, 64, 64),
+    "Mixed_4e": (112, 144, 288, 32, 64, 64),
+    "Mixed_4f": (256, 160, 320, 32, 128, 128),
+    "Mixed_5b": (256, 160, 320, 32, 128, 128),
     "Mixed_5c": (384, 192, 384, 48, 128, 128),
-}  # fmt: skip
+}
 _I3D_POOLS = {
-    "MaxPool3d_2a_3x3": ((1, 3, 3), (1, 2, 2)), "MaxPool3d_3a_3x3": ((1, 3, 3), (1, 2, 2)),
-    "MaxPool3d_4a_3x3": ((3, 3, 3), (2, 2, 2)), "MaxPool3d_5a_2x2": ((2, 2, 2), (2, 2, 2)),
-}  # fmt: skip
+    "MaxPool3d_2a_3x3": ((1, 3, 3), (1, 2, 2)),
+    "MaxPool3d_3a_3x3": ((1, 3, 3), (1, 2, 2)),
+    "MaxPool3d_4a_3x3": ((3, 3, 3), (2, 2, 2)),
+    "MaxPool3d_5a_2x2": ((2, 2, 2), (2, 2, 2)),
+}
 _I3D_ORDER = (
-    "Conv3d_1a_7x7", "MaxPool3d_2a_3x3", "Conv3d_2b_1x1", "Conv3d_2c_3x3", "MaxPool3d_3a_3x3", "Mixed_3b",
-    "Mixed_3c", "MaxPool3d_4a_3x3", "Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f",
-    "MaxPool3d_5a_2x2", "Mixed_5b", "Mixed_5c",
-)  # fmt: skip
+    "Conv3d_1a_7x7",
+    "MaxPool3d_2a_3x3",
+    "Conv3d_2b_1x1",
+    "Conv3d_2c_3x3",
+    "MaxPool3d_3a_3x3",
+    "Mixed_3b",
+    "Mixed_3c",
+    "MaxPool3d_4a_3x3",
+    "Mixed_4b",
+    "Mixed_4c",
+    "Mixed_4d",
+    "Mixed_4e",
+    "Mixed_4f",
+    "MaxPool3d_5a_2x2",
+    "Mixed_5b",
+    "Mixed_5c",
+)
 
 
 class InceptionI3d(nn.Module):
@@ -235,7 +269,7 @@ class InceptionI3d(nn.Module):
 class Bottleneck3D(nn.Module):
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None) -> None:
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
         super().__init__()
         self.conv1, self.bn1 = nn.Conv3d(cin, planes, 1, bias=False), nn.BatchNorm3d(planes)
         self.conv2 = nn.Conv3d(planes, planes, 3, stride=stride, padding=1, bias=False)
@@ -254,8 +288,13 @@ class ResNet3D(nn.Module):
     """3-D ResNet (Bottleneck, shortcut B): [B, 3, T, 112, 112] (0..255 minus R3D_MEAN) -> [B, 4 * planes[-1]]
     pooled features. Names as 3D-ResNets-PyTorch's resnet.py (fc kept so its files load strictly)."""
 
-    def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), planes: Sequence[int] = (64, 128, 256, 512),
-                 stem: int = 64, num_classes: int = 400) -> None:  # fmt: skip
+    def __init__(
+        self,
+        layers: Sequence[int] = (3, 4, 6, 3),
+        planes: Sequence[int] = (64, 128, 256, 512),
+        stem: int = 64,
+        num_classes: int = 400,
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv3d(3, stem, 7, stride=(1, 2, 2), padding=3, bias=False)
         self.bn1 = nn.BatchNorm3d(stem)
@@ -302,7 +341,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: holds {type(state).__name__}, not a state dict")
+        raise ValueError(f"{path}: holds {type(state).__name__}, not a state dict")  # noqa: TRY004 - bad file content, named
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
@@ -312,11 +351,16 @@ def _fit(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     own = module.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
-             if k in state and state[k].shape != v.shape]  # fmt: skip
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
-        raise ValueError(f"{path}: does not fit {type(module).__name__}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")  # fmt: skip
+        raise ValueError(
+            f"{path}: does not fit {type(module).__name__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
+        )
     module.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
 
 
@@ -387,8 +431,11 @@ def load_eval_networks(cfg: EvalNetworks, protocol: Protocol = Protocol()) -> Ev
         (cfg.fvd_path, "fvd_path", WHERE["i3d"]),
         (cfg.fid_vid_path, "fid_vid_path", WHERE["r3d"]),
     ]
-    missing = [f"{key}={path} (get it from {where})" for path, key, where in wanted
-               if path is not None and not Path(path).is_file()]  # fmt: skip
+    missing = [
+        f"{key}={path} (get it from {where})"
+        for path, key, where in wanted
+        if path is not None and not Path(path).is_file()
+    ]
     if missing:
         raise ValueError("evaluation network file(s) missing (nothing is downloaded): " + "; ".join(missing))
     seed = cfg.tiny_seed
@@ -425,7 +472,7 @@ class ImageEncoderAppearance:
     """Appearance features from the profile's image encoder (a transformers CLIPVisionModel, the
     Wan image encoder): crops uint8 [N, S, S, 3] -> unit-norm pooled features [N, D]."""
 
-    def __init__(self, image_encoder: nn.Module, name: Optional[str] = None, batch_size: int = 32) -> None:
+    def __init__(self, image_encoder: nn.Module, name: str | None = None, batch_size: int = 32) -> None:
         self.encoder = image_encoder.eval()
         cfg = getattr(image_encoder, "config", None)
         size = f"{getattr(cfg, 'hidden_size', '?')}d x {getattr(cfg, 'num_hidden_layers', '?')} layers"

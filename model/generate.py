@@ -85,8 +85,10 @@ class Deadline:
 
     def check(self, where: str) -> None:
         if time.monotonic() > self.end:
-            raise JobTimeout(f"job {self.job_id} ran over its time limit of {self.seconds:g} s (generate.job_timeout_s) "
-                             f"and was stopped {where}")  # fmt: skip
+            raise JobTimeout(
+                f"job {self.job_id} ran over its time limit of {self.seconds:g} s (generate.job_timeout_s) "
+                f"and was stopped {where}"
+            )
 
     def on_step(self, step: int, steps: int) -> None:
         self.check(f"after denoising step {step}/{steps}")
@@ -95,7 +97,9 @@ class Deadline:
 def check_video(frames) -> None:
     """A video of one value everywhere is no animation (e.g. the clamp of a saturated guidance)."""
     if frames.size and frames.min() == frames.max():
-        raise DegenerateOutputError(f"every pixel of the generated video is {int(frames.min())}: a degenerate output, not written")
+        raise DegenerateOutputError(
+            f"every pixel of the generated video is {int(frames.min())}: a degenerate output, not written"
+        )
 
 
 @dataclass
@@ -156,20 +160,38 @@ def _make_room_for_text_encoder(logger: Logger) -> None:
     logger.info("moved the loaded pipeline to the CPU while the text encoder runs (%.1f GiB were free)", free_gib)
 
 
-def prompt_embeddings(workspace: Workspace | Path, model: ModelConfig, prompt: str, logger: Logger | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_embeddings(
+    workspace: Workspace | Path, model: ModelConfig, prompt: str, logger: Logger | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt, negative prompt) embeddings [512, D] from the workspace cache; the profile's
     text encoder is loaded (and released) only when one of them is missing."""
     folder = Workspace.of(workspace).embeddings
     encoder_id = profile_encoder_id(model.profile, model.wan_folder)
     make_room = None if model.profile == "tiny" else lambda: _make_room_for_text_encoder(logger or _log)
-    ensure_cached(folder, model.profile, model.wan_folder, [prompt, WAN_NEGATIVE_PROMPT], before_load=make_room, encoder_id=encoder_id)
+    ensure_cached(
+        folder,
+        model.profile,
+        model.wan_folder,
+        [prompt, WAN_NEGATIVE_PROMPT],
+        before_load=make_room,
+        encoder_id=encoder_id,
+    )
     cache = EmbeddingCache(folder, encoder_id)
     return cache.get(prompt), cache.get(WAN_NEGATIVE_PROMPT)
 
 
-def run_job(spec: JobSpec, poses: Path, masks: Path, pose_config: PoseConfig, pose_files: tuple[Path, Path] | tuple[()],
-            workspace: Workspace | Path, out_dir: Path, timeout_s: float = math.inf, memory: SamplingConfig | None = None,
-            logger: Logger | None = None) -> GenerationResult:  # fmt: skip
+def run_job(
+    spec: JobSpec,
+    poses: Path,
+    masks: Path,
+    pose_config: PoseConfig,
+    pose_files: tuple[Path, Path] | tuple[()],
+    workspace: Workspace | Path,
+    out_dir: Path,
+    timeout_s: float = math.inf,
+    memory: SamplingConfig | None = None,
+    logger: Logger | None = None,
+) -> GenerationResult:
     """Reference pose, retargeting, prompt embeddings, sampling, outputs of one job, written
     into ``out_dir`` (the generate flow's staging folder: it publishes the folder as
     ``outputs/<job_id>/`` with job.json after this; the result's ``outputs`` name those
@@ -197,10 +219,20 @@ def run_job(spec: JobSpec, poses: Path, masks: Path, pose_config: PoseConfig, po
     with _timed(timings, "retarget_s"):
         driving = retarget.load_driving(poses, masks, spec.num_frames)
         try:
-            inputs = retarget.prepare_inputs(driving, ref_kp, ref_scores, (image.shape[1], image.shape[0]), (spec.width, spec.height),
-                                             spec.person_map, pose_config.style, pose_config.keypoint_threshold)  # fmt: skip
+            inputs = retarget.prepare_inputs(
+                driving,
+                ref_kp,
+                ref_scores,
+                (image.shape[1], image.shape[0]),
+                (spec.width, spec.height),
+                spec.person_map,
+                pose_config.style,
+                pose_config.keypoint_threshold,
+            )
         except ValueError as exc:  # persons that do not match: name both sides
-            raise ValueError(f"{spec.reference} driven by {spec.driving_video or poses} (first {spec.num_frames} frames): {exc}") from exc
+            raise ValueError(
+                f"{spec.reference} driven by {spec.driving_video or poses} (first {spec.num_frames} frames): {exc}"
+            ) from exc
         labels = labels_from_masks(inputs.masks).numpy()
     deadline.check("after retargeting")
     num_persons = len(inputs.person_map)
@@ -214,16 +246,30 @@ def run_job(spec: JobSpec, poses: Path, masks: Path, pose_config: PoseConfig, po
     if loaded.note:
         logger.info("%s: %s", job_id, loaded.note)
     sampling = job_sampling(spec, memory, loaded.offload)
-    cond = Conditions(ref_image=image, pose=inputs.pose, ref_pose=inputs.ref_pose, labels=labels, prompt_embeds=text,
-                      negative_embeds=negative, num_persons=num_persons)  # fmt: skip
+    cond = Conditions(
+        ref_image=image,
+        pose=inputs.pose,
+        ref_pose=inputs.ref_pose,
+        labels=labels,
+        prompt_embeds=text,
+        negative_embeds=negative,
+        num_persons=num_persons,
+    )
     result = loaded.pipe(cond, sampling, on_step=deadline.on_step)
     check_video(result.frames)
     deadline.check("after decoding")
     timings |= {k: round(v, 3) for k, v in result.timings.items()}
     with _timed(timings, "write_s"):
         paths = write_outputs(result.frames, cond, Path(out_dir), spec.fps)
-    logger.info("%s: %d person(s) %s, offload=%s, %s", job_id, num_persons, inputs.person_map, sampling.offload, timings)
+    logger.info(
+        "%s: %d person(s) %s, offload=%s, %s", job_id, num_persons, inputs.person_map, sampling.offload, timings
+    )
     return GenerationResult(
-        outputs={name: ws.relative(ws.output(job_id) / Path(path).name) for name, path in paths.items()},  # where they are published
-        timings=timings, num_persons=num_persons, person_map=inputs.person_map, prompt=prompt,
-    )  # fmt: skip
+        outputs={
+            name: ws.relative(ws.output(job_id) / Path(path).name) for name, path in paths.items()
+        },  # where they are published
+        timings=timings,
+        num_persons=num_persons,
+        person_map=inputs.person_map,
+        prompt=prompt,
+    )

@@ -86,7 +86,12 @@ class SafetensorsFolder:
             for key, info in header.items():
                 if info["dtype"] not in _DTYPES:
                     raise ValueError(f"{path}: tensor {key} has dtype {info['dtype']}, not a float type")
-                self.entries[key] = (path, _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + info["data_offsets"][0])
+                self.entries[key] = (
+                    path,
+                    _DTYPES[info["dtype"]],
+                    tuple(info["shape"]),
+                    8 + size + info["data_offsets"][0],
+                )
 
     def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor) -> None:
         """Rows [start, stop) of ``key`` (dim 0) into ``out`` (any device and float dtype)."""

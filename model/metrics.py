@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Optional
 
 import cv2
 import numpy as np
@@ -68,8 +67,14 @@ class Conformed:
     def truncate(self, num_frames: int, why: str) -> Conformed:
         if num_frames >= self.num_frames:
             return self
-        return Conformed(self.source_size, self.size, self.source_fps, self.fps, self.frame_index[:num_frames],
-                         self.actions + (f"cut to {num_frames} frames ({why})",))  # fmt: skip
+        return Conformed(
+            self.source_size,
+            self.size,
+            self.source_fps,
+            self.fps,
+            self.frame_index[:num_frames],
+            self.actions + (f"cut to {num_frames} frames ({why})",),
+        )
 
     def _resize(self, frame: np.ndarray, nearest: bool = False) -> np.ndarray:
         (h, w), (oh, ow) = frame.shape[:2], self.size
@@ -130,8 +135,13 @@ def truth_size(height: int, width: int, protocol: Protocol) -> tuple[int, int]:
     return (protocol.short_side, even(width)) if height <= width else (even(height), protocol.short_side)
 
 
-def conform(video: np.ndarray, fps: float, protocol: Protocol = Protocol(), size: Optional[tuple[int, int]] = None,
-            num_frames: Optional[int] = None) -> tuple[np.ndarray, Conformed]:  # fmt: skip
+def conform(
+    video: np.ndarray,
+    fps: float,
+    protocol: Protocol = Protocol(),
+    size: tuple[int, int] | None = None,
+    num_frames: int | None = None,
+) -> tuple[np.ndarray, Conformed]:
     """The protocol's resampling rule for one video: frame rate (nearest timestamp), frame range
     (start_frame, max_frames, and ``num_frames`` when another video sets the length), then size
     (``size``, else the truth rule ``truth_size``). Returns the new video and what was done."""
@@ -163,8 +173,9 @@ def conform(video: np.ndarray, fps: float, protocol: Protocol = Protocol(), size
     return done.video(video), done
 
 
-def conform_pair(truth: np.ndarray, truth_fps: float, generated: np.ndarray, generated_fps: float,
-                 protocol: Protocol = Protocol()) -> tuple[np.ndarray, Conformed, np.ndarray, Conformed]:  # fmt: skip
+def conform_pair(
+    truth: np.ndarray, truth_fps: float, generated: np.ndarray, generated_fps: float, protocol: Protocol = Protocol()
+) -> tuple[np.ndarray, Conformed, np.ndarray, Conformed]:
     """Both videos by the protocol's rule: the truth sets size and length; a shorter generated
     video is compared on the common prefix (never padded: repeated frames would fake a frozen video)."""
     truth_c, t_done = conform(truth, truth_fps, protocol)
@@ -176,8 +187,10 @@ def conform_pair(truth: np.ndarray, truth_fps: float, generated: np.ndarray, gen
 
 
 def describe_resampling(truth: Conformed, generated: Conformed) -> str:
-    parts = [f"truth: {truth.describe()}" if truth.actions else "", f"generated: {generated.describe()}"
-             if generated.actions else ""]  # fmt: skip
+    parts = [
+        f"truth: {truth.describe()}" if truth.actions else "",
+        f"generated: {generated.describe()}" if generated.actions else "",
+    ]
     return " | ".join(p for p in parts if p)
 
 
@@ -237,21 +250,23 @@ def ssim(generated: np.ndarray, truth: np.ndarray, protocol: Protocol = Protocol
     return float(ssim_maps(generated, truth, protocol).reshape(len(truth), -1).mean(1).mean())
 
 
-def person_psnr(generated: np.ndarray, truth: np.ndarray, labels: np.ndarray, num_persons: int,
-                protocol: Protocol = Protocol()) -> list[Optional[float]]:  # fmt: skip
+def person_psnr(
+    generated: np.ndarray, truth: np.ndarray, labels: np.ndarray, num_persons: int, protocol: Protocol = Protocol()
+) -> list[float | None]:
     """Per person: PSNR of the pixels of the person in the truth label map, all frames pooled."""
     _check_pair(generated, truth)
     diff = generated.astype(np.float64) - truth.astype(np.float64)
     sq = (diff * diff).mean(-1)
-    out: list[Optional[float]] = []
+    out: list[float | None] = []
     for k in range(1, num_persons + 1):
         on = labels == k
         out.append(_psnr_of_mse(float(sq[on].mean()), protocol) if on.any() else None)
     return out
 
 
-def person_ssim(maps: np.ndarray, labels: np.ndarray, num_persons: int, protocol: Protocol = Protocol()
-                ) -> list[Optional[float]]:  # fmt: skip
+def person_ssim(
+    maps: np.ndarray, labels: np.ndarray, num_persons: int, protocol: Protocol = Protocol()
+) -> list[float | None]:
     """Per person: mean of the SSIM maps (ssim_maps) over the person's pixels."""
     r = protocol.ssim_window // 2
     inner = labels[:, r : labels.shape[1] - r, r : labels.shape[2] - r]
@@ -266,8 +281,11 @@ def lpips_frames(generated: np.ndarray, truth: np.ndarray, net: torch.nn.Module,
     device = next(net.parameters()).device
     out = []
     for i in range(0, len(truth), batch_size):
-        a, b = (torch.from_numpy(np.ascontiguousarray(v[i : i + batch_size])).to(device).permute(0, 3, 1, 2).float()
-                / 127.5 - 1.0 for v in (generated, truth))  # fmt: skip
+        a, b = (
+            torch.from_numpy(np.ascontiguousarray(v[i : i + batch_size])).to(device).permute(0, 3, 1, 2).float() / 127.5
+            - 1.0
+            for v in (generated, truth)
+        )
         out.append(net(a, b).double().cpu().numpy())
     return np.concatenate(out)
 
@@ -308,7 +326,7 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     return max(0.0, float(diff @ diff) + tr_a + tr_b - 2.0 * tr_sqrt)
 
 
-def fvd(truth_features: np.ndarray, generated_features: np.ndarray) -> Optional[float]:
+def fvd(truth_features: np.ndarray, generated_features: np.ndarray) -> float | None:
     """FVD: the Frechet distance of I3D features of the truth's and the generated segments
     (None with fewer than 2 segments a side)."""
     if min(len(truth_features), len(generated_features)) < 2:
@@ -330,13 +348,19 @@ def _squash(frame: np.ndarray, side: int) -> np.ndarray:
     # bicubic per channel in float (PIL "F" mode, as clean-fid's resizer that DisCo uses): no rounding
     if frame.shape[:2] == (side, side):
         return frame.astype(np.float32)
-    return np.stack([np.asarray(Image.fromarray(frame[..., c].astype(np.float32), mode="F")
-                                .resize((side, side), Image.BICUBIC)) for c in range(3)], -1)  # fmt: skip
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(frame[..., c].astype(np.float32), mode="F").resize((side, side), Image.BICUBIC))
+            for c in range(3)
+        ],
+        -1,
+    )
 
 
 @torch.no_grad()
-def video_features(video: np.ndarray, net: torch.nn.Module, which: str, protocol: Protocol = Protocol(),
-                   batch_size: int = 4) -> np.ndarray:  # fmt: skip
+def video_features(
+    video: np.ndarray, net: torch.nn.Module, which: str, protocol: Protocol = Protocol(), batch_size: int = 4
+) -> np.ndarray:
     """Features of a video's segments for FVD (``which="fvd"``: I3D, fvd_size, [-1, 1]) or FID-VID
     (``"fid_vid"``: 3-D ResNet-50, fid_vid_size, 0..255 minus the Kinetics mean): [N, D]."""
     _check_video(video, "video")
@@ -367,8 +391,9 @@ def _found(keypoints: np.ndarray, scores: np.ndarray, protocol: Protocol) -> np.
     return (scores >= protocol.pck_score_threshold) & (keypoints >= 0).all(-1)
 
 
-def match_detections(keypoints: np.ndarray, scores: np.ndarray, labels: np.ndarray, num_persons: int,
-                     protocol: Protocol = Protocol()) -> np.ndarray:  # fmt: skip
+def match_detections(
+    keypoints: np.ndarray, scores: np.ndarray, labels: np.ndarray, num_persons: int, protocol: Protocol = Protocol()
+) -> np.ndarray:
     """Re-detected poses matched to the driving persons by the label map: each found body keypoint
     votes for the label under it; rows and persons are paired to maximise the votes (Hungarian),
     pairs without a vote dropped. Returns int [T, K]: the row of person k, -1 = none."""
@@ -397,16 +422,23 @@ class PckResult:
     hits: np.ndarray  # int [K]: judged keypoints placed correctly
     judged: np.ndarray  # int [K]: found truth keypoints judged
 
-    def per_person(self) -> list[Optional[float]]:
+    def per_person(self) -> list[float | None]:
         return [float(h / j) if j else None for h, j in zip(self.hits, self.judged)]
 
-    def overall(self) -> Optional[float]:
+    def overall(self) -> float | None:
         return float(self.hits.sum() / self.judged.sum()) if self.judged.sum() else None
 
 
-def pck(generated_keypoints: np.ndarray, generated_scores: np.ndarray, truth_keypoints: np.ndarray,
-        truth_scores: np.ndarray, truth_pose_index: Optional[np.ndarray], labels: np.ndarray, num_persons: int,
-        protocol: Protocol = Protocol()) -> PckResult:  # fmt: skip
+def pck(
+    generated_keypoints: np.ndarray,
+    generated_scores: np.ndarray,
+    truth_keypoints: np.ndarray,
+    truth_scores: np.ndarray,
+    truth_pose_index: np.ndarray | None,
+    labels: np.ndarray,
+    num_persons: int,
+    protocol: Protocol = Protocol(),
+) -> PckResult:
     """PCK per person: of the person's found truth body keypoints (score >= pck_score_threshold),
     the share the re-detection matched to that person (``match_detections``) places within
     pck_alpha x the longer side of the box around the found truth keypoints. A person without
@@ -460,10 +492,10 @@ class SwapResult:
     swapped: np.ndarray  # int [K]: frames judged a swap
     pairs: np.ndarray  # int [K, K]: pairs[k, j] = frames person k+1 looked most like person j+1 (k != j)
 
-    def per_person(self) -> list[Optional[float]]:
+    def per_person(self) -> list[float | None]:
         return [float(s / j) if j else None for s, j in zip(self.swapped, self.judged)]
 
-    def overall(self) -> Optional[float]:
+    def overall(self) -> float | None:
         return float(self.swapped.sum() / self.judged.sum()) if self.judged.sum() else None
 
     def swapped_with(self) -> list[int]:
@@ -476,9 +508,16 @@ class SwapResult:
         return [(a + 1, b + 1, int(both[a, b])) for a in range(k) for b in range(a + 1, k) if both[a, b]]
 
 
-def identity_swap_rate(video: np.ndarray, labels: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray,
-                       num_persons: int, protocol: Protocol = Protocol(),
-                       appearance: Optional[Appearance] = None, appearance_name: str = "") -> SwapResult:  # fmt: skip
+def identity_swap_rate(
+    video: np.ndarray,
+    labels: np.ndarray,
+    reference: np.ndarray,
+    reference_labels: np.ndarray,
+    num_persons: int,
+    protocol: Protocol = Protocol(),
+    appearance: Appearance | None = None,
+    appearance_name: str = "",
+) -> SwapResult:
     """How often a person's generated region (pixels of label k in the truth label map) looks more
     like another person's reference (their pixels in the reference image) than their own, by more
     than swap_margin. Features: ``appearance`` (the profile's image encoder on grey-filled crops,
@@ -487,11 +526,18 @@ def identity_swap_rate(video: np.ndarray, labels: np.ndarray, reference: np.ndar
     _check_video(video, "video")
     k_n = num_persons
     use_encoder = appearance is not None and protocol.swap_feature == "image-encoder"
-    feature = (appearance_name or getattr(appearance, "name", "image-encoder")) if use_encoder else \
-        f"colour-histogram-{protocol.swap_hist_bins}"  # fmt: skip
+    feature = (
+        (appearance_name or getattr(appearance, "name", "image-encoder"))
+        if use_encoder
+        else f"colour-histogram-{protocol.swap_hist_bins}"
+    )
     ref_ok = np.array([(reference_labels == k).sum() >= protocol.swap_min_pixels for k in range(1, k_n + 1)])
-    items = [(t, k) for t in range(len(video)) for k in range(k_n)
-             if ref_ok[k] and (labels[t] == k + 1).sum() >= protocol.swap_min_pixels]  # fmt: skip
+    items = [
+        (t, k)
+        for t in range(len(video))
+        for k in range(k_n)
+        if ref_ok[k] and (labels[t] == k + 1).sum() >= protocol.swap_min_pixels
+    ]
     judged, swapped = np.zeros(k_n, np.int64), np.zeros(k_n, np.int64)
     pairs = np.zeros((k_n, k_n), np.int64)
     if not items or ref_ok.sum() < 2:
@@ -531,7 +577,7 @@ def _grown(labels: np.ndarray, margin: int) -> np.ndarray:
     return np.stack([cv2.dilate(p, kernel) for p in persons]).astype(bool)
 
 
-def background_change(video: np.ndarray, labels: np.ndarray, protocol: Protocol = Protocol()) -> Optional[float]:
+def background_change(video: np.ndarray, labels: np.ndarray, protocol: Protocol = Protocol()) -> float | None:
     """Mean |frame t - frame t-1| / 255 (channels averaged) over the pixels outside every person
     mask grown by background_margin_px in both frames, all frame pairs pooled (None: no such pixel)."""
     _check_video(video, "video")
@@ -547,8 +593,9 @@ def background_change(video: np.ndarray, labels: np.ndarray, protocol: Protocol 
     return total / count / 255.0 if count else None
 
 
-def background_stability(generated: np.ndarray, truth: np.ndarray, labels: np.ndarray,
-                         protocol: Protocol = Protocol()) -> tuple[Optional[float], Optional[float]]:  # fmt: skip
+def background_stability(
+    generated: np.ndarray, truth: np.ndarray, labels: np.ndarray, protocol: Protocol = Protocol()
+) -> tuple[float | None, float | None]:
     """(generated, truth) background change on the same pixels: the truth's is the camera's and the
     scene's own motion, the excess is the model's."""
     _check_pair(generated, truth)
@@ -594,9 +641,9 @@ def frame_changes(video: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class SeamResult:
     joins: tuple[int, ...]
-    jump: Optional[float]  # mean change across the joins
-    within: Optional[float]  # median change away from them
-    drift: Optional[float]  # jump / within
+    jump: float | None  # mean change across the joins
+    within: float | None  # median change away from them
+    drift: float | None  # jump / within
 
 
 def seam_drift(video: np.ndarray, joins: Sequence[int], protocol: Protocol = Protocol()) -> SeamResult:
@@ -623,7 +670,7 @@ class Poses:
 
     keypoints: np.ndarray  # [T, P, 133, 2]
     scores: np.ndarray  # [T, P, 133]
-    pose_index: Optional[np.ndarray] = None  # [T, K]
+    pose_index: np.ndarray | None = None  # [T, K]
 
 
 @dataclass
@@ -633,12 +680,24 @@ class ClipResult:
     generated_features: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def score_clip(clip_id: str, truth: np.ndarray, truth_fps: float, generated: np.ndarray, generated_fps: float,
-               labels: np.ndarray, nets, protocol: Protocol = Protocol(), *, truth_poses: Optional[Poses] = None,
-               generated_poses: Optional[Poses] = None, reference: Optional[np.ndarray] = None,
-               reference_labels: Optional[np.ndarray] = None, appearance: Optional[Appearance] = None,
-               windows: Optional[Sequence[Sequence[int]]] = None, num_persons: Optional[int] = None
-               ) -> ClipResult:  # fmt: skip
+def score_clip(
+    clip_id: str,
+    truth: np.ndarray,
+    truth_fps: float,
+    generated: np.ndarray,
+    generated_fps: float,
+    labels: np.ndarray,
+    nets,
+    protocol: Protocol = Protocol(),
+    *,
+    truth_poses: Poses | None = None,
+    generated_poses: Poses | None = None,
+    reference: np.ndarray | None = None,
+    reference_labels: np.ndarray | None = None,
+    appearance: Appearance | None = None,
+    windows: Sequence[Sequence[int]] | None = None,
+    num_persons: int | None = None,
+) -> ClipResult:
     """Every measure of one clip. ``labels``: the truth's label map (the driving persons);
     ``nets``: model.feature_nets.EvalNets; ``reference`` (+ ``reference_labels``): the image the
     video was generated from, default the first compared truth frame; ``windows``: the latent
@@ -662,9 +721,16 @@ def score_clip(clip_id: str, truth: np.ndarray, truth_fps: float, generated: np.
     swaps = identity_swap_rate(gen_c, lab, ref, ref_lab, k_n, protocol, appearance)
     if truth_poses is not None and generated_poses is not None:
         pose_index = t_done.frames(truth_poses.pose_index) if truth_poses.pose_index is not None else None
-        pcks = pck(g_done.keypoints(generated_poses.keypoints), g_done.frames(generated_poses.scores),
-                   t_done.keypoints(truth_poses.keypoints), t_done.frames(truth_poses.scores), pose_index, lab, k_n,
-                   protocol)  # fmt: skip
+        pcks = pck(
+            g_done.keypoints(generated_poses.keypoints),
+            g_done.frames(generated_poses.scores),
+            t_done.keypoints(truth_poses.keypoints),
+            t_done.frames(truth_poses.scores),
+            pose_index,
+            lab,
+            k_n,
+            protocol,
+        )
     else:
         pcks = PckResult(np.zeros(k_n, np.int64), np.zeros(k_n, np.int64))
     bg_gen, bg_truth = background_stability(gen_c, truth_c, lab, protocol)
@@ -677,28 +743,47 @@ def score_clip(clip_id: str, truth: np.ndarray, truth_fps: float, generated: np.
     g_feats = {w: video_features(gen_c, getattr(nets, w), w, protocol) for w in ("fvd", "fid_vid")}
     pairs = swaps.pair_list()
     scores = ClipScores(
-        clip_id=clip_id, protocol_version=PROTOCOL_VERSION, protocol_digest=protocol.digest(),
-        networks=nets.describe(), tiny_networks=nets.tiny, resampling=describe_resampling(t_done, g_done),
-        num_frames=len(truth_c), width=t_done.size[1], height=t_done.size[0], fps=protocol.fps,
-        psnr=psnr(gen_c, truth_c, protocol), ssim=float(maps.reshape(len(maps), -1).mean(1).mean()),
-        lpips=lpips(gen_c, truth_c, nets.lpips), num_video_segments=len(t_feats["fvd"]),
+        clip_id=clip_id,
+        protocol_version=PROTOCOL_VERSION,
+        protocol_digest=protocol.digest(),
+        networks=nets.describe(),
+        tiny_networks=nets.tiny,
+        resampling=describe_resampling(t_done, g_done),
+        num_frames=len(truth_c),
+        width=t_done.size[1],
+        height=t_done.size[0],
+        fps=protocol.fps,
+        psnr=psnr(gen_c, truth_c, protocol),
+        ssim=float(maps.reshape(len(maps), -1).mean(1).mean()),
+        lpips=lpips(gen_c, truth_c, nets.lpips),
+        num_video_segments=len(t_feats["fvd"]),
         num_persons=k_n,
         person_psnr=tuple(person_psnr(gen_c, truth_c, lab, k_n, protocol)),
         person_ssim=tuple(person_ssim(maps, lab, k_n, protocol)),
-        person_pck=tuple(pcks.per_person()), person_pck_keypoints=tuple(int(j) for j in pcks.judged),
-        person_swap_rate=tuple(swaps.per_person()), person_swap_frames=tuple(int(s) for s in swaps.swapped),
-        person_judged_frames=tuple(int(j) for j in swaps.judged), person_swapped_with=tuple(swaps.swapped_with()),
-        swap_feature=swaps.feature, swap_persons_a=tuple(p[0] for p in pairs),
-        swap_persons_b=tuple(p[1] for p in pairs), swap_pair_frames=tuple(p[2] for p in pairs),
-        pck=pcks.overall(), swap_rate=swaps.overall(),
-        background_change=bg_gen, background_change_truth=bg_truth,
-        seam_joins=seam_g.joins, seam_jump=seam_g.jump, seam_within=seam_g.within, seam_drift=seam_g.drift,
+        person_pck=tuple(pcks.per_person()),
+        person_pck_keypoints=tuple(int(j) for j in pcks.judged),
+        person_swap_rate=tuple(swaps.per_person()),
+        person_swap_frames=tuple(int(s) for s in swaps.swapped),
+        person_judged_frames=tuple(int(j) for j in swaps.judged),
+        person_swapped_with=tuple(swaps.swapped_with()),
+        swap_feature=swaps.feature,
+        swap_persons_a=tuple(p[0] for p in pairs),
+        swap_persons_b=tuple(p[1] for p in pairs),
+        swap_pair_frames=tuple(p[2] for p in pairs),
+        pck=pcks.overall(),
+        swap_rate=swaps.overall(),
+        background_change=bg_gen,
+        background_change_truth=bg_truth,
+        seam_joins=seam_g.joins,
+        seam_jump=seam_g.jump,
+        seam_within=seam_g.within,
+        seam_drift=seam_g.drift,
         seam_drift_truth=seam_t.drift,
-    )  # fmt: skip
+    )
     return ClipResult(scores, t_feats, g_feats)
 
 
-def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+def _mean(values: Sequence[float | None]) -> float | None:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(vals)) if vals else None
 
@@ -724,15 +809,22 @@ def summarize(results: Sequence[ClipResult]) -> EvalSummary:
     swap_judged = sum(sum(c.person_judged_frames) for c in clips)
     seams = [c for c in clips if c.seam_drift is not None]
     return EvalSummary(
-        protocol_version=first.protocol_version, protocol_digest=first.protocol_digest, networks=first.networks,
-        tiny_networks=first.tiny_networks, num_clips=len(clips),
+        protocol_version=first.protocol_version,
+        protocol_digest=first.protocol_digest,
+        networks=first.networks,
+        tiny_networks=first.tiny_networks,
+        num_clips=len(clips),
         num_video_segments=sum(c.num_video_segments for c in clips),
-        psnr=_mean([c.psnr for c in clips]), ssim=_mean([c.ssim for c in clips]), lpips=_mean([c.lpips for c in clips]),
+        psnr=_mean([c.psnr for c in clips]),
+        ssim=_mean([c.ssim for c in clips]),
+        lpips=_mean([c.lpips for c in clips]),
         fvd=fvd(stack("truth_features", "fvd"), stack("generated_features", "fvd")),
         fid_vid=fid_vid(stack("truth_features", "fid_vid"), stack("generated_features", "fid_vid")),
-        pck=hits / judged if judged else None, swap_rate=swapped / swap_judged if swap_judged else None,
+        pck=hits / judged if judged else None,
+        swap_rate=swapped / swap_judged if swap_judged else None,
         swap_features=", ".join(sorted({c.swap_feature for c in clips})),
         background_change=_mean([c.background_change for c in clips]),
         background_change_truth=_mean([c.background_change_truth for c in clips]),
-        seam_drift=_mean([c.seam_drift for c in seams]), seam_drift_truth=_mean([c.seam_drift_truth for c in seams]),
-    )  # fmt: skip
+        seam_drift=_mean([c.seam_drift for c in seams]),
+        seam_drift_truth=_mean([c.seam_drift_truth for c in seams]),
+    )

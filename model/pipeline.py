@@ -211,9 +211,11 @@ def choose_offload(components: Components, gpu_bytes: int) -> tuple[Offload, str
             break
     else:
         mode = "group"
-    why = (f"GPU {gpu_bytes / gib:.1f} GiB; every network resident needs ~{need['none'] / gib:.1f} GiB, "
-           f"the DiT + VAE alone ~{need['model'] / gib:.1f} GiB (weights + {ACTIVATION_HEADROOM_BYTES / gib:.0f} GiB "
-           f"activations): offload={mode}")  # fmt: skip
+    why = (
+        f"GPU {gpu_bytes / gib:.1f} GiB; every network resident needs ~{need['none'] / gib:.1f} GiB, "
+        f"the DiT + VAE alone ~{need['model'] / gib:.1f} GiB (weights + {ACTIVATION_HEADROOM_BYTES / gib:.0f} GiB "
+        f"activations): offload={mode}"
+    )
     return mode, why
 
 
@@ -343,10 +345,14 @@ class MultiAnimatePipeline:
         self._device = None if device is None else torch.device(device)
         self._active: torch.device | None = None  # the execution device of the call in progress
         self.wan = WanImageToVideoPipeline(
-            tokenizer=None, text_encoder=None, image_encoder=components.image_encoder,
-            image_processor=components.image_processor, transformer=components.dit.transformer,
-            vae=components.vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=components.config.shift),
-        )  # fmt: skip
+            tokenizer=None,
+            text_encoder=None,
+            image_encoder=components.image_encoder,
+            image_processor=components.image_processor,
+            transformer=components.dit.transformer,
+            vae=components.vae,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=components.config.shift),
+        )
 
     @property
     def device(self) -> torch.device:
@@ -439,8 +445,12 @@ class MultiAnimatePipeline:
     # ---- the whole thing -----------------------------------------------------------
 
     @torch.no_grad()
-    def __call__(self, cond: Conditions, sampling: SamplingConfig | None = None,
-                 on_step: Callable[[int, int], None] | None = None) -> Generated:  # fmt: skip
+    def __call__(
+        self,
+        cond: Conditions,
+        sampling: SamplingConfig | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> Generated:
         """``on_step(step, steps)`` runs after every denoising step (1-based), after the
         latents were checked finite: the caller may raise there to stop the call (a time
         limit) at a step boundary."""
@@ -463,7 +473,9 @@ class MultiAnimatePipeline:
             text = cond.prompt_embeds[None].to(device, dtype)
             negative = None if cond.negative_embeds is None else cond.negative_embeds[None].to(device, dtype)
             tokens = [
-                dit.condition_tokens(pose[:, :, 4 * w[0] : 4 * w[-1] + 1], labels[:, 4 * w[0] : 4 * w[-1] + 1], channels).to(dtype)
+                dit.condition_tokens(
+                    pose[:, :, 4 * w[0] : 4 * w[-1] + 1], labels[:, 4 * w[0] : 4 * w[-1] + 1], channels
+                ).to(dtype)
                 for w in windows
             ]
             timings["conditions_s"] = time.perf_counter() - t0
@@ -478,7 +490,9 @@ class MultiAnimatePipeline:
                 sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
                 timestep = torch.full((1,), 1000.0 * sigma, device=device, dtype=dtype)
                 if len(windows) == 1:
-                    v = self.predict(latents, y, timestep, image, text, negative, tokens[0], ref_features, sampling.guidance_scale)
+                    v = self.predict(
+                        latents, y, timestep, image, text, negative, tokens[0], ref_features, sampling.guidance_scale
+                    )
                     latents = latents + (sigma_next - sigma) * v
                     self._step_done(latents, i + 1, sampling, on_step)
                     continue
@@ -487,7 +501,9 @@ class MultiAnimatePipeline:
                 for w, idx in enumerate(windows):
                     x = latents[:, :, idx].clone()
                     x[:, :, :2] = private[w]
-                    v = self.predict(x, y, timestep, image, text, negative, tokens[w], ref_features, sampling.guidance_scale, f"-{w}")
+                    v = self.predict(
+                        x, y, timestep, image, text, negative, tokens[w], ref_features, sampling.guidance_scale, f"-{w}"
+                    )
                     stepped = x + (sigma_next - sigma) * v
                     private[w] = stepped[:, :, :2]
                     own = idx if w == 0 else idx[2:]
@@ -502,7 +518,9 @@ class MultiAnimatePipeline:
         return Generated(frames=frames, latents=latents, timings=timings, windows=windows)
 
     @staticmethod
-    def _step_done(latents: torch.Tensor, step: int, sampling: SamplingConfig, on_step: Callable[[int, int], None] | None) -> None:
+    def _step_done(
+        latents: torch.Tensor, step: int, sampling: SamplingConfig, on_step: Callable[[int, int], None] | None
+    ) -> None:
         check_finite(latents, step, sampling.steps, sampling.guidance_scale)
         if on_step is not None:
             on_step(step, sampling.steps)

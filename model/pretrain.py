@@ -41,7 +41,9 @@ def pretrain_tiny_base(cfg: TrainConfig, out: Path, steps: int = 300, lr: float 
     if cfg.model.profile != "tiny":
         raise ValueError("only the tiny profile has a base to pretrain (the real one is Wan2.1)")
     shards = check_inputs(cfg)
-    cache = EmbeddingCache(Workspace(cfg.workspace).embeddings, profile_encoder_id(cfg.model.profile, cfg.model.wan_folder))
+    cache = EmbeddingCache(
+        Workspace(cfg.workspace).embeddings, profile_encoder_id(cfg.model.profile, cfg.model.wan_folder)
+    )
     comps = build_tiny(cfg.model)  # no LoRA: the base itself is trained
     pipe = MultiAnimatePipeline(comps)
     transformer = comps.dit.transformer.train().requires_grad_(True)
@@ -56,7 +58,9 @@ def pretrain_tiny_base(cfg: TrainConfig, out: Path, steps: int = 300, lr: float 
         x0 = frozen.latents
         sigma = sigmas[torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=gen)].view(-1, 1, 1, 1, 1)
         noise = torch.randn(x0.shape, generator=gen)
-        pred = comps.dit((1 - sigma) * x0 + sigma * noise, frozen.y, sigma.view(-1) * NUM_TRAIN_TIMESTEPS, frozen.text, frozen.image)
+        pred = comps.dit(
+            (1 - sigma) * x0 + sigma * noise, frozen.y, sigma.view(-1) * NUM_TRAIN_TIMESTEPS, frozen.text, frozen.image
+        )
         loss = (pred - (noise - x0)).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -69,7 +73,11 @@ def pretrain_tiny_base(cfg: TrainConfig, out: Path, steps: int = 300, lr: float 
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     head, tail = losses[: min(20, steps)], losses[-min(20, steps) :]
-    return {"first_loss": sum(head) / len(head), "last_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - t0}
+    return {
+        "first_loss": sum(head) / len(head),
+        "last_loss": sum(tail) / len(tail),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

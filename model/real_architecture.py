@@ -73,40 +73,128 @@ MARKER_VERSION = 1
 
 # diffusers' config of Wan-AI/Wan2.1-I2V-14B-720P-Diffusers/transformer (spec C.5), num_layers 40.
 TRANSFORMER_CONFIG = dict(
-    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024,
-)  # fmt: skip
+    patch_size=(1, 2, 2),
+    num_attention_heads=40,
+    attention_head_dim=128,
+    in_channels=36,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=13824,
+    num_layers=40,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    image_dim=1280,
+    added_kv_proj_dim=5120,
+    rope_max_seq_len=1024,
+)
 # Wan2.1_VAE's per-channel latent statistics (spec C.1); diffusers' defaults are the same.
-VAE_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)  # fmt: skip
-VAE_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)  # fmt: skip
+VAE_LATENTS_MEAN = (
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+)
+VAE_LATENTS_STD = (
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
+)
 VAE_CONFIG = dict(
-    base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-    temperal_downsample=[False, True, True], dropout=0.0,
-    latents_mean=list(VAE_LATENTS_MEAN), latents_std=list(VAE_LATENTS_STD),
-)  # fmt: skip
+    base_dim=96,
+    z_dim=16,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+    dropout=0.0,
+    latents_mean=list(VAE_LATENTS_MEAN),
+    latents_std=list(VAE_LATENTS_STD),
+)
 # laion/CLIP-ViT-H-14-laion2B-s32B-b79K's vision tower, which the Hub folder ships (32 layers).
 CLIP_CONFIG = dict(
-    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, num_channels=3,
-    image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5,
-    attention_dropout=0.0, dropout=0.0, initializer_range=0.02, initializer_factor=1.0,
-)  # fmt: skip
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    num_channels=3,
+    image_size=224,
+    patch_size=14,
+    projection_dim=1024,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    attention_dropout=0.0,
+    dropout=0.0,
+    initializer_range=0.02,
+    initializer_factor=1.0,
+)
 # ...and its image processor (shortest side 224, centre crop 224, bicubic, CLIP mean/std).
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 IMAGE_PROCESSOR_CONFIG = dict(
-    do_resize=True, size={"shortest_edge": 224}, resample=3,
-    do_center_crop=True, crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
-    do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True,
-)  # fmt: skip
+    do_resize=True,
+    size={"shortest_edge": 224},
+    resample=3,
+    do_center_crop=True,
+    crop_size={"height": 224, "width": 224},
+    do_rescale=True,
+    rescale_factor=1 / 255,
+    do_normalize=True,
+    image_mean=CLIP_MEAN,
+    image_std=CLIP_STD,
+    do_convert_rgb=True,
+)
 # google/umt5-xxl (Wan's models_t5_umt5-xxl-enc-bf16.pth), 24 layers.
 UMT5_CONFIG = dict(
-    vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24, num_heads=64,
-    relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
-    layer_norm_epsilon=1e-6, initializer_factor=1.0, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
-    is_encoder_decoder=True, scalable_attention=True, tie_word_embeddings=False, use_cache=True,
-    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, classifier_dropout=0.0,
-)  # fmt: skip
+    vocab_size=256384,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_decoder_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    dropout_rate=0.1,
+    layer_norm_epsilon=1e-6,
+    initializer_factor=1.0,
+    feed_forward_proj="gated-gelu",
+    dense_act_fn="gelu_new",
+    is_encoder_decoder=True,
+    scalable_attention=True,
+    tie_word_embeddings=False,
+    use_cache=True,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+    classifier_dropout=0.0,
+)
 # The conversion's I2V scheduler; 720P uses shift 5 (480P 3) [the Hub file was not read].
 SCHEDULER_CONFIG = dict(
     prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=5.0

@@ -133,8 +133,10 @@ def stop_stale_ranks(run_dir: Path, timeout_s: float = 60.0) -> list[int]:
                     stopped.append(who[0])
                 if time.monotonic() > deadline:
                     named = f"pid {who[0]}" if alive(who) else "a process its pid and start time do not name"
-                    raise RunFolderBusy(f"{pid_file} is still locked by {named} after {timeout_s:.0f} s: a rank of another "
-                                        f"run writes {run_dir}; stop it, then rerun")  # fmt: skip
+                    raise RunFolderBusy(
+                        f"{pid_file} is still locked by {named} after {timeout_s:.0f} s: a rank of another "
+                        f"run writes {run_dir}; stop it, then rerun"
+                    )
                 time.sleep(0.05)
         finally:
             _release(fd)
@@ -152,15 +154,25 @@ def own_run_folder(run_dir: Path, stop_timeout_s: float = 60.0) -> Iterator[dict
         try:
             held = _lock(fd)
         except OSError as exc:  # e.g. NFS, where flock needs a file open for writing
-            print(f"warning: cannot lock {run_dir} ({exc}); nothing stops two runs writing it", file=sys.stderr, flush=True)
+            print(
+                f"warning: cannot lock {run_dir} ({exc}); nothing stops two runs writing it",
+                file=sys.stderr,
+                flush=True,
+            )
             held = True
         if not held:
-            raise RunFolderBusy(f"{run_dir} is in use by another training run ({_owner_text(run_dir)}): "
-                                "wait for it to finish, or stop it, then rerun")  # fmt: skip
+            raise RunFolderBusy(
+                f"{run_dir} is in use by another training run ({_owner_text(run_dir)}): "
+                "wait for it to finish, or stop it, then rerun"
+            )
         stopped = stop_stale_ranks(run_dir, stop_timeout_s)
         if stopped:
-            print(f"stopped {len(stopped)} rank(s) of an earlier run still running in {run_dir}: pid(s) "
-                  f"{', '.join(map(str, stopped))}", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"stopped {len(stopped)} rank(s) of an earlier run still running in {run_dir}: pid(s) "
+                f"{', '.join(map(str, stopped))}",
+                file=sys.stderr,
+                flush=True,
+            )
         atomic_write_bytes(run_dir / OWNER_FILE, f"{identity()} {socket.gethostname()}\n".encode())
         try:
             yield {LAUNCHER_ENV: identity()}
@@ -186,8 +198,10 @@ def hold_rank(run_dir: Path, rank: int) -> Iterator[Path]:
     if not _lock(fd):
         os.close(fd)
         other = parse_identity(pid_file.read_text())
-        raise RunFolderBusy(f"{pid_file} is locked by a live process (pid {other[0] if other else '?'}): rank {rank} of "
-                            f"another run writes {run_dir}")  # fmt: skip
+        raise RunFolderBusy(
+            f"{pid_file} is locked by a live process (pid {other[0] if other else '?'}): rank {rank} of "
+            f"another run writes {run_dir}"
+        )
     try:
         os.ftruncate(fd, 0)  # the file is the lock, so it is rewritten in place, not replaced
         os.pwrite(fd, f"{identity()}\n".encode(), 0)
@@ -203,7 +217,11 @@ def die_with_launcher() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            print(f"warning: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}", file=sys.stderr, flush=True)
+            print(
+                f"warning: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}",
+                file=sys.stderr,
+                flush=True,
+            )
     launcher = parse_identity(os.environ.get(LAUNCHER_ENV, ""))
 
     def orphaned() -> bool:

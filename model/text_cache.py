@@ -22,7 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from data_schemas.atomic import atomic_path
-from data_schemas.embedding import TENSOR_NAME, TEXT_LEN, EmbeddingDtype, EmbeddingRecord, EmbeddingSummary, embedding_key
+from data_schemas.embedding import (
+    TENSOR_NAME,
+    TEXT_LEN,
+    EmbeddingDtype,
+    EmbeddingRecord,
+    EmbeddingSummary,
+    embedding_key,
+)
 from data_schemas.io import read_records, write_records
 from data_schemas.shard import ShardSample
 from data_schemas.workspace import INDEX
@@ -69,12 +76,19 @@ def missing_texts(folder: Path, encoder_id: str, texts: Iterable[str]) -> list[s
     return sorted({t for t in texts if t not in present})
 
 
-def _write_entry(folder: Path, encoder_id: str, text: str, embedding_LD: torch.Tensor, num_tokens: int, dtype: torch.dtype) -> EmbeddingRecord:
+def _write_entry(
+    folder: Path, encoder_id: str, text: str, embedding_LD: torch.Tensor, num_tokens: int, dtype: torch.dtype
+) -> EmbeddingRecord:
     key = embedding_key(encoder_id, text)
     record = EmbeddingRecord(
-        encoder_id=encoder_id, text=text, key=key, file=f"{key}.safetensors", dim=int(embedding_LD.shape[1]),
-        dtype=_dtype_name(dtype), num_tokens=num_tokens,
-    )  # fmt: skip
+        encoder_id=encoder_id,
+        text=text,
+        key=key,
+        file=f"{key}.safetensors",
+        dim=int(embedding_LD.shape[1]),
+        dtype=_dtype_name(dtype),
+        num_tokens=num_tokens,
+    )
     # The metadata makes a lone entry file self-describing; the index stays the authority.
     metadata = {"encoder_id": encoder_id, "text": text, "num_tokens": str(num_tokens)}
     with atomic_path(Path(folder) / record.file) as tmp:
@@ -89,7 +103,9 @@ def _publish_index(folder: Path, new: list[EmbeddingRecord]) -> Path:
     return write_records(ordered, EmbeddingRecord, Path(folder) / INDEX)
 
 
-def fill_cache(folder: Path, encoder: TextEncoder, texts: Iterable[str], batch_size: int = 8, dtype: torch.dtype | None = None) -> EmbeddingSummary:
+def fill_cache(
+    folder: Path, encoder: TextEncoder, texts: Iterable[str], batch_size: int = 8, dtype: torch.dtype | None = None
+) -> EmbeddingSummary:
     """Encode the texts that have no entry yet (deduplicated, in sorted order) and publish them.
 
     ``dtype``: of the stored tensors; default the encoder's own (bf16 for the real encoder,
@@ -99,7 +115,9 @@ def fill_cache(folder: Path, encoder: TextEncoder, texts: Iterable[str], batch_s
     folder = Path(folder)
     texts = list(texts)
     if not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"texts must be strings, got {[type(t).__name__ for t in texts if not isinstance(t, str)][:3]}")
+        raise ValueError(
+            f"texts must be strings, got {[type(t).__name__ for t in texts if not isinstance(t, str)][:3]}"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dtype = dtype or encoder.dtype
@@ -123,15 +141,27 @@ def cached_summary(folder: Path, encoder_id: str, texts: Iterable[str], num_new:
     wanted = sorted(set(texts))
     missing = missing_texts(folder, encoder_id, wanted)
     if missing:
-        raise MissingEmbeddingError(f"no cached embedding of {missing!r} for encoder {encoder_id!r} in {folder}; {_FILL_HOWTO}")
+        raise MissingEmbeddingError(
+            f"no cached embedding of {missing!r} for encoder {encoder_id!r} in {folder}; {_FILL_HOWTO}"
+        )
     return EmbeddingSummary(
-        encoder_id=encoder_id, num_texts=len(wanted), num_new=num_new, num_existing=len(wanted) - num_new,
-        files=tuple(sorted(f"{embedding_key(encoder_id, t)}.safetensors" for t in wanted)), index=str(Path(folder) / INDEX),
-    )  # fmt: skip
+        encoder_id=encoder_id,
+        num_texts=len(wanted),
+        num_new=num_new,
+        num_existing=len(wanted) - num_new,
+        files=tuple(sorted(f"{embedding_key(encoder_id, t)}.safetensors" for t in wanted)),
+        index=str(Path(folder) / INDEX),
+    )
 
 
-def ensure_cached(folder: Path, profile: Profile, weights: Path | None, texts: Iterable[str], before_load: Callable[[], None] | None = None,
-                  encoder_id: str | None = None) -> EmbeddingSummary:  # fmt: skip
+def ensure_cached(
+    folder: Path,
+    profile: Profile,
+    weights: Path | None,
+    texts: Iterable[str],
+    before_load: Callable[[], None] | None = None,
+    encoder_id: str | None = None,
+) -> EmbeddingSummary:
     """Make sure the cache holds ``texts`` for the profile's encoder: the encoder is loaded
     (and released) only when some text is missing, and then encodes only those.
 
@@ -211,12 +241,16 @@ class EmbeddingCache:
     def _load(self, record: EmbeddingRecord) -> torch.Tensor:
         path = self.folder / record.file
         if not path.is_file():
-            raise MissingEmbeddingError(f"{path}: entry file of {record.text!r} for encoder {self.encoder_id!r} is gone; {_FILL_HOWTO}")
+            raise MissingEmbeddingError(
+                f"{path}: entry file of {record.text!r} for encoder {self.encoder_id!r} is gone; {_FILL_HOWTO}"
+            )
         with safe_open(path, framework="pt") as f:
             tensor_LD = f.get_tensor(TENSOR_NAME)
         # Files on disk are input: check them against the index that vouches for them.
         if tuple(tensor_LD.shape) != (TEXT_LEN, record.dim) or tensor_LD.dtype != _DTYPES[record.dtype]:
-            raise ValueError(f"{path}: holds {tuple(tensor_LD.shape)} {tensor_LD.dtype}, index says ({TEXT_LEN}, {record.dim}) {record.dtype}")
+            raise ValueError(
+                f"{path}: holds {tuple(tensor_LD.shape)} {tensor_LD.dtype}, index says ({TEXT_LEN}, {record.dim}) {record.dtype}"
+            )
         return tensor_LD
 
 

@@ -22,9 +22,9 @@ import json
 import re
 import unicodedata
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -157,9 +157,16 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " ")])
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {_EOS}", pair=f"$A {_EOS} $B {_EOS}", special_tokens=[(_EOS, 1)])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {_EOS}", pair=f"$A {_EOS} $B {_EOS}", special_tokens=[(_EOS, 1)]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token=_PAD, eos_token=_EOS, unk_token=_UNK, model_max_length=TEXT_LEN, padding_side="right"
+        tokenizer_object=tokenizer,
+        pad_token=_PAD,
+        eos_token=_EOS,
+        unk_token=_UNK,
+        model_max_length=TEXT_LEN,
+        padding_side="right",
     )
 
 
@@ -169,10 +176,20 @@ def build_tiny_text_encoder(seed: int = 0, dim: int = 32) -> TextEncoder:
         raise ValueError(f"dim must be an even number >= 2, got {dim}")
     tokenizer = build_tiny_tokenizer()
     config = UMT5Config(
-        vocab_size=len(tokenizer), d_model=dim, d_kv=dim // 2, d_ff=2 * dim, num_layers=2, num_heads=2,
-        relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, use_cache=False,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        d_model=dim,
+        d_kv=dim // 2,
+        d_ff=2 * dim,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        use_cache=False,
+    )
     # A private RNG stream: the weights depend on the seed only, and the caller's RNG is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -197,7 +214,9 @@ def _missing_files(folder: Path) -> list[str]:
             raise MissingWeightsError(f"{index}: unreadable weight index ({exc}); download it again") from exc
         missing += [f"text_encoder/{name}" for name in shards if not (encoder / name).is_file()]
     elif not (encoder / "model.safetensors").is_file():
-        missing.append("text_encoder/model.safetensors.index.json and its model-*-of-*.safetensors shards (or text_encoder/model.safetensors)")
+        missing.append(
+            "text_encoder/model.safetensors.index.json and its model-*-of-*.safetensors shards (or text_encoder/model.safetensors)"
+        )
     if not (tokenizer / "tokenizer_config.json").is_file():
         missing.append("tokenizer/tokenizer_config.json")
     if not ((tokenizer / "tokenizer.json").is_file() or (tokenizer / "spiece.model").is_file()):
@@ -239,14 +258,18 @@ def wan_encoder_id(folder: Path, dtype: torch.dtype = REAL_DTYPE) -> str:
     return f"umt5-{digest.hexdigest()[:16]}-{_dtype_name(dtype)}"
 
 
-def load_text_encoder(folder: Path, dtype: torch.dtype = REAL_DTYPE, device: str | torch.device | None = None) -> TextEncoder:
+def load_text_encoder(
+    folder: Path, dtype: torch.dtype = REAL_DTYPE, device: str | torch.device | None = None
+) -> TextEncoder:
     """UMT5-XXL and its tokenizer from a local diffusers-layout Wan folder (never the hub)."""
     folder = require_text_encoder_files(folder)
     encoder_id = wan_encoder_id(folder, dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     # encode() zeroes rows past the length, which is right only for right padding.
     if tokenizer.padding_side != "right":
-        raise ValueError(f"{folder / 'tokenizer'}: padding_side is {tokenizer.padding_side!r}, Wan's prompts are right-padded")
+        raise ValueError(
+            f"{folder / 'tokenizer'}: padding_side is {tokenizer.padding_side!r}, Wan's prompts are right-padded"
+        )
     model = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return TextEncoder(tokenizer=tokenizer, model=model.eval().to(device), encoder_id=encoder_id)

@@ -59,7 +59,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from data_schemas.atomic import atomic_path
 from data_schemas.batch import video_to_model_range
@@ -88,16 +93,25 @@ from model.text_encoder import profile_encoder_id
 NUM_TRAIN_TIMESTEPS = 1000
 FAULT_ENV = "MULTIANIMATE_FAULT_KILL"  # "RANK:STEP": that rank SIGKILLs itself once (resilience tests)
 STALL_ENV = "MULTIANIMATE_FAULT_STALL"  # "STEP": after STEP steps and their checkpoint, every rank stops for good
-FAILURE_PREFIX = "multianimate-train-failure "  # a failed rank's last line: this prefix, then JSON (the launcher reads it)
+FAILURE_PREFIX = (
+    "multianimate-train-failure "  # a failed rank's last line: this prefix, then JSON (the launcher reads it)
+)
 METRIC_FIELDS = ("step", "loss", "lr", "grad_norm", "step_time_s", "samples_per_s", "peak_mem_gib")
 
 
 def launch_command(config_path: Path, nproc: int) -> list[str]:
     """The one launch line (single node); see the module docstring for multi-node."""
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "model.train", "--config", str(config_path),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "model.train",
+        "--config",
+        str(config_path),
+    ]
 
 
 # ---- the objective -------------------------------------------------------------------
@@ -144,7 +158,9 @@ class Frozen:
 
 
 @torch.no_grad()
-def encode_frozen(pipe: MultiAnimatePipeline, batch: dict, text: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Frozen:
+def encode_frozen(
+    pipe: MultiAnimatePipeline, batch: dict, text: torch.Tensor, device: torch.device, dtype: torch.dtype
+) -> Frozen:
     vae = pipe.c.vae
     video = video_to_model_range(batch["video"].to(device)).to(vae.dtype)
     mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
@@ -207,8 +223,18 @@ def training_loss(
     y = frozen.y * keep_image
     image = frozen.image * keep_image.view(B, 1, 1)
     timestep = (sigmas[index] * NUM_TRAIN_TIMESTEPS).to(device, x0.dtype)  # rounded from fp32, as the release
-    pred = model(x_t, y, timestep, frozen.text, image, batch["pose"].to(device), batch["labels"].to(device), channels,
-                 batch["ref_pose"].to(device), keep_pose)  # fmt: skip
+    pred = model(
+        x_t,
+        y,
+        timestep,
+        frozen.text,
+        image,
+        batch["pose"].to(device),
+        batch["labels"].to(device),
+        channels,
+        batch["ref_pose"].to(device),
+        keep_pose,
+    )
     per_sample = (pred.float() - target.float()).square().mean(dim=(1, 2, 3, 4))
     return (per_sample * weights[index].to(device)).mean()
 
@@ -252,8 +278,11 @@ def failure_line(exc: BaseException) -> str:
             cause = chained
             break
         chained = chained.__cause__ or chained.__context__
-    record = {"rank": int(os.environ.get("RANK", 0)), "error": f"{type(cause).__name__}: {cause}".splitlines()[0],
-              "errno": getattr(cause, "errno", None)}  # fmt: skip
+    record = {
+        "rank": int(os.environ.get("RANK", "0")),
+        "error": f"{type(cause).__name__}: {cause}".splitlines()[0],
+        "errno": getattr(cause, "errno", None),
+    }
     return FAILURE_PREFIX + json.dumps(record)
 
 
@@ -271,7 +300,7 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
@@ -337,8 +366,13 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     trainer = load_checkpoint(path, state)  # refuses files that would run code
     # strict=False: the frozen base weights are not in the checkpoint (the load above already
     # failed if any trained tensor was missing from it)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # fmt: skip
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=StateDictOptions(ignore_frozen_params=True, strict=False),
+    )
     scheduler.load_state_dict(trainer["scheduler"])
     return int(trainer["step"])
 
@@ -461,7 +495,9 @@ def build_training_model(cfg: TrainConfig, device: torch.device, describe_only: 
         if on_meta:
             assert cfg.model.wan_folder is not None
             check_files(comps.dit, cfg.model.wan_folder / "transformer", "transformer.")
-        return Built(comps, pipe, ConditionedDenoiser(comps.dit), base_bytes(comps.dit.transformer), 0, peak_rss_bytes() - rss0)
+        return Built(
+            comps, pipe, ConditionedDenoiser(comps.dit), base_bytes(comps.dit.transformer), 0, peak_rss_bytes() - rss0
+        )
     model = shard_denoiser(comps.dit, dtype)
     read = 0
     if on_meta:
@@ -502,14 +538,18 @@ def describe(built: Built) -> list[str]:
     ]
     kept = sum(p.numel() for p in frozen if p.dtype != base)
     if kept:
-        lines.append(f"frozen in float32 (diffusers keeps the norms, time embedder and modulation so): {kept} parameters")
+        lines.append(
+            f"frozen in float32 (diffusers keeps the norms, time embedder and modulation so): {kept} parameters"
+        )
     lines.append(f"vae: {built.comps.vae.dtype}; image encoder: {built.comps.image_encoder.dtype}")
     loaded = built.comps.loaded
     source = f"checkpoint {loaded.source}" if loaded is not None else "fresh LoRA and encoders"
     lines.append(f"persons: at most {dit.max_persons} ({source}; label pool {dit.label_pool})")
     if loaded is not None and loaded.widened:
-        (old, new), = loaded.widened.values()
-        lines.append(f"label layer widened {old} -> {new} channels for fine-tuning; the checkpoint itself animates {old - 1}")
+        ((old, new),) = loaded.widened.values()
+        lines.append(
+            f"label layer widened {old} -> {new} channels for fine-tuning; the checkpoint itself animates {old - 1}"
+        )
     return lines
 
 
@@ -525,7 +565,9 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     shards = [Path(os.path.realpath(p)) for p in check_inputs(cfg)]  # this set, not whatever the link names later
     reading = hold_for_reading(shards)  # the set stays while this run reads it, even once a newer one is published
     if not all(p.exists() for p in shards):
-        raise ValueError(f"the shards under {cfg.workspace / cfg.shards} were replaced as the run started; start it again")
+        raise ValueError(
+            f"the shards under {cfg.workspace / cfg.shards} were replaced as the run started; start it again"
+        )
     with claim_run_folder(run_dir, rank):  # before anything is written there: one writer per run folder
         result = _train(cfg, shards, rank, world, device)
     for handle in reading:
@@ -546,8 +588,11 @@ def _train(cfg: TrainConfig, shards: list[Path], rank: int, world: int, device: 
     built = build_training_model(cfg, device)
     comps, pipe, model, dtype = built.comps, built.pipe, built.model, cfg.compute_dtype
     if built.dit_read_bytes:
-        print(f"rank {rank}: read {built.dit_read_bytes / 2**30:.2f} of the DiT's {built.dit_bytes / 2**30:.2f} GiB; "
-              f"host memory +{built.rss_added_bytes / 2**30:.2f} GiB", flush=True)  # fmt: skip
+        print(
+            f"rank {rank}: read {built.dit_read_bytes / 2**30:.2f} of the DiT's {built.dit_bytes / 2**30:.2f} GiB; "
+            f"host memory +{built.rss_added_bytes / 2**30:.2f} GiB",
+            flush=True,
+        )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
@@ -574,9 +619,14 @@ def _train(cfg: TrainConfig, shards: list[Path], rank: int, world: int, device: 
             batches_needed = (epoch_end - step) * cfg.grad_accum
             per_reader = math.ceil(batches_needed / readers)
             loader = make_loader(
-                [str(s) for s in shards], loader_cfg, cfg.batch_size, cfg.num_workers,
-                epoch_samples=per_reader * readers * cfg.batch_size, rank=rank, world_size=world,
-            )  # fmt: skip
+                [str(s) for s in shards],
+                loader_cfg,
+                cfg.batch_size,
+                cfg.num_workers,
+                epoch_samples=per_reader * readers * cfg.batch_size,
+                rank=rank,
+                world_size=world,
+            )
             loader.dataset.set_epoch(epoch)
             batches = iter(loader)
             while step < epoch_end:
@@ -588,7 +638,10 @@ def _train(cfg: TrainConfig, shards: list[Path], rank: int, world: int, device: 
                     batch = next(batches)
                     gen, rng = step_generators(cfg.seed, rank, step, micro)
                     frozen = encode_frozen(pipe, batch, cache.get_many(batch["caption"]), device, dtype)
-                    loss = training_loss(model, comps.dit.label_pool, frozen, batch, cfg, sigmas, weights, gen, rng) / cfg.grad_accum
+                    loss = (
+                        training_loss(model, comps.dit.label_pool, frozen, batch, cfg, sigmas, weights, gen, rng)
+                        / cfg.grad_accum
+                    )
                     loss.backward()
                     total += loss.detach()
                 # max_norm inf: no clipping (the release's default), the norm is still logged
@@ -604,11 +657,17 @@ def _train(cfg: TrainConfig, shards: list[Path], rank: int, world: int, device: 
                 last_loss = float(total)
                 elapsed = time.perf_counter() - t0
                 if metrics is not None:
-                    metrics.writerow({
-                        "step": step, "loss": f"{last_loss:.6f}", "lr": f"{scheduler.get_last_lr()[0]:.3e}",
-                        "grad_norm": f"{float(grad_norm):.4f}", "step_time_s": f"{elapsed:.4f}",
-                        "samples_per_s": f"{samples_per_step / elapsed:.3f}", "peak_mem_gib": f"{_peak_mem_gib(device):.3f}",
-                    })  # fmt: skip
+                    metrics.writerow(
+                        {
+                            "step": step,
+                            "loss": f"{last_loss:.6f}",
+                            "lr": f"{scheduler.get_last_lr()[0]:.3e}",
+                            "grad_norm": f"{float(grad_norm):.4f}",
+                            "step_time_s": f"{elapsed:.4f}",
+                            "samples_per_s": f"{samples_per_step / elapsed:.3f}",
+                            "peak_mem_gib": f"{_peak_mem_gib(device):.3f}",
+                        }
+                    )
                     metrics_fh.flush()
                     print(f"step {step}/{cfg.max_steps} loss {last_loss:.5f} ({elapsed:.2f} s)", flush=True)
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
@@ -618,10 +677,19 @@ def _train(cfg: TrainConfig, shards: list[Path], rank: int, world: int, device: 
         if metrics_fh is not None:
             metrics_fh.close()
 
-    full = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True, full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(
+        model, options=StateDictOptions(ignore_frozen_params=True, full_state_dict=True, cpu_offload=True)
+    )
     full = {k.removeprefix("dit."): v for k, v in full.items()}
     if rank == 0:
-        save_adapter_tensors(full, run_dir / "final", comps.dit.label_pool, cfg.model.lora_rank, cfg.model.lora_alpha, dict(comps.dit.transformer.config))
+        save_adapter_tensors(
+            full,
+            run_dir / "final",
+            comps.dit.label_pool,
+            cfg.model.lora_rank,
+            cfg.model.lora_alpha,
+            dict(comps.dit.transformer.config),
+        )
         write_loss_curve(run_dir)
     _barrier()
     return {"step": step, "loss": last_loss, "final": str(run_dir / "final")}
@@ -630,7 +698,9 @@ def _train(cfg: TrainConfig, shards: list[Path], rank: int, world: int, device: 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="MultiAnimate LoRA fine-tuning (start with torchrun)")
     ap.add_argument("--config", type=Path, required=True, help="TrainConfig as JSON")
-    ap.add_argument("--dry-run", action="store_true", help="build the model as training would and describe it, do not train")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="build the model as training would and describe it, do not train"
+    )
     args = ap.parse_args(argv)
     if "RANK" in os.environ:  # under torchrun
         die_with_launcher()

@@ -80,14 +80,19 @@ def write_data_card(workspace: Workspace | Path, filters: QualityFilters) -> Pat
     figures.mkdir(parents=True, exist_ok=True)
     kept = [r for r in rows if not filters.reasons(r)]
     lines = [
-        "# Data card", "",
+        "# Data card",
+        "",
         f"{len(rows)} clip(s) measured, {sum(r.num_frames for r in rows)} frames, "
         f"{sum(r.num_visible_persons for r in rows)} visible person(s); "
-        f"**{len(kept)}** clip(s) pass the filters and go into the shards.", "",
-        "## What the filters remove", "",
-        f"Filters (`shards.filters`): `{filters.model_dump(exclude_none=True)}`; a clip counts under every filter it fails.", "",
-        "| filter | clips removed | example |", "| --- | --- | --- |",
-    ]  # fmt: skip
+        f"**{len(kept)}** clip(s) pass the filters and go into the shards.",
+        "",
+        "## What the filters remove",
+        "",
+        f"Filters (`shards.filters`): `{filters.model_dump(exclude_none=True)}`; a clip counts under every filter it fails.",
+        "",
+        "| filter | clips removed | example |",
+        "| --- | --- | --- |",
+    ]
     removed: dict[str, list[str]] = {}
     for row in rows:
         for name, why in filters.explain(row).items():
@@ -105,8 +110,12 @@ def write_data_card(workspace: Workspace | Path, filters: QualityFilters) -> Pat
         with_video = [clips[c] for _, c in worst if c in clips]
         if with_video:
             _thumbnails(ws, with_video, figures / f"{field}-worst.png")
-        lines += [f"![{field}]({link}/{field}.png)", "",
-                  f"Worst {len(worst)}: " + ", ".join(f"`{c}` ({v:.3g})" for v, c in worst), ""]  # fmt: skip
+        lines += [
+            f"![{field}]({link}/{field}.png)",
+            "",
+            f"Worst {len(worst)}: " + ", ".join(f"`{c}` ({v:.3g})" for v, c in worst),
+            "",
+        ]
         if with_video:
             lines += [f"![worst {field}]({link}/{field}-worst.png)", ""]
     return atomic_write_bytes(ws.data_card, ("\n".join(lines) + "\n").encode())

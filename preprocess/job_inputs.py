@@ -96,11 +96,15 @@ def check_reference_image(path: Path, limits: GenerateConfig) -> tuple[int, int]
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
     if min(width, height) < limits.min_reference_side:
-        raise ValueError(f"{path}: reference image of {width}x{height} px is smaller than "
-                         f"{limits.min_reference_side} px on a side (generate.min_reference_side)")  # fmt: skip
+        raise ValueError(
+            f"{path}: reference image of {width}x{height} px is smaller than "
+            f"{limits.min_reference_side} px on a side (generate.min_reference_side)"
+        )
     if width * height > limits.max_reference_pixels:
-        raise ValueError(f"{path}: reference image of {width}x{height} px has more than {limits.max_reference_pixels:,} "
-                         "pixels (generate.max_reference_pixels)")  # fmt: skip
+        raise ValueError(
+            f"{path}: reference image of {width}x{height} px has more than {limits.max_reference_pixels:,} "
+            "pixels (generate.max_reference_pixels)"
+        )
     from preprocess.retarget import read_reference_image  # the reader the job uses
 
     read_reference_image(path)
@@ -122,22 +126,41 @@ def check_driving_video(path: Path, spec: JobSpec, ingest: IngestConfig, limits:
     except MediaError as exc:
         raise ValueError(f"{exc} ({exc.reason})") from None
     if min(info.width, info.height) < MIN_VIDEO_SIDE or info.width * info.height > ingest.max_pixels:
-        raise ValueError(f"{path}: driving video of {info.width}x{info.height} px is outside {MIN_VIDEO_SIDE} px a side "
-                         f"to {ingest.max_pixels:,} pixels (ingest.max_pixels)")  # fmt: skip
+        raise ValueError(
+            f"{path}: driving video of {info.width}x{info.height} px is outside {MIN_VIDEO_SIDE} px a side "
+            f"to {ingest.max_pixels:,} pixels (ingest.max_pixels)"
+        )
     duration = info.duration_s
     if duration is not None and duration > limits.max_driving_s:
-        raise ValueError(f"{path}: driving video of {duration:.0f} s is longer than generate.max_driving_s "
-                         f"({limits.max_driving_s:g} s); its poses and masks are extracted whole: cut it first")  # fmt: skip
+        raise ValueError(
+            f"{path}: driving video of {duration:.0f} s is longer than generate.max_driving_s "
+            f"({limits.max_driving_s:g} s); its poses and masks are extracted whole: cut it first"
+        )
     # ingest resamples by timestamps: about duration x fps frames (the flow checks the exact count)
     if duration is not None and duration * spec.fps + 0.5 < spec.num_frames:
-        raise ValueError(f"{path}: driving video of {duration:.2f} s gives about {duration * spec.fps:.0f} frames at "
-                         f"{spec.fps:g} fps; the job needs {spec.num_frames}")  # fmt: skip
+        raise ValueError(
+            f"{path}: driving video of {duration:.2f} s gives about {duration * spec.fps:.0f} frames at "
+            f"{spec.fps:g} fps; the job needs {spec.num_frames}"
+        )
     if not decode:
         return
     seconds = duration if duration is not None else limits.max_driving_s
     timeout = max(ingest.decode_timeout_min_s, ingest.decode_timeout_factor * seconds)
-    args = ["ffmpeg", "-nostdin", "-v", "error", "-t", f"{limits.max_driving_s:g}", "-i", input_url(path),
-            "-map", "0:v:0", "-f", "null", "-"]  # fmt: skip
+    args = [
+        "ffmpeg",
+        "-nostdin",
+        "-v",
+        "error",
+        "-t",
+        f"{limits.max_driving_s:g}",
+        "-i",
+        input_url(path),
+        "-map",
+        "0:v:0",
+        "-f",
+        "null",
+        "-",
+    ]
     try:
         done = run_tool(args, timeout, f"decoding {path}")
     except MediaTimeout as exc:
@@ -145,8 +168,10 @@ def check_driving_video(path: Path, spec: JobSpec, ingest: IngestConfig, limits:
     errors = done.stderr.decode("utf-8", "replace").strip()
     if done.returncode != 0 or errors:
         count = len(errors.splitlines())
-        raise ValueError(f"{path}: driving video does not decode cleanly (undecodable): {count} decoder error line(s), "
-                         f"last: {last_error_line(done.stderr) if errors else f'ffmpeg exited with {done.returncode}'}")  # fmt: skip
+        raise ValueError(
+            f"{path}: driving video does not decode cleanly (undecodable): {count} decoder error line(s), "
+            f"last: {last_error_line(done.stderr) if errors else f'ffmpeg exited with {done.returncode}'}"
+        )
 
 
 def check_npz_headers(path: Path, role: str, max_bytes: int) -> None:
@@ -193,8 +218,10 @@ def check_job_inputs(
         for field, path in (files | spec.model_paths()).items():
             if resolved_inside(path, roots) is None:
                 # where it leads is not said: a symlink's target is news to a caller from the API
-                problems[field] = (f"{path} resolves (symlinks and '..' followed) outside the allowed roots "
-                                   f"({', '.join(str(r) for r in roots)}; see generate.input_roots)")  # fmt: skip
+                problems[field] = (
+                    f"{path} resolves (symlinks and '..' followed) outside the allowed roots "
+                    f"({', '.join(str(r) for r in roots)}; see generate.input_roots)"
+                )
     for field, path in files.items():
         if field in problems:
             continue

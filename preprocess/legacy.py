@@ -153,9 +153,8 @@ def _check_keys(expected: Sequence[str], got: Sequence[str], what: str) -> None:
 
 
 def _save_npz(path: Path, *, compress: bool, **arrays: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:  # a file object stops numpy from appending ".npz"
-            (np.savez_compressed if compress else np.savez)(fh, **arrays)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object stops numpy from appending ".npz"
+        (np.savez_compressed if compress else np.savez)(fh, **arrays)
 
 
 def _pack_images(blobs: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -261,7 +260,7 @@ def _load_pickle(path: Path) -> dict[str, bytes]:
     """Unpickle a {frame key: encoded image} dict (the caller has opted in to trust it)."""
     try:
         with open(path, "rb") as fh:
-            obj = pickle.load(fh)  # noqa: S301 - only reached with trust_pickles=True
+            obj = pickle.load(fh)
     except Exception as exc:
         raise LegacyImportError(f"{path}: cannot be unpickled ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, Mapping):
@@ -366,15 +365,15 @@ def _demo_files(folder: Path) -> tuple[Path, list[Path], Path, list[tuple[str, l
     reference_pose = pose_dir / REFERENCE_POSE_NAME
     if not reference_pose.is_file():
         raise LegacyImportError(f"{reference_pose}: missing (the pose of the reference image)")
-    poses = sorted((p for p in pose_dir.iterdir() if _is_image_file(p) and p.name != REFERENCE_POSE_NAME),
-                   key=lambda p: p.name)  # fmt: skip
+    poses = sorted(
+        (p for p in pose_dir.iterdir() if _is_image_file(p) and p.name != REFERENCE_POSE_NAME), key=lambda p: p.name
+    )
     if not poses:
         raise LegacyImportError(f"{pose_dir}: zero pose frames (only {REFERENCE_POSE_NAME} or no images)")
     mask_dir = folder / "masks"
     if not mask_dir.is_dir():
         raise LegacyImportError(f"{mask_dir}: missing masks folder (one subfolder per person)")
-    persons = sorted((p for p in mask_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                     key=lambda p: p.name)  # fmt: skip
+    persons = sorted((p for p in mask_dir.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
     if not persons:
         raise LegacyImportError(f"{mask_dir}: no person subfolders")
     if len(persons) > 255:

@@ -52,7 +52,15 @@ class MediaTimeout(MediaError, TimeoutError):
 
 
 # What ffmpeg prints (strerror) when the machine, not the file, failed: a rerun may succeed.
-_ENVIRONMENT_ERRNOS = (errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ESTALE, errno.ETIMEDOUT, errno.ENOTCONN)
+_ENVIRONMENT_ERRNOS = (
+    errno.EIO,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.ESTALE,
+    errno.ETIMEDOUT,
+    errno.ENOTCONN,
+)
 
 
 def raise_for_environment(done: subprocess.CompletedProcess[bytes], what: str) -> None:
@@ -128,7 +136,9 @@ def probe(path: Path, timeout: float) -> ProbeInfo:
     done = run_tool(args, timeout, f"ffprobe {path}")
     if done.returncode != 0:
         raise_for_environment(done, f"ffprobe {path}")
-        raise MediaError(_unopenable_reason(path), f"{path}: cannot be opened as a video ({last_error_line(done.stderr)})")
+        raise MediaError(
+            _unopenable_reason(path), f"{path}: cannot be opened as a video ({last_error_line(done.stderr)})"
+        )
     info = json.loads(done.stdout.decode("utf-8", "replace") or "{}")
     fmt = info.get("format", {})
     streams = info.get("streams", [])
@@ -198,14 +208,20 @@ class DecodeReport:
 
 
 # Lines of ``-loglevel level+verbose``: "[h264 @ 0x55...] [error] message" or "[error] message".
-_LOG_LINE = re.compile(r"^(?:\[[^\]]*\] )?\[(?P<level>panic|fatal|error|warning|info|verbose|debug|trace)\] ?(?P<text>.*)$")
+_LOG_LINE = re.compile(
+    r"^(?:\[[^\]]*\] )?\[(?P<level>panic|fatal|error|warning|info|verbose|debug|trace)\] ?(?P<text>.*)$"
+)
 _REPEATED = re.compile(r"Last message repeated (?P<times>\d+) times")
 
 
 # Per-frame messages: ffmpeg's own, once per packet the decoder failed on and once per frame
 # it flagged corrupt; the h264/hevc/mpeg decoders', once per picture decoded with concealment.
 # (Counting packets against frames does not work: edit lists discard packets legitimately.)
-_FRAME_MESSAGES = {"lost": "Error while decoding stream", "flagged": "corrupt decoded frame in stream", "concealed": "concealing "}
+_FRAME_MESSAGES = {
+    "lost": "Error while decoding stream",
+    "flagged": "corrupt decoded frame in stream",
+    "concealed": "concealing ",
+}
 
 
 def parse_decode_log(stderr: str) -> DecodeReport:
@@ -306,8 +322,18 @@ def _parse_scores(text: str) -> np.ndarray:
 
 def keyframes(clip: Path, fps: float, timeout: float = 60.0) -> set[int]:
     """Frame indices of the keyframes of one of OUR constant-rate clips (packets only, no decoding)."""
-    args = ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pts_time,flags",
-            "-of", "csv=p=0", input_url(clip)]  # fmt: skip
+    args = [
+        "ffprobe",
+        "-v",
+        "error",
+        "-select_streams",
+        "v:0",
+        "-show_entries",
+        "packet=pts_time,flags",
+        "-of",
+        "csv=p=0",
+        input_url(clip),
+    ]
     done = run_tool(args, timeout, f"listing keyframes of {clip}")
     if done.returncode != 0:
         raise_for_environment(done, f"listing keyframes of {clip}")
@@ -334,12 +360,18 @@ def split(clip: Path, out_pattern: Path, cut_frames: list[int], fps: float, *, r
     args = (
         ffmpeg.input(input_url(clip))
         .output(
-            os.fspath(out_pattern), format="segment", segment_times=times, reset_timestamps=1,
-            segment_format="mp4", segment_format_options="movflags=+faststart", map_metadata=-1, **codec,
+            os.fspath(out_pattern),
+            format="segment",
+            segment_times=times,
+            reset_timestamps=1,
+            segment_format="mp4",
+            segment_format_options="movflags=+faststart",
+            map_metadata=-1,
+            **codec,
         )
         .global_args("-nostdin", "-v", "error", "-y")
         .compile()
-    )  # fmt: skip
+    )
     done = run_tool(args, timeout, f"splitting {clip}")
     if done.returncode != 0:
         raise_for_environment(done, f"splitting {clip}")
@@ -390,12 +422,33 @@ def write_video(frames: np.ndarray, path: Path, fps: float, crf: int = 12) -> Pa
     exe = _ffmpeg_exe()
     path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
-        exe, "-hide_banner", "-loglevel", "error", "-y",
-        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", repr(float(fps)),
-        "-i", "pipe:0",
-        "-an", "-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p",
-        "-movflags", "+faststart", "-f", "mp4",
-    ]  # fmt: skip
+        exe,
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-y",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "-s",
+        f"{w}x{h}",
+        "-framerate",
+        repr(float(fps)),
+        "-i",
+        "pipe:0",
+        "-an",
+        "-c:v",
+        "libx264",
+        "-crf",
+        str(crf),
+        "-pix_fmt",
+        "yuv420p",
+        "-movflags",
+        "+faststart",
+        "-f",
+        "mp4",
+    ]
     with atomic_path(path) as tmp, tempfile.TemporaryFile() as err:
         # stderr goes to a file: a full, unread stderr pipe could deadlock the writer.
         proc = subprocess.Popen([*cmd, str(tmp)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)

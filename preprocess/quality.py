@@ -128,16 +128,23 @@ def _mean_or_none(values: np.ndarray) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
-def measure_clip(clip_id: str, frames: Path | str | Iterable[np.ndarray] | None, poses: Mapping[str, np.ndarray],
-                 masks: Mapping[str, np.ndarray], cfg: QualityConfig = QualityConfig()) -> ClipQuality:  # fmt: skip
+def measure_clip(
+    clip_id: str,
+    frames: Path | str | Iterable[np.ndarray] | None,
+    poses: Mapping[str, np.ndarray],
+    masks: Mapping[str, np.ndarray],
+    cfg: QualityConfig = QualityConfig(),
+) -> ClipQuality:
     """Every measure of one clip. ``frames``: the clip's video file (read in chunks), RGB
     frames uint8 [H,W,3] in order, or None (then blur, brightness and cuts are unknown)."""
     label_map, pose_index = np.asarray(masks["label_map"]), np.asarray(masks["pose_index"])
     num_frames, height, width = label_map.shape
     num_persons = pose_index.shape[1]
     if pose_index.shape[0] != num_frames or poses["keypoints"].shape[0] != num_frames:
-        raise ValueError(f"{clip_id}: masks have {num_frames} frames, pose_index {pose_index.shape[0]}, "
-                         f"poses {poses['keypoints'].shape[0]}")  # fmt: skip
+        raise ValueError(
+            f"{clip_id}: masks have {num_frames} frames, pose_index {pose_index.shape[0]}, "
+            f"poses {poses['keypoints'].shape[0]}"
+        )
     if num_frames and int(label_map.max()) > num_persons:
         raise ValueError(f"{clip_id}: label map holds label {int(label_map.max())} but only {num_persons} persons")
 
@@ -264,8 +271,9 @@ def measure_clip(clip_id: str, frames: Path | str | Iterable[np.ndarray] | None,
     )
 
 
-def _disagrees(labels: np.ndarray, person: int, keypoints: np.ndarray, found: np.ndarray, offsets: np.ndarray,
-               cfg: QualityConfig) -> bool:  # fmt: skip
+def _disagrees(
+    labels: np.ndarray, person: int, keypoints: np.ndarray, found: np.ndarray, offsets: np.ndarray, cfg: QualityConfig
+) -> bool:
     """Rule in the module docstring, for one person in one frame."""
     height, width = labels.shape
     xy = np.rint(keypoints[found]).astype(np.int64)
@@ -278,8 +286,14 @@ def _disagrees(labels: np.ndarray, person: int, keypoints: np.ndarray, found: np
     return bool(inside.mean() < cfg.disagreement_share)
 
 
-def _mask_switches(t: int, iou: np.ndarray, now: np.ndarray, before: np.ndarray, cfg: QualityConfig,
-                   events: dict[tuple[int, int, int], set[str]]) -> None:  # fmt: skip
+def _mask_switches(
+    t: int,
+    iou: np.ndarray,
+    now: np.ndarray,
+    before: np.ndarray,
+    cfg: QualityConfig,
+    events: dict[tuple[int, int, int], set[str]],
+) -> None:
     """Mask rule at frame t: iou[a, b] = IoU of a's mask at t with b's at t-1."""
     own = np.diag(iou)
     took = (iou >= cfg.switch_min_iou) & (iou >= own[:, None] + cfg.switch_margin)
@@ -291,8 +305,15 @@ def _mask_switches(t: int, iou: np.ndarray, now: np.ndarray, before: np.ndarray,
             events.setdefault((t, int(a) + 1, int(b) + 1), set()).add("mask")
 
 
-def _pose_switches(t: int, median: np.ndarray, has_now: np.ndarray, had: np.ndarray, height: int, cfg: QualityConfig,
-                   events: dict[tuple[int, int, int], set[str]]) -> None:  # fmt: skip
+def _pose_switches(
+    t: int,
+    median: np.ndarray,
+    has_now: np.ndarray,
+    had: np.ndarray,
+    height: int,
+    cfg: QualityConfig,
+    events: dict[tuple[int, int, int], set[str]],
+) -> None:
     """Pose rule at frame t: median[a, b] = median distance of a's keypoints at t to b's at t-1."""
     own = np.diag(median)
     with np.errstate(invalid="ignore"):
@@ -303,8 +324,9 @@ def _pose_switches(t: int, median: np.ndarray, has_now: np.ndarray, had: np.ndar
             events.setdefault((t, int(min(a, b)) + 1, int(max(a, b)) + 1), set()).add("pose")
 
 
-def measure_clip_files(clip_id: str, clip: Path | None, poses_path: Path, masks_path: Path,
-                       cfg: QualityConfig = QualityConfig()) -> ClipQuality:  # fmt: skip
+def measure_clip_files(
+    clip_id: str, clip: Path | None, poses_path: Path, masks_path: Path, cfg: QualityConfig = QualityConfig()
+) -> ClipQuality:
     """measure_clip on a workspace's files: clips/<id>.mp4 (None: no image measures),
     poses/<id>.npz and masks/<id>.npz."""
     return measure_clip(clip_id, clip, read_npz(poses_path), read_npz(masks_path), cfg)

@@ -67,12 +67,23 @@ BODY_POINTS = np.arange(23)  # body + feet: what locates and orders a person
 # (parent, child), parents before children: each takes the reference person's length.
 BODY_SEGMENTS: tuple[tuple[int, int], ...] = (
     (ROOT, 0),  # neck -> nose
-    (0, 1), (0, 2), (1, 3), (2, 4),  # nose -> eyes -> ears
-    (ROOT, L_SHOULDER), (ROOT, R_SHOULDER),  # one shared ratio: the shoulder width
-    (L_SHOULDER, 7), (7, 9), (R_SHOULDER, 8), (8, 10),  # arms
-    (ROOT, L_HIP), (ROOT, R_HIP),  # torso sides
-    (L_HIP, 13), (13, 15), (R_HIP, 14), (14, 16),  # legs
-)  # fmt: skip
+    (0, 1),
+    (0, 2),
+    (1, 3),
+    (2, 4),  # nose -> eyes -> ears
+    (ROOT, L_SHOULDER),
+    (ROOT, R_SHOULDER),  # one shared ratio: the shoulder width
+    (L_SHOULDER, 7),
+    (7, 9),
+    (R_SHOULDER, 8),
+    (8, 10),  # arms
+    (ROOT, L_HIP),
+    (ROOT, R_HIP),  # torso sides
+    (L_HIP, 13),
+    (13, 15),
+    (R_HIP, 14),
+    (14, 16),  # legs
+)
 # parent -> points that keep their driving shape, scaled by the global scale.
 ATTACHED: tuple[tuple[int, tuple[int, ...]], ...] = (
     (15, (17, 18, 19)),  # left ankle -> big toe, small toe, heel
@@ -172,7 +183,9 @@ class PersonTransform:
     anchor_reference: tuple[float, float]
 
     def apply(self, points: np.ndarray) -> np.ndarray:
-        return np.asarray(self.anchor_reference) + self.scale * (np.asarray(points, np.float64) - np.asarray(self.anchor_driving))
+        return np.asarray(self.anchor_reference) + self.scale * (
+            np.asarray(points, np.float64) - np.asarray(self.anchor_driving)
+        )
 
     def matrix(self, sx: float = 1.0, sy: float = 1.0) -> np.ndarray:
         """2x3 affine for cv2.warpAffine: driving pixels -> reference pixels, then scaled by (sx, sy)."""
@@ -195,7 +208,9 @@ def person_transform(drv_kp: np.ndarray, drv_ok: np.ndarray, ref_kp: np.ndarray,
     return PersonTransform(scale, tuple(map(float, drv_root[first])), tuple(map(float, ref_root)))
 
 
-def segment_ratio(parent: int, child: int, drv_kp: np.ndarray, drv_ok: np.ndarray, ref_kp: np.ndarray, ref_ok: np.ndarray) -> float | None:
+def segment_ratio(
+    parent: int, child: int, drv_kp: np.ndarray, drv_ok: np.ndarray, ref_kp: np.ndarray, ref_ok: np.ndarray
+) -> float | None:
     """Reference length / median driving length of one segment (None: not measurable)."""
     if parent == ROOT and child in (L_SHOULDER, R_SHOULDER):
         return _ratio(_shoulder_width(ref_kp[None], ref_ok[None]), _shoulder_width(drv_kp, drv_ok))
@@ -253,7 +268,9 @@ def driving_mean_x(keypoints: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return out
 
 
-def match_persons(driving_x: Sequence[float], reference_x: Sequence[float], person_map: Mapping[int, int] | None) -> dict[int, int]:
+def match_persons(
+    driving_x: Sequence[float], reference_x: Sequence[float], person_map: Mapping[int, int] | None
+) -> dict[int, int]:
     """Driving person k (1-based label) -> reference ROW (index into the reference arrays).
 
     Reference persons are numbered 1.. left to right among those with a position; persons
@@ -272,9 +289,13 @@ def match_persons(driving_x: Sequence[float], reference_x: Sequence[float], pers
         return {k + 1: r for k, r in zip(drv_order, ref_order)}
     for k, j in sorted(person_map.items()):
         if k not in posed:
-            raise ValueError(f"person_map: driving person {k} has no pose in the used frames (persons with one: {posed})")
+            raise ValueError(
+                f"person_map: driving person {k} has no pose in the used frames (persons with one: {posed})"
+            )
         if not 1 <= j <= len(ref_order):
-            raise ValueError(f"person_map: reference person {j}, but the reference image has {len(ref_order)} person(s) with a pose")
+            raise ValueError(
+                f"person_map: reference person {j}, but the reference image has {len(ref_order)} person(s) with a pose"
+            )
     return {k: ref_order[j - 1] for k, j in sorted(person_map.items())}
 
 
@@ -302,14 +323,20 @@ def load_driving(poses_path: Path, masks_path: Path, num_frames: int) -> Driving
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: cannot read the {name} npz ({exc})") from exc
     poses, masks = arrays["poses"], arrays["masks"]
-    for name, path, data, keys in (("poses", poses_path, poses, ("keypoints", "scores", "width", "height")),
-                                   ("masks", masks_path, masks, ("label_map", "pose_index"))):  # fmt: skip
+    for name, path, data, keys in (
+        ("poses", poses_path, poses, ("keypoints", "scores", "width", "height")),
+        ("masks", masks_path, masks, ("label_map", "pose_index")),
+    ):
         missing = [k for k in keys if k not in data]
         if missing:
             raise ValueError(f"{path}: not a {name} npz of this project (no {', '.join(missing)})")
     label_map, pose_index = masks["label_map"], masks["pose_index"].astype(np.int64)
     width, height = int(poses["width"]), int(poses["height"])
-    if label_map.shape[1:] != (height, width) or len(label_map) != len(poses["keypoints"]) or len(pose_index) != len(label_map):
+    if (
+        label_map.shape[1:] != (height, width)
+        or len(label_map) != len(poses["keypoints"])
+        or len(pose_index) != len(label_map)
+    ):
         raise ValueError(
             f"{masks_path}: label map {label_map.shape} does not fit the poses of {poses_path} "
             f"({len(poses['keypoints'])} frames of {width}x{height}): not the same clip"
@@ -331,7 +358,9 @@ def read_reference_image(path: Path) -> np.ndarray:
     return np.ascontiguousarray(image[..., ::-1])
 
 
-def detect_reference_poses(image_rgb: np.ndarray, cfg: PoseConfig, files: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray]:
+def detect_reference_poses(
+    image_rgb: np.ndarray, cfg: PoseConfig, files: tuple[Path, Path]
+) -> tuple[np.ndarray, np.ndarray]:
     """The pose stage's DWPose (same runner, config and channel order) on one image:
     keypoints [R, 133, 2] in image pixels and scores [R, 133]."""
     from preprocess.pose.stage import runner_for  # onnxruntime: only when poses are extracted
@@ -366,7 +395,9 @@ class JobInputs:
     transforms: list[PersonTransform]
 
 
-def warp_person_masks(label_map: np.ndarray, label: int, transform: PersonTransform, ref_size: tuple[int, int], out_size: tuple[int, int]) -> np.ndarray:
+def warp_person_masks(
+    label_map: np.ndarray, label: int, transform: PersonTransform, ref_size: tuple[int, int], out_size: tuple[int, int]
+) -> np.ndarray:
     """Pixels of ``label`` moved by the person's transform into the output frame: bool [T, H, W].
     ``ref_size``/``out_size``: (width, height). Nearest neighbour: labels are not blended."""
     (ref_w, ref_h), (out_w, out_h) = ref_size, out_size
@@ -400,7 +431,9 @@ def prepare_inputs(
     masks = np.zeros((len(rows), num_frames, out_size[1], out_size[0]), bool)
     transforms = []
     for i, (label, row) in enumerate(rows.items()):
-        keypoints[:, i], transform = retarget_person(driving.keypoints[:, label - 1], driving.scores[:, label - 1], ref_kp[row], ref_scores[row], threshold)
+        keypoints[:, i], transform = retarget_person(
+            driving.keypoints[:, label - 1], driving.scores[:, label - 1], ref_kp[row], ref_scores[row], threshold
+        )
         scores[:, i] = driving.scores[:, label - 1]
         masks[i] = warp_person_masks(driving.label_map, label, transform, ref_size, out_size)
         transforms.append(transform)

@@ -48,11 +48,11 @@ import cv2
 import numpy as np
 
 from data_schemas import ClipRecord, PoseRecord, read_records, write_records
-from data_schemas.quality import ClipQuality
 from data_schemas.arrays import npz_bytes
 from data_schemas.atomic import fsync_file, remove_stale_temps, temp_path_for
 from data_schemas.config import ShardConfig
 from data_schemas.mask import MaskRecord
+from data_schemas.quality import ClipQuality
 from data_schemas.shard import MEMBERS, NO_MEASURES, ShardSample, ShardSummary, readers_file
 from data_schemas.workspace import INDEX, Workspace
 from preprocess.media import read_frames
@@ -92,8 +92,9 @@ def poses_by_person(poses: Mapping[str, np.ndarray], pose_index: np.ndarray) -> 
     return keypoints, scores
 
 
-def build_sample(workspace: Workspace | Path, clip: ClipRecord, pose: PoseRecord, mask: MaskRecord,
-                 cfg: ShardConfig) -> tuple[dict[str, bytes], dict]:  # fmt: skip
+def build_sample(
+    workspace: Workspace | Path, clip: ClipRecord, pose: PoseRecord, mask: MaskRecord, cfg: ShardConfig
+) -> tuple[dict[str, bytes], dict]:
     """The members of one sample (by extension, in ``MEMBERS`` order) and its metadata."""
     ws = Workspace.of(workspace)
     poses, masks = load_poses(ws.resolve(pose.path)), load_masks(ws.resolve(mask.path))
@@ -103,9 +104,15 @@ def build_sample(workspace: Workspace | Path, clip: ClipRecord, pose: PoseRecord
     assert ok
     split = split_of(clip.source_sha256, cfg)
     meta = {
-        "clip_id": clip.clip_id, "source": clip.source_sha256, "fps": clip.fps, "width": clip.width,
-        "height": clip.height, "persons": persons, "num_frames": clip.num_frames, "split": split,
-    }  # fmt: skip
+        "clip_id": clip.clip_id,
+        "source": clip.source_sha256,
+        "fps": clip.fps,
+        "width": clip.width,
+        "height": clip.height,
+        "persons": persons,
+        "num_frames": clip.num_frames,
+        "split": split,
+    }
     caption = caption_for(persons, cfg)
     members = {
         "json": json.dumps(meta, sort_keys=True).encode(),
@@ -129,7 +136,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def create_file(path: Path) -> BinaryIO:
     """How a file of a new set is opened (``write_shards`` takes another for fault injection)."""
-    return open(path, "xb")  # noqa: SIM115 - closed by _SplitWriter
+    return open(path, "xb")
 
 
 class _Sink:
@@ -160,7 +167,7 @@ class _SplitWriter:
         if self._tar is None:
             self._name = f"{self.split}-{len(self.digests):06d}.tar"
             self._sink = _Sink(self.open_file(self.folder / self._name))
-            self._tar = tarfile.open(fileobj=self._sink, mode="w", format=tarfile.USTAR_FORMAT)  # type: ignore[arg-type]
+            self._tar = tarfile.open(fileobj=self._sink, mode="w", format=tarfile.USTAR_FORMAT)  # type: ignore[arg-type]  # noqa: SIM115 - closed when the shard is published
         start = self._tar.offset
         for ext in MEMBERS:  # sorted: the order inside a sample
             _add(self._tar, f"{key}.{ext}", members[ext])
@@ -196,9 +203,14 @@ def manifest_records(workspace: Workspace | Path) -> list[SampleRecords]:
     return [(c, poses[c.clip_id], masks[c.clip_id]) for c in clips if c.clip_id in poses and c.clip_id in masks]
 
 
-def write_shards(workspace: Workspace | Path, cfg: ShardConfig, records: Iterable[SampleRecords] | None = None, *,
-                 quality: Mapping[str, ClipQuality] | None = None,
-                 open_file: Callable[[Path], BinaryIO] = create_file) -> ShardSummary:  # fmt: skip
+def write_shards(
+    workspace: Workspace | Path,
+    cfg: ShardConfig,
+    records: Iterable[SampleRecords] | None = None,
+    *,
+    quality: Mapping[str, ClipQuality] | None = None,
+    open_file: Callable[[Path], BinaryIO] = create_file,
+) -> ShardSummary:
     """Every clip of ``records`` (its clip, poses and masks records; None: those the
     workspace's manifests list) becomes one sample, unless ``cfg.filters`` leave it out by its
     ``quality`` measures (manifests/quality.parquet; None: no measures, no filtering); the set
@@ -211,7 +223,9 @@ def write_shards(workspace: Workspace | Path, cfg: ShardConfig, records: Iterabl
     masks = {clip.clip_id: mask for clip, _, mask in samples}
     left_out: dict[str, int] = {}  # filter -> clips it left out
     if quality is not None:
-        reasons = {c.clip_id: cfg.filters.reasons(quality[c.clip_id]) if c.clip_id in quality else [NO_MEASURES] for c in clips}
+        reasons = {
+            c.clip_id: cfg.filters.reasons(quality[c.clip_id]) if c.clip_id in quality else [NO_MEASURES] for c in clips
+        }
         for reason in (r for c in clips for r in reasons[c.clip_id]):
             left_out[reason] = left_out.get(reason, 0) + 1
         dropped = sum(bool(reasons[c.clip_id]) for c in clips)
@@ -227,17 +241,30 @@ def write_shards(workspace: Workspace | Path, cfg: ShardConfig, records: Iterabl
         for clip in clips:
             members, meta = build_sample(ws, clip, poses[clip.clip_id], masks[clip.clip_id], cfg)
             shard, offset, size = writers[meta["split"]].add(clip.clip_id, members)
-            index.append(ShardSample(
-                key=clip.clip_id, shard=shard, offset=offset, size_bytes=size, split=meta["split"],
-                source_sha256=clip.source_sha256, num_frames=clip.num_frames, persons=meta["persons"],
-                width=clip.width, height=clip.height, fps=clip.fps, caption=meta["caption"],
-            ))  # fmt: skip
+            index.append(
+                ShardSample(
+                    key=clip.clip_id,
+                    shard=shard,
+                    offset=offset,
+                    size_bytes=size,
+                    split=meta["split"],
+                    source_sha256=clip.source_sha256,
+                    num_frames=clip.num_frames,
+                    persons=meta["persons"],
+                    width=clip.width,
+                    height=clip.height,
+                    fps=clip.fps,
+                    caption=meta["caption"],
+                )
+            )
         for writer in writers.values():
             writer.close()
         write_records(index, ShardSample, building / INDEX)
         digests = {name: sha for writer in writers.values() for name, sha in writer.digests.items()}
         digests[INDEX] = hashlib.sha256((building / INDEX).read_bytes()).hexdigest()
-        set_id = hashlib.sha256("".join(f"{name}:{sha};" for name, sha in sorted(digests.items())).encode()).hexdigest()[:16]
+        set_id = hashlib.sha256(
+            "".join(f"{name}:{sha};" for name, sha in sorted(digests.items())).encode()
+        ).hexdigest()[:16]
         _fsync_dir(building)
         _publish(ws, building, set_id)
     except BaseException:
@@ -291,7 +318,9 @@ def _publish(ws: Workspace, building: Path, set_id: str) -> None:
                 os.rename(link, legacy)  # (killed right here: no link, the new set whole; a rerun links it)
             os.replace(new_link, link)
             _fsync_dir(ws.root)
-        replaced = [e for e in sorted(sets.iterdir()) if e.name != set_id and not e.name.startswith(".")]  # dot: lock, temporaries
+        replaced = [
+            e for e in sorted(sets.iterdir()) if e.name != set_id and not e.name.startswith(".")
+        ]  # dot: lock, temporaries
         for entry in replaced + ([legacy] if legacy is not None else []):
             _remove_set(entry)
 

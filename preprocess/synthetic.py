@@ -32,10 +32,11 @@ Ground-truth conventions
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -72,11 +73,9 @@ class SyntheticSpec(BaseModel, frozen=True):
     height: int = Field(192, ge=32, le=4096, description="Frame height in pixels (even, >= 32).")
     fps: float = Field(25.0, gt=0.0, le=240.0, description="Frame rate of the clip.")
     num_frames: int = Field(50, ge=1, le=100_000, description="Number of frames.")
-    num_persons: int = Field(
-        2, ge=0, le=MAX_PERSONS, description="Number of figures (0 = background only)."
-    )
+    num_persons: int = Field(2, ge=0, le=MAX_PERSONS, description="Number of figures (0 = background only).")
     seed: int = Field(0, ge=0, description="Random seed; the clip is deterministic given the spec.")
-    motions: Optional[tuple[str, ...]] = Field(
+    motions: tuple[str, ...] | None = Field(
         None,
         description="Motion per person from ('walk', 'wave', 'dance'); None cycles through them.",
     )
@@ -85,7 +84,7 @@ class SyntheticSpec(BaseModel, frozen=True):
         description="'texture': drifting low-saturation texture; 'flat': one uniform grey per scene, "
         "static (the persons are then the only content, as in the learning check)",
     )
-    walk_speed: Optional[float] = Field(
+    walk_speed: float | None = Field(
         None,
         gt=0.0,
         description="Walkers' speed in frame widths per second (they turn at the edges, so position "
@@ -114,7 +113,7 @@ class SyntheticSpec(BaseModel, frozen=True):
 
     @field_validator("motions")
     @classmethod
-    def _known_motions(cls, v: Optional[tuple[str, ...]]) -> Optional[tuple[str, ...]]:
+    def _known_motions(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
         if v is not None:
             bad = [m for m in v if m not in MOTIONS]
             if bad:
@@ -124,13 +123,11 @@ class SyntheticSpec(BaseModel, frozen=True):
     @model_validator(mode="after")
     def _consistent(self) -> SyntheticSpec:
         if self.motions is not None and len(self.motions) != self.num_persons:
-            raise ValueError(
-                f"motions has {len(self.motions)} entries but num_persons is {self.num_persons}"
-            )
+            raise ValueError(f"motions has {len(self.motions)} entries but num_persons is {self.num_persons}")
         cuts = self.scene_cut_frames
         if any(not 1 <= c < self.num_frames for c in cuts):
             raise ValueError(f"scene_cut_frames must lie in 1..num_frames-1, got {cuts}")
-        if any(b <= a for a, b in zip(cuts, cuts[1:])):
+        if any(b <= a for a, b in itertools.pairwise(cuts)):
             raise ValueError(f"scene_cut_frames must be strictly increasing, got {cuts}")
         return self
 
@@ -145,7 +142,7 @@ class SyntheticSpec(BaseModel, frozen=True):
 class SyntheticClip:
     """Rendered frames plus exact per-frame ground truth (see module docstring)."""
 
-    frames: Optional[np.ndarray]  # uint8 [T,H,W,3] RGB; None when loaded from ground truth
+    frames: np.ndarray | None  # uint8 [T,H,W,3] RGB; None when loaded from ground truth
     keypoints: np.ndarray  # float32 [T,P,18,2] pixel (x, y), OPENPOSE_18 order
     keypoint_visible: np.ndarray  # bool [T,P,18]
     masks: np.ndarray  # bool [T,P,H,W] visible pixels of each person
@@ -333,29 +330,43 @@ def _motion_angles(motion: str, t: float, lay: _PersonLayout) -> _Angles:
     s = math.sin(ph)
     if motion == "walk":
         return _Angles(
-            dy=-0.02 * abs(s), lean=0.04 * math.sin(2 * ph),
-            upper_r=0.22 - 0.25 * s, fore_r=0.45 - 0.25 * s,
-            upper_l=0.22 + 0.25 * s, fore_l=0.45 + 0.25 * s,
-            thigh_r=0.12 + 0.28 * s, shin_r=0.12 + 0.28 * s - 0.15 * max(0.0, s),
-            thigh_l=0.12 - 0.28 * s, shin_l=0.12 - 0.28 * s - 0.15 * max(0.0, -s),
-        )  # fmt: skip
+            dy=-0.02 * abs(s),
+            lean=0.04 * math.sin(2 * ph),
+            upper_r=0.22 - 0.25 * s,
+            fore_r=0.45 - 0.25 * s,
+            upper_l=0.22 + 0.25 * s,
+            fore_l=0.45 + 0.25 * s,
+            thigh_r=0.12 + 0.28 * s,
+            shin_r=0.12 + 0.28 * s - 0.15 * max(0.0, s),
+            thigh_l=0.12 - 0.28 * s,
+            shin_l=0.12 - 0.28 * s - 0.15 * max(0.0, -s),
+        )
     if motion == "wave":
         wave = math.sin(1.6 * ph)
         return _Angles(
-            dx=0.03 * math.sin(0.3 * ph), head=0.1 * math.sin(0.5 * ph),
-            upper_r=2.25 + 0.1 * wave, fore_r=2.65 + 0.45 * wave,
-            upper_l=0.15, fore_l=0.2,
-        )  # fmt: skip
+            dx=0.03 * math.sin(0.3 * ph),
+            head=0.1 * math.sin(0.5 * ph),
+            upper_r=2.25 + 0.1 * wave,
+            fore_r=2.65 + 0.45 * wave,
+            upper_l=0.15,
+            fore_l=0.2,
+        )
     if motion == "dance":
         c = math.cos(ph)
         return _Angles(
-            dx=0.08 * math.sin(0.5 * ph), dy=-0.06 * abs(s), lean=0.18 * math.sin(0.5 * ph),
+            dx=0.08 * math.sin(0.5 * ph),
+            dy=-0.06 * abs(s),
+            lean=0.18 * math.sin(0.5 * ph),
             head=-0.1 * math.sin(0.5 * ph),
-            upper_r=1.3 + 0.9 * s, fore_r=1.6 + 1.1 * s,
-            upper_l=1.3 + 0.9 * c, fore_l=1.6 + 1.1 * c,
-            thigh_r=0.25 + 0.12 * s, shin_r=0.15 + 0.12 * s,
-            thigh_l=0.25 - 0.12 * s, shin_l=0.15 - 0.12 * s,
-        )  # fmt: skip
+            upper_r=1.3 + 0.9 * s,
+            fore_r=1.6 + 1.1 * s,
+            upper_l=1.3 + 0.9 * c,
+            fore_l=1.6 + 1.1 * c,
+            thigh_r=0.25 + 0.12 * s,
+            shin_r=0.15 + 0.12 * s,
+            thigh_l=0.25 - 0.12 * s,
+            shin_l=0.15 - 0.12 * s,
+        )
     raise ValueError(f"unknown motion {motion!r}")
 
 
@@ -469,7 +480,7 @@ def _scenes(spec: SyntheticSpec) -> list[_Scene]:
     # cut scores well above ffmpeg's usual scene thresholds, as real hard cuts do.
     first_bright = int(np.random.default_rng([spec.seed, 2]).integers(0, 2))
     scenes = []
-    for s, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+    for s, (start, stop) in enumerate(itertools.pairwise(bounds)):
         rng = np.random.default_rng([spec.seed, 100 + s])  # independent stream per scene
         level = 75.0 + 90.0 * ((first_bright + s) % 2)
         texture = _background_texture(rng, spec.height, spec.width, level)
@@ -537,21 +548,20 @@ def save_ground_truth(clip: SyntheticClip, path: Path) -> Path:
     """
     path = Path(path)
     spec = clip.spec
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:  # a file object stops numpy from appending ".npz"
-            np.savez_compressed(
-                fh,
-                keypoints=clip.keypoints.astype(np.float32),
-                keypoint_visible=clip.keypoint_visible.astype(bool),
-                masks_packed=np.packbits(clip.masks, axis=-1),
-                colours=clip.colours.astype(np.uint8),
-                depth_order=clip.depth_order.astype(np.int32),
-                fps=np.float64(spec.fps),
-                width=np.int64(spec.width),
-                height=np.int64(spec.height),
-                keypoint_names=np.array(OPENPOSE_18),
-                spec_json=np.array(spec.model_dump_json()),
-            )
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object stops numpy from appending ".npz"
+        np.savez_compressed(
+            fh,
+            keypoints=clip.keypoints.astype(np.float32),
+            keypoint_visible=clip.keypoint_visible.astype(bool),
+            masks_packed=np.packbits(clip.masks, axis=-1),
+            colours=clip.colours.astype(np.uint8),
+            depth_order=clip.depth_order.astype(np.int32),
+            fps=np.float64(spec.fps),
+            width=np.int64(spec.width),
+            height=np.int64(spec.height),
+            keypoint_names=np.array(OPENPOSE_18),
+            spec_json=np.array(spec.model_dump_json()),
+        )
     return path
 
 
@@ -610,7 +620,25 @@ def make_sample_folder(folder: Path, num_videos: int = 4, seed: int = 0, **spec_
 
 
 # OpenPose-18 index -> COCO-WholeBody index (the neck has no WholeBody slot of its own).
-OPENPOSE_TO_WHOLEBODY = {0: 0, 2: 6, 3: 8, 4: 10, 5: 5, 6: 7, 7: 9, 8: 12, 9: 14, 10: 16, 11: 11, 12: 13, 13: 15, 14: 2, 15: 1, 16: 4, 17: 3}
+OPENPOSE_TO_WHOLEBODY = {
+    0: 0,
+    2: 6,
+    3: 8,
+    4: 10,
+    5: 5,
+    6: 7,
+    7: 9,
+    8: 12,
+    9: 14,
+    10: 16,
+    11: 11,
+    12: 13,
+    13: 15,
+    14: 2,
+    15: 1,
+    16: 4,
+    17: 3,
+}
 
 
 def ground_truth_poses(clip: SyntheticClip, seed: int = 0, keep=None) -> tuple[dict[str, np.ndarray], list[list[int]]]:
@@ -637,9 +665,14 @@ def ground_truth_poses(clip: SyntheticClip, seed: int = 0, keep=None) -> tuple[d
             ys, xs = np.nonzero(clip.masks[t, p])
             boxes[t, row] = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
     arrays = {
-        "keypoints": keypoints, "scores": scores, "boxes": boxes, "box_scores": (counts[:, None] > np.arange(persons)) * np.float32(0.9),
-        "num_persons": counts, "width": np.int32(clip.spec.width), "height": np.int32(clip.spec.height),
-    }  # fmt: skip
+        "keypoints": keypoints,
+        "scores": scores,
+        "boxes": boxes,
+        "box_scores": (counts[:, None] > np.arange(persons)) * np.float32(0.9),
+        "num_persons": counts,
+        "width": np.int32(clip.spec.width),
+        "height": np.int32(clip.spec.height),
+    }
     return arrays, origin
 
 
@@ -657,8 +690,13 @@ def write_ground_truth_stage_files(clip: SyntheticClip, folder: Path, seed: int 
         for row, person in enumerate(rows):
             pose_index[t, person] = row
     write_npz(folder / "poses.npz", **poses)
-    write_npz(folder / "masks.npz", label_map=clip.label_map(), pose_index=pose_index,
-              first_frame=np.zeros(num_persons, np.int32), source=np.array("ground-truth"))  # fmt: skip
+    write_npz(
+        folder / "masks.npz",
+        label_map=clip.label_map(),
+        pose_index=pose_index,
+        first_frame=np.zeros(num_persons, np.int32),
+        source=np.array("ground-truth"),
+    )
     return folder / "poses.npz", folder / "masks.npz"
 
 
@@ -667,7 +705,9 @@ def write_demo_job_inputs(folder: Path, seed: int, size: int, num_frames: int) -
     and a reference image of two other persons with its ground-truth poses (``folder/reference/``):
     returns (reference image, its poses, driving poses, driving masks)."""
     folder = Path(folder)
-    drive = render_clip(SyntheticSpec(width=size, height=size, num_frames=num_frames, num_persons=2, seed=seed * 1000 + 901))
+    drive = render_clip(
+        SyntheticSpec(width=size, height=size, num_frames=num_frames, num_persons=2, seed=seed * 1000 + 901)
+    )
     write_video(drive.frames, folder / "driving" / "driving.mp4", fps=25.0)
     poses, masks = write_ground_truth_stage_files(drive, folder / "driving")
     ref = render_clip(SyntheticSpec(width=size, height=size, num_frames=1, num_persons=2, seed=seed * 1000 + 902))

@@ -52,12 +52,16 @@ def source_frames(first_output: int, count: int, fps_out: float, fps_in: float, 
     return np.clip(np.searchsorted(slots, wanted, side="right") - 1, 0, num_inputs - 1)
 
 
-def clip_truth(clip_id: str, source: Path, start_s: float, fps: float, num_frames: int, width: int, height: int) -> SyntheticClip:
+def clip_truth(
+    clip_id: str, source: Path, start_s: float, fps: float, num_frames: int, width: int, height: int
+) -> SyntheticClip:
     """The ground truth of one clip: its frames of the source's truth, at the clip's size."""
     path = truth_file(source)
     if not path.is_file():
-        raise MissingTruthError(f"clip {clip_id}: its source {source} has no ground truth ({path.name} missing beside it); "
-                                "the truth models serve synthetic videos only (use pose/segment models 'tiny' or 'files')")  # fmt: skip
+        raise MissingTruthError(
+            f"clip {clip_id}: its source {source} has no ground truth ({path.name} missing beside it); "
+            "the truth models serve synthetic videos only (use pose/segment models 'tiny' or 'files')"
+        )
     truth = load_ground_truth(path)
     picks = source_frames(round(start_s * fps), num_frames, fps, truth.spec.fps, len(truth.keypoints))
     keypoints = truth.keypoints[picks].copy()
@@ -67,13 +71,22 @@ def clip_truth(clip_id: str, source: Path, start_s: float, fps: float, num_frame
         flat = masks.reshape(-1, *masks.shape[2:]).astype(np.uint8)
         masks = np.stack([cv2.resize(m, (width, height), interpolation=cv2.INTER_NEAREST) for m in flat]).astype(bool)
         masks = masks.reshape(num_frames, -1, height, width)
-    return SyntheticClip(frames=None, keypoints=keypoints, keypoint_visible=truth.keypoint_visible[picks], masks=masks,
-                         colours=truth.colours, depth_order=truth.depth_order[picks], spec=truth.spec)  # fmt: skip
+    return SyntheticClip(
+        frames=None,
+        keypoints=keypoints,
+        keypoint_visible=truth.keypoint_visible[picks],
+        masks=masks,
+        colours=truth.colours,
+        depth_order=truth.depth_order[picks],
+        spec=truth.spec,
+    )
 
 
 def truth_of(clip: ClipRecord) -> SyntheticClip:
     """``clip_truth`` of a clip of the manifest."""
-    return clip_truth(clip.clip_id, Path(clip.source_path), clip.start_s, clip.fps, clip.num_frames, clip.width, clip.height)
+    return clip_truth(
+        clip.clip_id, Path(clip.source_path), clip.start_s, clip.fps, clip.num_frames, clip.width, clip.height
+    )
 
 
 class TruthPoses:
@@ -101,4 +114,3 @@ class TruthPoses:
                 truncated += 1
             out.append(poses)
         return out, truncated
-

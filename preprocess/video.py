@@ -20,6 +20,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import math
 import os
 import shutil
@@ -158,10 +159,16 @@ def plan_clips(scores, fps: float, cfg: IngestConfig, keyframes: set[int] = froz
             pieces = max(1, length // min_frames)
         bounds = [start + round(length * k / pieces) for k in range(pieces + 1)]
         for k in range(1, pieces):
-            snapped = min((f for f in keyframes if bounds[k - 1] < f < bounds[k + 1]), key=lambda f: abs(f - bounds[k]), default=None)
-            if snapped is not None and all(min_frames <= b - a <= max_frames for a, b in ((bounds[k - 1], snapped), (snapped, bounds[k + 1]))):
+            snapped = min(
+                (f for f in keyframes if bounds[k - 1] < f < bounds[k + 1]),
+                key=lambda f: abs(f - bounds[k]),
+                default=None,
+            )
+            if snapped is not None and all(
+                min_frames <= b - a <= max_frames for a, b in ((bounds[k - 1], snapped), (snapped, bounds[k + 1]))
+            ):
                 bounds[k] = snapped
-        intervals.extend((a, b, True) for a, b in zip(bounds, bounds[1:]))
+        intervals.extend((a, b, True) for a, b in itertools.pairwise(bounds))
     return intervals
 
 
@@ -189,13 +196,17 @@ def ingest_video(path: Path, sha256: str, cfg: IngestConfig, workspace: Workspac
     if width * height > cfg.max_pixels:
         return IngestResult.failed("too_large", f"{path}: {width}x{height} exceeds {cfg.max_pixels} pixels", probe)
     if probe.duration_s and probe.duration_s > cfg.max_duration_s:
-        return IngestResult.failed("too_large", f"{path}: {probe.duration_s:.0f} s exceeds {cfg.max_duration_s:.0f} s", probe)
+        return IngestResult.failed(
+            "too_large", f"{path}: {probe.duration_s:.0f} s exceeds {cfg.max_duration_s:.0f} s", probe
+        )
     if width == 0 or height == 0:
         return IngestResult.failed("zero_frames", f"{path}: the video stream has no frame size", probe)
     size = target_size(width, height, cfg.max_side)
     if min(size) < MIN_SIDE_PX:
-        message = (f"{path}: {width}x{height} pictures would make {size[0]}x{size[1]} clips (max_side {cfg.max_side}), "
-                   f"under {MIN_SIDE_PX} px on a side")  # fmt: skip
+        message = (
+            f"{path}: {width}x{height} pictures would make {size[0]}x{size[1]} clips (max_side {cfg.max_side}), "
+            f"under {MIN_SIDE_PX} px on a side"
+        )
         return IngestResult.failed("too_small", message, probe)
 
     ws = Workspace.of(workspace)
@@ -217,8 +228,9 @@ def _normalise_and_cut(path, sha256, probe, cfg, size, staging: Path, ws: Worksp
     gop = max(1, round(cfg.fps * cfg.keyframe_interval_s))
     timeout = _timeout(probe.duration_s, cfg)
     whole = staging / "whole.mp4"
-    scores, report = media.normalise(path, whole, fps=cfg.fps, size=size, gop=gop, timeout=timeout, crf=cfg.crf,
-                                     preset=cfg.preset)  # fmt: skip
+    scores, report = media.normalise(
+        path, whole, fps=cfg.fps, size=size, gop=gop, timeout=timeout, crf=cfg.crf, preset=cfg.preset
+    )
     num_frames = len(scores)
     decode = dict(num_frames=num_frames, damaged_frames=report.damaged_frames)
     problem = _decode_problem(probe, num_frames / cfg.fps, report)
@@ -239,7 +251,9 @@ def _normalise_and_cut(path, sha256, probe, cfg, size, staging: Path, ws: Worksp
     else:
         cuts = [start for start, _, _ in intervals[1:]]
         on_keyframes = all(cut in keyframes for cut in cuts)
-        media.split(whole, staging / "%04d.mp4", cuts, cfg.fps, reencode=None if on_keyframes else encoder, timeout=timeout)
+        media.split(
+            whole, staging / "%04d.mp4", cuts, cfg.fps, reencode=None if on_keyframes else encoder, timeout=timeout
+        )
         segments = sorted(staging.glob("[0-9]*.mp4"))
     assert len(segments) == len(intervals), f"{path}: {len(segments)} segments for {len(intervals)} intervals"
 
@@ -297,7 +311,11 @@ def _remove_outdated_clips(clips_dir: Path, sha256: str, current: set[str]) -> N
 
 
 def video_record(
-    found: FoundFile, sha256: str | None, result: IngestResult | None, duplicate_of: str | None = None, folder: str | None = None
+    found: FoundFile,
+    sha256: str | None,
+    result: IngestResult | None,
+    duplicate_of: str | None = None,
+    folder: str | None = None,
 ) -> VideoRecord:
     """The manifest row of one input file (a duplicate's facts are its original's row)."""
     fields: dict = dict(path=os.fspath(found.path), folder=folder, size_bytes=found.size_bytes, sha256=sha256)
@@ -371,7 +389,12 @@ def settled_sources(earlier: Iterable[VideoRecord], scanned: dict[str, str | Non
     duplicates. A passing failure is no verdict: such content is processed again."""
     settled: dict[str, str] = {}
     for row in earlier:
-        if row.sha256 and row.status != VideoStatus.duplicate and row.reason not in PASSING_REASONS and row.path not in scanned:
+        if (
+            row.sha256
+            and row.status != VideoStatus.duplicate
+            and row.reason not in PASSING_REASONS
+            and row.path not in scanned
+        ):
             settled.setdefault(row.sha256, row.path)
     return settled
 
@@ -391,8 +414,14 @@ def merge_manifests(
 
 
 def _as_duplicate(row: VideoRecord, of: str) -> VideoRecord:
-    return VideoRecord(path=row.path, folder=row.folder, size_bytes=row.size_bytes, sha256=row.sha256,
-                       status=VideoStatus.duplicate, duplicate_of=of)  # fmt: skip
+    return VideoRecord(
+        path=row.path,
+        folder=row.folder,
+        size_bytes=row.size_bytes,
+        sha256=row.sha256,
+        status=VideoStatus.duplicate,
+        duplicate_of=of,
+    )
 
 
 def _settle(
@@ -412,8 +441,10 @@ def _settle(
     primary: dict[str, VideoRecord] = {}
     for sha, group in by_sha.items():
         # Two runs may both have processed one content: a verdict first, then this run's, then by path.
-        heads = sorted((r for r in group if r.status != VideoStatus.duplicate),
-                       key=lambda r: (r.reason in PASSING_REASONS, r.path not in fresh, r.path))  # fmt: skip
+        heads = sorted(
+            (r for r in group if r.status != VideoStatus.duplicate),
+            key=lambda r: (r.reason in PASSING_REASONS, r.path not in fresh, r.path),
+        )
         if heads:
             head = heads[0]
         elif sha in lost:  # its primary left: the first remaining copy inherits its verdict
@@ -470,7 +501,9 @@ def remove_sources(workspace: Workspace | Path, targets: list[Path], dry_run: bo
         keep_ids = {c.clip_id for c in new_clips}
         removal = Removal(rows=removed, clips=[c for c in clips if c.clip_id not in keep_ids])
         heads = {r.sha256: r.path for r in new_rows if r.sha256 and r.status != VideoStatus.duplicate}
-        removal.inherited = {r.path: heads[r.sha256] for r in removed if r.status != VideoStatus.duplicate and r.sha256 in heads}
+        removal.inherited = {
+            r.path: heads[r.sha256] for r in removed if r.status != VideoStatus.duplicate and r.sha256 in heads
+        }
         if dry_run or not removed:
             return removal
         gone_ids = {c.clip_id for c in removal.clips}

@@ -43,7 +43,9 @@ def result_storage(workspace: Path) -> Path:
 
 def persisted(task, workspace: Path):
     """The task as its results are kept: persisted, as JSON, under the workspace."""
-    return task.with_options(result_storage=result_storage(workspace), result_serializer=RESULT_SERIALIZER, persist_result=True)
+    return task.with_options(
+        result_storage=result_storage(workspace), result_serializer=RESULT_SERIALIZER, persist_result=True
+    )
 
 
 def foreign_result(path: Path) -> str | None:
@@ -57,7 +59,11 @@ def foreign_result(path: Path) -> str | None:
         return "a symlink, not a result file"
     try:
         record = json.loads(path.read_bytes())
-        if not isinstance(record, dict) or set(record) != {"metadata", "result"} or not isinstance(record["metadata"], dict):
+        if (
+            not isinstance(record, dict)
+            or set(record) != {"metadata", "result"}
+            or not isinstance(record["metadata"], dict)
+        ):
             return "not a Prefect result record"
         serializer = record["metadata"].get("serializer")
         if serializer != _our_serializer():
@@ -95,8 +101,8 @@ def _foreign_object(value) -> str | None:
 def _is_our_record(name: object) -> bool:
     if not isinstance(name, str) or not name.startswith(_OUR_PACKAGES):
         return False
-    from pydantic import BaseModel
     from prefect.utilities.importtools import from_qualified_name
+    from pydantic import BaseModel
 
     try:
         cls = from_qualified_name(name)  # our own modules only: importing them runs no foreign code
@@ -153,6 +159,6 @@ def retry_transient(task, task_run, state) -> bool:
     """``retry_condition_fn``: retry only when the task failed on a transient error."""
     try:
         state.result()
-    except BaseException as exc:  # noqa: BLE001 - we only classify it
+    except BaseException as exc:
         return is_transient(exc)
     return False

@@ -31,11 +31,19 @@ def _embed_cache_key(context: TaskRunContext, parameters: dict) -> str:
     retries=1,
     retry_condition_fn=retry_transient,
 )
-def embed_captions(workspace: Path, shards_index: Path, shards_sha256: str, profile: Profile, weights: Path | None, encoder_id: str) -> EmbeddingSummary:
+def embed_captions(
+    workspace: Path, shards_index: Path, shards_sha256: str, profile: Profile, weights: Path | None, encoder_id: str
+) -> EmbeddingSummary:
     """Cache the embeddings of every caption in the shards index and of the negative prompt
     (model.text_cache.ensure_cached: the encoder is loaded only when some text is missing)."""
     logger = get_run_logger()
     texts = text_cache.captions_from_shards(shards_index) + [WAN_NEGATIVE_PROMPT]
     summary = text_cache.ensure_cached(Workspace(workspace).embeddings, profile, weights, texts, encoder_id=encoder_id)
-    logger.info("%d text(s) for encoder %s: %d encoded, %d already cached", summary.num_texts, encoder_id, summary.num_new, summary.num_existing)
+    logger.info(
+        "%d text(s) for encoder %s: %d encoded, %d already cached",
+        summary.num_texts,
+        encoder_id,
+        summary.num_new,
+        summary.num_existing,
+    )
     return summary

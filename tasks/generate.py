@@ -28,18 +28,35 @@ MAX_PREVIEWS = 16
 
 
 @task(name="generate", task_run_name="generate {job_id}", tags=[GPU_TAG], cache_policy=NO_CACHE, retries=0)
-def generate_video(job_id: str, spec: JobSpec, poses: Path, masks: Path, pose_config: PoseConfig, pose_files: tuple[Path, Path],
-                   workspace: Path, out_dir: Path, timeout_s: float, memory: SamplingConfig | None = None) -> GenerationResult:  # fmt: skip
+def generate_video(
+    job_id: str,
+    spec: JobSpec,
+    poses: Path,
+    masks: Path,
+    pose_config: PoseConfig,
+    pose_files: tuple[Path, Path],
+    workspace: Path,
+    out_dir: Path,
+    timeout_s: float,
+    memory: SamplingConfig | None = None,
+) -> GenerationResult:
     """One job (``job_id`` is ``spec.job_id``, named for the run) into ``out_dir``: see
     ``model.generate.run_job``."""
-    return run_job(spec, poses, masks, pose_config, pose_files, workspace, out_dir, timeout_s, memory, logger=get_run_logger())
+    return run_job(
+        spec, poses, masks, pose_config, pose_files, workspace, out_dir, timeout_s, memory, logger=get_run_logger()
+    )
 
 
 def publish_jobs(workspace: Path, records: list[JobRecord]) -> None:
     """A table of the jobs this run ran, and their previews inline in a markdown artifact."""
     ws = Workspace(workspace)
     rows = [
-        {"job": r.job_id, "status": r.status, "seconds": round(r.seconds, 2), "output": r.outputs.get("video", r.error or "")}
+        {
+            "job": r.job_id,
+            "status": r.status,
+            "seconds": round(r.seconds, 2),
+            "output": r.outputs.get("video", r.error or ""),
+        }
         for r in records
     ]
     create_table_artifact(key="generate-jobs", table=rows, description="Generation: the jobs of this run")
@@ -50,4 +67,6 @@ def publish_jobs(workspace: Path, records: list[JobRecord]) -> None:
     lines += [f"- `{r.job_id}` failed: {r.error}" for r in records if r.status == "failed"]
     if not records:
         lines.append("Nothing to do: every queued job is finished.")
-    create_markdown_artifact(key="generate-previews", markdown="\n".join(lines), description="Generation: previews and errors")
+    create_markdown_artifact(
+        key="generate-previews", markdown="\n".join(lines), description="Generation: previews and errors"
+    )

@@ -47,7 +47,9 @@ def ingest_video(path: Path, sha256: str, config: IngestConfig, workspace: Path)
         logger.info("%s: %d clip(s)", path, len(result.clips))
         claimed, decoded = result.probe.duration_s if result.probe else None, (result.num_frames or 0) / config.fps
         if claimed and decoded < 0.9 * claimed - 0.1:
-            logger.warning("%s claims %.2f s but decodes cleanly to %.2f s: the decode's count is used", path, claimed, decoded)
+            logger.warning(
+                "%s claims %.2f s but decodes cleanly to %.2f s: the decode's count is used", path, claimed, decoded
+            )
     else:
         logger.warning("rejected (%s): %s", result.reason.value if result.reason else "?", result.error)
     return result

@@ -43,13 +43,18 @@ def extract_poses(ref: ClipRef, config: PoseConfig, files: tuple[Path, ...], mod
     record = stage.extract_poses(ref.video, ref.clip_id, config, files, models, ref.workspace, runner=runner)
     get_run_logger().info(
         "%s: %d frames, up to %d person(s), %d frame(s) over the limit, on %s",
-        ref.clip_id, record.num_frames, record.max_persons, record.frames_over_limit, record.provider,
-    )  # fmt: skip
+        ref.clip_id,
+        record.num_frames,
+        record.max_persons,
+        record.frames_over_limit,
+        record.provider,
+    )
     return record
 
 
-def publish_contact_sheet(workspace: Workspace | Path, records: list[PoseRecord], config: PoseConfig, clips: int = 4,
-                          frames: int = 4) -> Path | None:  # fmt: skip
+def publish_contact_sheet(
+    workspace: Workspace | Path, records: list[PoseRecord], config: PoseConfig, clips: int = 4, frames: int = 4
+) -> Path | None:
     """reports/pose-contact-sheet.png and its artifact: rows are clips, each tile a sampled
     frame beside its rendered pose image."""
     ws = Workspace.of(workspace)
@@ -61,8 +66,18 @@ def publish_contact_sheet(workspace: Workspace | Path, records: list[PoseRecord]
         row = []
         for t, image in zip(picks, images):
             n = int(poses["num_persons"][t])
-            frame = convert.wholebody_to_openpose(poses["keypoints"][t, :n], poses["scores"][t, :n], record.width, record.height, config.keypoint_threshold)
-            row.append(np.concatenate([image, render.draw_pose(frame, record.height, record.width, style=config.style)], axis=1))
+            frame = convert.wholebody_to_openpose(
+                poses["keypoints"][t, :n],
+                poses["scores"][t, :n],
+                record.width,
+                record.height,
+                config.keypoint_threshold,
+            )
+            row.append(
+                np.concatenate(
+                    [image, render.draw_pose(frame, record.height, record.width, style=config.style)], axis=1
+                )
+            )
         rows.append(row)
     if not rows:
         return None

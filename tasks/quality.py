@@ -27,8 +27,14 @@ def _quality_cache_key(context: TaskRunContext, parameters: dict) -> str:
     return f"quality-{ref.clip.sha256}-{poses.sha256}-{masks.sha256}-{parameters['config'].digest()}-{QUALITY_CODE}"
 
 
-@task(name="quality", task_run_name="quality {ref.clip_id}", cache_key_fn=_quality_cache_key, persist_result=True, retries=1,
-      retry_condition_fn=retry_transient)  # fmt: skip
+@task(
+    name="quality",
+    task_run_name="quality {ref.clip_id}",
+    cache_key_fn=_quality_cache_key,
+    persist_result=True,
+    retries=1,
+    retry_condition_fn=retry_transient,
+)
 def measure_quality(ref: ClipRef, poses: PoseRecord, masks: MaskRecord, config: QualityConfig) -> ClipQuality:
     """Per-clip and per-person quality measures of one clip with its poses and masks (see preprocess.quality)."""
     ws = ref.workspace
@@ -38,6 +44,9 @@ def measure_quality(ref: ClipRef, poses: PoseRecord, masks: MaskRecord, config: 
 def publish_data_card(workspace: Path, filters: QualityFilters) -> Path:
     """reports/data-card.md (see preprocess.data_card) and a markdown artifact of it."""
     path = data_card.write_data_card(workspace, filters)
-    create_markdown_artifact(key="data-card", description="Data card: counts, measures, what the filters remove",
-                             markdown=f"Full card with figures: `{path}`\n\n" + path.read_text())  # fmt: skip
+    create_markdown_artifact(
+        key="data-card",
+        description="Data card: counts, measures, what the filters remove",
+        markdown=f"Full card with figures: `{path}`\n\n" + path.read_text(),
+    )
     return path

@@ -23,13 +23,20 @@ def grid(rows: list[list[np.ndarray]], gap: int = 4) -> np.ndarray:
     """RGB images in rows, each scaled to TILE_HEIGHT high (aspect kept), with black gaps."""
     lines = []
     for row in rows:
-        scaled = [cv2.resize(im, (max(1, round(im.shape[1] * TILE_HEIGHT / im.shape[0])), TILE_HEIGHT), interpolation=cv2.INTER_AREA) for im in row]
+        scaled = [
+            cv2.resize(
+                im, (max(1, round(im.shape[1] * TILE_HEIGHT / im.shape[0])), TILE_HEIGHT), interpolation=cv2.INTER_AREA
+            )
+            for im in row
+        ]
         lines.append(np.concatenate([np.pad(s, ((0, 0), (0, gap), (0, 0))) for s in scaled], axis=1))
     width = max(line.shape[1] for line in lines)
     return np.concatenate([np.pad(line, ((0, gap), (0, width - line.shape[1]), (0, 0))) for line in lines], axis=0)
 
 
-def inline_image(image: Path | np.ndarray, alt: str, max_width: int | None = None, fmt: Literal["jpeg", "png"] = "jpeg") -> str:
+def inline_image(
+    image: Path | np.ndarray, alt: str, max_width: int | None = None, fmt: Literal["jpeg", "png"] = "jpeg"
+) -> str:
     """Markdown showing ``image`` inline (a base64 data URL): an RGB array, or an image file.
     Wider than ``max_width``: scaled down (aspect kept). JPEG for pictures, PNG for line art
     (plots). An unreadable file gives a note naming it instead of failing the report."""

@@ -22,8 +22,20 @@ from tasks.reports import publish_image_grid
 
 SEGMENT_CODE = code_version(stage, identity, data_schemas.mask)
 # Person k's overlay colour (k = 1..): saturated and far apart.
-PERSON_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180],
-                           [70, 240, 240], [240, 50, 230], [210, 245, 60]], np.uint8)  # fmt: skip
+PERSON_COLOURS = np.array(
+    [
+        [0, 0, 0],
+        [230, 25, 75],
+        [60, 180, 75],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+    ],
+    np.uint8,
+)
 
 
 def _segment_cache_key(context: TaskRunContext, parameters: dict) -> str:
@@ -43,10 +55,19 @@ def _segment_cache_key(context: TaskRunContext, parameters: dict) -> str:
 def segment_clip(ref: ClipRef, poses: PoseRecord, config: SegmentConfig, models: str) -> MaskRecord:
     """SAM2 (or truth) masklets, stable identities and pose assignment for one clip with its
     ``poses``, into its workspace (see preprocess.segment)."""
-    make_segmenter, source = stage.truth_factory(truth_of(ref.clip)) if config.models == TRUTH else stage.sam2_factory(config)
-    record = stage.segment_clip(ref.video, ref.clip_id, ref.workspace.resolve(poses.path), make_segmenter, source, config, ref.workspace)
-    get_run_logger().info("%s: %d person(s) tracked by %s, %d ignored beyond the limit", ref.clip_id, record.num_persons, source,
-                          record.ignored_arrivals)  # fmt: skip
+    make_segmenter, source = (
+        stage.truth_factory(truth_of(ref.clip)) if config.models == TRUTH else stage.sam2_factory(config)
+    )
+    record = stage.segment_clip(
+        ref.video, ref.clip_id, ref.workspace.resolve(poses.path), make_segmenter, source, config, ref.workspace
+    )
+    get_run_logger().info(
+        "%s: %d person(s) tracked by %s, %d ignored beyond the limit",
+        ref.clip_id,
+        record.num_persons,
+        source,
+        record.ignored_arrivals,
+    )
     return record
 
 
@@ -57,7 +78,9 @@ def overlay(frame: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.nd
     return np.where(labels[..., None] > 0, tinted, frame)
 
 
-def publish_overlays(workspace: Workspace | Path, records: list[MaskRecord], clips: int = 4, frames: int = 4) -> Path | None:
+def publish_overlays(
+    workspace: Workspace | Path, records: list[MaskRecord], clips: int = 4, frames: int = 4
+) -> Path | None:
     """reports/mask-overlays.png and its artifact: sampled frames with persons tinted by number."""
     ws = Workspace.of(workspace)
     rows = []
@@ -68,4 +91,6 @@ def publish_overlays(workspace: Workspace | Path, records: list[MaskRecord], cli
         rows.append([overlay(image, labels[t]) for t, image in zip(picks, images)])
     if not rows:
         return None
-    return publish_image_grid(ws.root, ws.relative(ws.mask_overlays), "mask-overlays", "Masks: person k tinted with colour k", rows)
+    return publish_image_grid(
+        ws.root, ws.relative(ws.mask_overlays), "mask-overlays", "Masks: person k tinted with colour k", rows
+    )

@@ -24,19 +24,42 @@ def _shards_cache_key(context: TaskRunContext, parameters: dict) -> str:
     return f"shards-{parameters['inputs']}-{parameters['config'].digest()}-{SHARDS_CODE}"
 
 
-@task(name="write-shards", cache_key_fn=_shards_cache_key, persist_result=True, retries=1, retry_condition_fn=retry_transient)
-def write_shards(workspace: Path, config: ShardConfig, inputs: str, records: list[shards.SampleRecords],
-                 quality: dict[str, ClipQuality] | None = None) -> ShardSummary:  # fmt: skip
+@task(
+    name="write-shards",
+    cache_key_fn=_shards_cache_key,
+    persist_result=True,
+    retries=1,
+    retry_condition_fn=retry_transient,
+)
+def write_shards(
+    workspace: Path,
+    config: ShardConfig,
+    inputs: str,
+    records: list[shards.SampleRecords],
+    quality: dict[str, ClipQuality] | None = None,
+) -> ShardSummary:
     """All samples of ``records`` (clip, poses, masks) the filters keep into WebDataset shards
     (see preprocess.shards)."""
     summary = shards.write_shards(workspace, config, records, quality=quality)
-    get_run_logger().info("%d sample(s) in %d shard(s): %d train, %d val; published as %s; %d clip(s) left out by the filters %s",
-                          summary.num_samples, len(summary.shards), summary.num_train, summary.num_val, summary.set_dir,
-                          summary.num_left_out, summary.left_out or "")  # fmt: skip
+    get_run_logger().info(
+        "%d sample(s) in %d shard(s): %d train, %d val; published as %s; %d clip(s) left out by the filters %s",
+        summary.num_samples,
+        len(summary.shards),
+        summary.num_train,
+        summary.num_val,
+        summary.set_dir,
+        summary.num_left_out,
+        summary.left_out or "",
+    )
     if quality is not None:
         rows = "".join(f"| {reason} | {count} |\n" for reason, count in sorted(summary.left_out.items()))
-        create_markdown_artifact(key="shards", description="What the quality filters left out", markdown=(
-            f"**{summary.num_samples}** sample(s) in the shards ({summary.num_train} train, {summary.num_val} val); "
-            f"**{summary.num_left_out}** clip(s) left out (a clip counts under every filter it fails).\n\n"
-            f"| filter | clips left out |\n| --- | --- |\n{rows}\nFilters: `{config.filters.model_dump(exclude_none=True)}`\n"))  # fmt: skip
+        create_markdown_artifact(
+            key="shards",
+            description="What the quality filters left out",
+            markdown=(
+                f"**{summary.num_samples}** sample(s) in the shards ({summary.num_train} train, {summary.num_val} val); "
+                f"**{summary.num_left_out}** clip(s) left out (a clip counts under every filter it fails).\n\n"
+                f"| filter | clips left out |\n| --- | --- |\n{rows}\nFilters: `{config.filters.model_dump(exclude_none=True)}`\n"
+            ),
+        )
     return summary

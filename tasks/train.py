@@ -48,8 +48,14 @@ def run_training(config: TrainConfig) -> TrainResult:
         logger.info("torchrun with %d process(es)%s", config.nproc, f", resuming from {resume.name}" if resume else "")
         cmd = launch_command(run_dir / "launch.json", config.nproc)
         failures = []
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                              env=os.environ | launcher_env) as proc:  # fmt: skip
+        with subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            env=os.environ | launcher_env,
+        ) as proc:
             assert proc.stdout is not None
             for line in proc.stdout:
                 line = line.rstrip()
@@ -64,11 +70,15 @@ def run_training(config: TrainConfig) -> TrainResult:
         rows = list(csv.DictReader(fh))
     last = rows[-1]
     return TrainResult(
-        run_dir=run_dir, final_weights=run_dir / "final", loss_curve=run_dir / "loss_curve.png",
-        steps=int(last["step"]), final_loss=float(last["loss"]),
+        run_dir=run_dir,
+        final_weights=run_dir / "final",
+        loss_curve=run_dir / "loss_curve.png",
+        steps=int(last["step"]),
+        final_loss=float(last["loss"]),
         mean_step_time_s=sum(float(r["step_time_s"]) for r in rows) / len(rows),
-        samples_per_s=float(last["samples_per_s"]), peak_mem_gib=max(float(r["peak_mem_gib"]) for r in rows),
-    )  # fmt: skip
+        samples_per_s=float(last["samples_per_s"]),
+        peak_mem_gib=max(float(r["peak_mem_gib"]) for r in rows),
+    )
 
 
 def _failure(run_dir, returncode: int, failures: list[dict]) -> TrainingFailed:
@@ -78,7 +88,14 @@ def _failure(run_dir, returncode: int, failures: list[dict]) -> TrainingFailed:
     then = f"training resumes from {resume.name}" if resume else "training starts over"
     full = [f for f in failures if disk_full(f.get("errno"))]
     if full:
-        return TrainingFailed(f"training run {run_dir}: disk full on rank {full[0]['rank']}: {full[0]['error']}; "
-                              f"free space, then rerun: {then}", retryable=False)  # fmt: skip
-    cause = f"rank {failures[0]['rank']}: {failures[0]['error']}" if failures else f"torchrun exited with status {returncode}"
+        return TrainingFailed(
+            f"training run {run_dir}: disk full on rank {full[0]['rank']}: {full[0]['error']}; "
+            f"free space, then rerun: {then}",
+            retryable=False,
+        )
+    cause = (
+        f"rank {failures[0]['rank']}: {failures[0]['error']}"
+        if failures
+        else f"torchrun exited with status {returncode}"
+    )
     return TrainingFailed(f"training run {run_dir} failed: {cause}; a retry or rerun resumes ({then})")

@@ -57,7 +57,12 @@ def real_architecture(tmp_path_factory) -> tuple[Path, str]:
     from tests.helpers.cli import cli_env
 
     folder = tmp_path_factory.mktemp("real-arch") / "weights"
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "weights", "--random-real-architecture", str(folder)],
-                          env=cli_env(), capture_output=True, text=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "weights", "--random-real-architecture", str(folder)],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return folder, done.stdout

@@ -26,9 +26,13 @@ CLI = [sys.executable, "-m", "flows.cli"]
 def test_sigkill_mid_run_then_rerun_completes_cleanly(tmp_path):
     folder, workspace = tmp_path / "in", tmp_path / "ws"
     for i in range(6):
-        make_synthetic_video(SyntheticSpec(width=320, height=240, num_frames=100, num_persons=2, seed=i), folder, f"v{i}")
+        make_synthetic_video(
+            SyntheticSpec(width=320, height=240, num_frames=100, num_persons=2, seed=i), folder, f"v{i}"
+        )
     args = [*CLI, "ingest", str(folder), "--workspace", str(workspace), "--workers", "2"]
-    proc = subprocess.Popen(args, env=cli_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        args, env=cli_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     clips_dir = workspace / "clips"
     deadline = time.monotonic() + 120
     while not (clips_dir.exists() and any(clips_dir.iterdir())):  # first staging dir or clip
@@ -56,14 +60,18 @@ def test_sigkill_mid_run_then_rerun_completes_cleanly(tmp_path):
 
 def test_demo_produces_the_documented_files(tmp_path):
     workspace = tmp_path / "ws"
-    done = subprocess.run([*CLI, "demo", "--workspace", str(workspace)], env=cli_env(), capture_output=True, timeout=900)
+    done = subprocess.run(
+        [*CLI, "demo", "--workspace", str(workspace)], env=cli_env(), capture_output=True, timeout=900
+    )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     produced = {p.relative_to(workspace).as_posix() for p in workspace.rglob("*") if p.is_file()}
     hidden = {p for p in produced if p.startswith(".")}  # Prefect's home and results, the workspace lock
     assert all(p.startswith(".prefect/") or p == ".lock" for p in hidden)  # the truth models build no tiny ONNX files
     clips = read_records(workspace / "manifests/clips.parquet", ClipRecord)
     samples = {f"samples/raw/sample_{i:02d}.{ext}" for i in range(4) for ext in ("mp4", "gt.npz")}
-    manifests = {f"manifests/{name}.parquet" for name in ("videos", "clips", "poses", "masks", "quality")} | {"manifests/.lock"}
+    manifests = {f"manifests/{name}.parquet" for name in ("videos", "clips", "poses", "masks", "quality")} | {
+        "manifests/.lock"
+    }
     per_clip = {f"{stage}/{c.clip_id}.npz" for c in clips for stage in ("poses", "masks")}
     reports = {"reports/pose-contact-sheet.png", "reports/mask-overlays.png", "reports/data-card.md"}
     reports |= {p for p in produced if p.startswith("reports/data-card/") and p.endswith(".png")}
@@ -76,20 +84,52 @@ def test_demo_produces_the_documented_files(tmp_path):
     assert len(job_ids) == 1
     job = f"outputs/{job_ids[0]}"
     run = "runs/demo"
-    training = {f"{run}/{name}" for name in ("config.json", "launch.json", "metrics.csv", "loss_curve.png", "final/adapter.safetensors",
-                                             "final/config.json", "pids/rank0.pid", "pids/rank1.pid")}  # fmt: skip
-    training |= {f"{run}/checkpoints/step-0000004/{name}" for name in (".metadata", "__0_0.distcp", "__1_0.distcp", "trainer.json")}
-    generation = {f"queue/{job_ids[0]}.json"} | {f"{job}/{name}" for name in ("job.json", "video.mp4", "preview.mp4", "preview.png")}
-    driving = {f"samples/{folder}/{name}" for folder, names in (("driving", ("driving.mp4", "poses.npz", "masks.npz")),
-                                                                  ("reference", ("reference.png", "poses.npz", "masks.npz"))) for name in names}  # fmt: skip
-    expected = manifests | samples | {c.path for c in clips} | per_clip | reports | shards | {f"{current}/index.parquet", "shard-sets/.lock"}
+    training = {
+        f"{run}/{name}"
+        for name in (
+            "config.json",
+            "launch.json",
+            "metrics.csv",
+            "loss_curve.png",
+            "final/adapter.safetensors",
+            "final/config.json",
+            "pids/rank0.pid",
+            "pids/rank1.pid",
+        )
+    }
+    training |= {
+        f"{run}/checkpoints/step-0000004/{name}"
+        for name in (".metadata", "__0_0.distcp", "__1_0.distcp", "trainer.json")
+    }
+    generation = {f"queue/{job_ids[0]}.json"} | {
+        f"{job}/{name}" for name in ("job.json", "video.mp4", "preview.mp4", "preview.png")
+    }
+    driving = {
+        f"samples/{folder}/{name}"
+        for folder, names in (
+            ("driving", ("driving.mp4", "poses.npz", "masks.npz")),
+            ("reference", ("reference.png", "poses.npz", "masks.npz")),
+        )
+        for name in names
+    }
+    expected = (
+        manifests
+        | samples
+        | {c.path for c in clips}
+        | per_clip
+        | reports
+        | shards
+        | {f"{current}/index.parquet", "shard-sets/.lock"}
+    )
     expected |= {f"shard-sets/.{current.split('/')[-1]}.readers"}  # the training run's shared lock on the set it read
     expected |= embeddings | {"embeddings/index.parquet"} | training | generation | driving
     assert produced - hidden == expected, (sorted(produced - hidden - expected), sorted(expected - produced))
     frames = media.count_and_check_frames(workspace / job / "video.mp4")[0]
     assert frames == 17
     # Sample 2 has a scene cut: four videos give five clips.
-    assert len(clips) == 5 and all(v.status == "ok" for v in read_records(workspace / "manifests/videos.parquet", VideoRecord))
+    assert len(clips) == 5 and all(
+        v.status == "ok" for v in read_records(workspace / "manifests/videos.parquet", VideoRecord)
+    )
     # The truth models: every person of every clip (samples have 1, 2, 3, 1 persons), and
     # the default filters keep the clips of two or more.
     masks = read_records(workspace / "manifests/masks.parquet", MaskRecord)
@@ -101,10 +141,16 @@ def test_demo_produces_the_documented_files(tmp_path):
 
 
 def test_bad_arguments_get_clear_errors(tmp_path):
-    done = subprocess.run([*CLI, "ingest", str(tmp_path / "nowhere"), "-w", str(tmp_path / "ws")], env=cli_env(), capture_output=True)
+    done = subprocess.run(
+        [*CLI, "ingest", str(tmp_path / "nowhere"), "-w", str(tmp_path / "ws")], env=cli_env(), capture_output=True
+    )
     assert done.returncode != 0 and "nowhere" in done.stderr.decode() and "not a folder" in done.stderr.decode()
     (tmp_path / "bad.yaml").write_text("ingest:\n  fps: -3\n")
-    done = subprocess.run([*CLI, "ingest", str(tmp_path), "-w", str(tmp_path / "ws"), "-c", str(tmp_path / "bad.yaml")], env=cli_env(), capture_output=True)
+    done = subprocess.run(
+        [*CLI, "ingest", str(tmp_path), "-w", str(tmp_path / "ws"), "-c", str(tmp_path / "bad.yaml")],
+        env=cli_env(),
+        capture_output=True,
+    )
     assert done.returncode != 0 and "fps" in done.stderr.decode()
 
 
@@ -112,10 +158,19 @@ def test_weights_verb_names_every_missing_file(tmp_path):
     done = subprocess.run([*CLI, "weights"], env=cli_env(), capture_output=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr.decode()
     repo = Path(__file__).parents[1]
-    done = subprocess.run([*CLI, "weights", "-c", str(repo / "configs" / "real.yaml")], env=cli_env(), capture_output=True, cwd=tmp_path)
+    done = subprocess.run(
+        [*CLI, "weights", "-c", str(repo / "configs" / "real.yaml")], env=cli_env(), capture_output=True, cwd=tmp_path
+    )
     out = done.stdout.decode()
     assert done.returncode == 1
-    for name in ("yolox_l.onnx", "dw-ll_ucoco_384.onnx", "sam2.1-hiera-large", "transformer/config.json",
-                 "vae/config.json", "image_encoder/config.json", "output_dir/*.safetensors",
-                 "huggingface-cli download Wan-AI/Wan2.1-I2V-14B-720P-Diffusers"):  # fmt: skip
+    for name in (
+        "yolox_l.onnx",
+        "dw-ll_ucoco_384.onnx",
+        "sam2.1-hiera-large",
+        "transformer/config.json",
+        "vae/config.json",
+        "image_encoder/config.json",
+        "output_dir/*.safetensors",
+        "huggingface-cli download Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+    ):
         assert name in out, name

@@ -24,7 +24,9 @@ def test_ingest_on_a_dask_cluster(tmp_path, prefect_api, monkeypatch):
     (folder / "broken.mp4").write_text("not a video")
     # Workers are separate processes: they reach the same Prefect API through the environment.
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
         runner = make_task_runner(dask_address=cluster.scheduler_address)
         with Client(cluster) as client, get_task_stream(client) as stream:
             summary = ingest.with_options(task_runner=runner)(folder, workspace, IngestConfig())
@@ -32,7 +34,10 @@ def test_ingest_on_a_dask_cluster(tmp_path, prefect_api, monkeypatch):
     assert len(stream.data) == 4 + 4 and len({task["worker"] for task in stream.data}) == 2
     videos = read_records(workspace / "manifests/videos.parquet", VideoRecord)
     assert sorted((os.path.basename(v.path), v.status.value) for v in videos) == [
-        ("broken.mp4", "failed"), ("v0.mp4", "ok"), ("v1.mp4", "ok"), ("v2.mp4", "ok"),
-    ]  # fmt: skip
+        ("broken.mp4", "failed"),
+        ("v0.mp4", "ok"),
+        ("v1.mp4", "ok"),
+        ("v2.mp4", "ok"),
+    ]
     clips = read_records(workspace / "manifests/clips.parquet", ClipRecord)
     assert summary.num_clips == len(clips) == 3 and all((workspace / c.path).exists() for c in clips)

@@ -70,13 +70,21 @@ def server(tmp_path_factory):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
-        PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1",
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_WORKER_PREFETCH_SECONDS="1",
         PYTHONPATH=str(REPO),
-    )  # fmt: skip
+    )
     log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -105,8 +113,13 @@ print(json.dumps({"state": run.state.type.value, "message": run.state.message}))
 def run_deployment(server: dict, name: str, parameters: dict, timeout: float = 300) -> dict:
     """Create a flow run of a deployment through the API (what the UI's Run button does) and
     wait for it to end."""
-    done = subprocess.run([sys.executable, "-c", RUN_DEPLOYMENT, name, json.dumps(parameters), str(timeout)],
-                          env=server["env"], capture_output=True, text=True, timeout=timeout + 60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_DEPLOYMENT, name, json.dumps(parameters), str(timeout)],
+        env=server["env"],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 60,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -115,11 +128,18 @@ def run_deployment(server: dict, name: str, parameters: dict, timeout: float = 3
 def deployed(server):
     """`multianimate deploy` against the server, then a process worker on the gpu pool."""
     env = server["env"]
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "deploy"], env=env, capture_output=True, text=True, cwd=server["tmp"])
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "deploy"], env=env, capture_output=True, text=True, cwd=server["tmp"]
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     worker_log = (server["tmp"] / "worker.log").open("w")
-    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu"], env=env,
-                              stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu"],
+        env=env,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         yield server
     finally:
@@ -132,7 +152,9 @@ def worker_log_tail(server: dict) -> str:
 
 def test_deploy_then_train_and_generate_through_a_worker(deployed, train_workspace):
     server = deployed
-    listed = subprocess.run([sys.executable, "-m", "prefect", "deployment", "ls"], env=server["env"], capture_output=True, text=True)
+    listed = subprocess.run(
+        [sys.executable, "-m", "prefect", "deployment", "ls"], env=server["env"], capture_output=True, text=True
+    )
     for name in ("preprocess/preprocess", "embed/embed", "train/train", "generate/generate"):
         assert name in listed.stdout, listed.stdout
 
@@ -145,12 +167,24 @@ def test_deploy_then_train_and_generate_through_a_worker(deployed, train_workspa
     inputs.mkdir()
     poses, masks = driving_files(inputs, SyntheticSpec(width=64, height=64, num_frames=9, num_persons=2, seed=2))
     reference = inputs / "reference.png"
-    cv2.imwrite(str(reference), render_clip(SyntheticSpec(width=64, height=64, num_frames=1, num_persons=2, seed=5)).frames[0][..., ::-1])
-    job_id, _ = submit_job(ws, JobSpec(reference=reference, poses=poses, masks=masks, steps=2, num_frames=5, height=64, width=64))
+    cv2.imwrite(
+        str(reference),
+        render_clip(SyntheticSpec(width=64, height=64, num_frames=1, num_persons=2, seed=5)).frames[0][..., ::-1],
+    )
+    job_id, _ = submit_job(
+        ws, JobSpec(reference=reference, poses=poses, masks=masks, steps=2, num_frames=5, height=64, width=64)
+    )
     pose_cfg = crafted_pose_config(server["tmp"] / "models", (64, 64))  # the tiny random models find nobody
-    result = run_deployment(server, "generate/generate", {"workspace": str(ws), "config": {"pose": json.loads(pose_cfg.model_dump_json())}})
+    result = run_deployment(
+        server, "generate/generate", {"workspace": str(ws), "config": {"pose": json.loads(pose_cfg.model_dump_json())}}
+    )
     assert result["state"] == "COMPLETED", (result, worker_log_tail(server))
-    assert sorted(p.name for p in (ws / "outputs" / job_id).iterdir()) == ["job.json", "preview.mp4", "preview.png", "video.mp4"]
+    assert sorted(p.name for p in (ws / "outputs" / job_id).iterdir()) == [
+        "job.json",
+        "preview.mp4",
+        "preview.png",
+        "video.mp4",
+    ]
 
 
 FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -163,8 +197,13 @@ def chromium(monkeypatch: pytest.MonkeyPatch) -> WebDriver:
     monkeypatch.setenv("SE_OFFLINE", "true")
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
-                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):  # fmt: skip
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, saved on failure
     return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
@@ -240,8 +279,15 @@ def test_train_run_started_from_the_ui_form(deployed, train_workspace, tmp_path,
     completes and its weights are written."""
     server, name = deployed, "from-browser"
     # the fields whose defaults are not for a CPU (run_config of tests/helpers/models.py)
-    values = {"workspace": str(train_workspace), "run_name": name, "num_frames": 9, "height": 48, "width": 64,
-              "max_steps": 2, "nproc": 1}  # fmt: skip
+    values = {
+        "workspace": str(train_workspace),
+        "run_name": name,
+        "num_frames": 9,
+        "height": 48,
+        "width": 64,
+        "max_steps": 2,
+        "nproc": 1,
+    }
     browser = chromium(monkeypatch)
     try:
         browser.get(server["url"] + "/")

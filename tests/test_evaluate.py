@@ -7,14 +7,25 @@ import torch
 
 from data_schemas.model import ModelConfig
 from model.components import build_components
-from model.evaluate import foreground_share, frozen_figures, frozen_figures_mse, latent_labels, region_scores, vae_latents
+from model.evaluate import (
+    foreground_share,
+    frozen_figures,
+    frozen_figures_mse,
+    latent_labels,
+    region_scores,
+    vae_latents,
+)
 from model.pipeline import MultiAnimatePipeline
 from preprocess.synthetic import SyntheticSpec, render_clip
 
 
 def sample(**spec) -> dict:
     clip = render_clip(SyntheticSpec(width=64, height=48, num_frames=9, background="flat", **spec))
-    return {"video": torch.from_numpy(clip.frames).permute(3, 0, 1, 2), "labels": torch.from_numpy(clip.label_map()), "num_persons": 2}
+    return {
+        "video": torch.from_numpy(clip.frames).permute(3, 0, 1, 2),
+        "labels": torch.from_numpy(clip.label_map()),
+        "num_persons": 2,
+    }
 
 
 def test_region_scores_against_a_direct_computation():
@@ -23,7 +34,7 @@ def test_region_scores_against_a_direct_computation():
     labels = np.zeros((3, 6, 8), np.uint8)
     labels[1:, 1:3, 1:3], labels[1:, 3:5, 5:7] = 1, 2
     labels[0] = 2  # frame 0 (the reference) is never scored
-    errors, correct = region_scores(generated, truth, labels, 2)
+    errors, _correct = region_scores(generated, truth, labels, 2)
     for k, err in zip((1, 2), errors):
         cells = [(t, i, j) for t in (1, 2) for i in range(6) for j in range(8) if labels[t, i, j] == k]
         want = np.mean([float((generated[:, t, i, j] - truth[:, t, i, j]).square().mean()) for t, i, j in cells])
@@ -54,8 +65,15 @@ def test_foreground_share_against_a_direct_computation():
     latents = torch.randn(16, 3, 6, 8, generator=g)
     labels = np.zeros((3, 6, 8), np.uint8)
     labels[0, :2, :2], labels[1:, 2:4, 3:6] = 1, 2
-    background = np.mean([latents[:, 0, i, j].numpy() for i in range(6) for j in range(8) if labels[0, i, j] == 0], axis=0)
-    energy = {(t, i, j): float(((latents[:, t, i, j].numpy() - background) ** 2).sum()) for t in (1, 2) for i in range(6) for j in range(8)}
+    background = np.mean(
+        [latents[:, 0, i, j].numpy() for i in range(6) for j in range(8) if labels[0, i, j] == 0], axis=0
+    )
+    energy = {
+        (t, i, j): float(((latents[:, t, i, j].numpy() - background) ** 2).sum())
+        for t in (1, 2)
+        for i in range(6)
+        for j in range(8)
+    }
     want = sum(e for (t, i, j), e in energy.items() if labels[t, i, j] > 0) / sum(energy.values())
     assert abs(foreground_share(latents, labels) - want) < 1e-5
     # all the foreground inside the persons' regions -> 1; none -> 0

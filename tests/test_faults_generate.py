@@ -58,8 +58,15 @@ def test_input_checks(tmp_path):
 
     inputs = cases.job_inputs(tmp_path / "ws" / "in")
     ingest, limits = ProjectConfig().ingest, GenerateConfig()
-    good = JobSpec(reference=inputs["reference"], poses=inputs["poses"], masks=inputs["masks"],
-                   reference_poses=inputs["reference_poses"], num_frames=5, height=64, width=64)  # fmt: skip
+    good = JobSpec(
+        reference=inputs["reference"],
+        poses=inputs["poses"],
+        masks=inputs["masks"],
+        reference_poses=inputs["reference_poses"],
+        num_frames=5,
+        height=64,
+        width=64,
+    )
     check_job_inputs(good, ingest, limits)
     check_job_inputs(good, ingest, limits, roots=[tmp_path / "ws"])
 
@@ -69,8 +76,10 @@ def test_input_checks(tmp_path):
         return info.value.problems
 
     strip = cases.png(tmp_path / "strip.png", 1000, 1)
-    assert refused(reference=strip) == {"reference": f"{strip}: reference image of 1000x1 px is smaller than 32 px on a side "
-                                                     "(generate.min_reference_side)"}  # fmt: skip
+    assert refused(reference=strip) == {
+        "reference": f"{strip}: reference image of 1000x1 px is smaller than 32 px on a side "
+        "(generate.min_reference_side)"
+    }
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)  # opening it would block for ever: refused before it is opened
     assert "is not a regular file" in refused(reference=fifo)["reference"]
@@ -90,8 +99,12 @@ def test_input_checks(tmp_path):
     with pytest.raises(JobInputError) as info:
         check_job_inputs(outside, ingest, limits, roots=[tmp_path / "ws"])
     assert list(info.value.problems) == ["model.multianimate"]
-    check_job_inputs(outside, ingest, limits.model_copy(update={"input_roots": (tmp_path / "weights",)}),
-                     roots=[tmp_path / "ws", tmp_path / "weights"])  # fmt: skip
+    check_job_inputs(
+        outside,
+        ingest,
+        limits.model_copy(update={"input_roots": (tmp_path / "weights",)}),
+        roots=[tmp_path / "ws", tmp_path / "weights"],
+    )
     # every problem at once
     assert set(refused(reference=strip, reference_poses=pickled)) == {"reference", "reference_poses"}
 
@@ -108,9 +121,14 @@ def test_non_finite_latents_end_sampling_at_the_first_bad_step():
 
     pipe = MultiAnimatePipeline(build_components(ModelConfig()))
     emb = torch.randn(512, pipe.c.dit.transformer.config.text_dim)
-    cond = Conditions(ref_image=np.zeros((32, 32, 3), np.uint8), pose=np.zeros((5, 32, 32, 3), np.uint8),
-                      ref_pose=np.zeros((32, 32, 3), np.uint8), labels=np.zeros((5, 32, 32), np.uint8),
-                      prompt_embeds=emb, negative_embeds=emb)  # fmt: skip
+    cond = Conditions(
+        ref_image=np.zeros((32, 32, 3), np.uint8),
+        pose=np.zeros((5, 32, 32, 3), np.uint8),
+        ref_pose=np.zeros((32, 32, 3), np.uint8),
+        labels=np.zeros((5, 32, 32), np.uint8),
+        prompt_embeds=emb,
+        negative_embeds=emb,
+    )
     steps = []
     with pytest.raises(
         DegenerateOutputError,
@@ -137,8 +155,15 @@ def test_time_limit_diverged_weights_and_api_jobs(tmp_path, prefect_api):
 
     workspace = tmp_path / "ws"
     inputs = cases.job_inputs(workspace / "in")
-    common = dict(reference=inputs["reference"], poses=inputs["poses"], masks=inputs["masks"], reference_poses=inputs["reference_poses"],
-                  num_frames=5, height=64, width=64)  # fmt: skip
+    common = dict(
+        reference=inputs["reference"],
+        poses=inputs["poses"],
+        masks=inputs["masks"],
+        reference_poses=inputs["reference_poses"],
+        num_frames=5,
+        height=64,
+        width=64,
+    )
     # minutes on a CPU (seconds a step at this size): stopped long before, whatever the load
     runaway = JobSpec(**(common | {"height": 512, "width": 512}), steps=1000, seed=1)
     submit_job(workspace, runaway)

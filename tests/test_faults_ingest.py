@@ -59,7 +59,9 @@ def rows_by_name(workspace: Path) -> dict[str, VideoRecord]:
 
 
 @pytest.mark.parametrize(("behaviour", "reason"), [("hang", "timeout"), ("eio", "io_error")])
-def test_a_failing_probe_is_retried_never_cached_and_a_rerun_processes_the_file(tmp_path, monkeypatch, prefect_api, behaviour, reason):
+def test_a_failing_probe_is_retried_never_cached_and_a_rerun_processes_the_file(
+    tmp_path, monkeypatch, prefect_api, behaviour, reason
+):
     from tasks.common import result_storage
 
     folder, workspace = tmp_path / "in", tmp_path / "ws"
@@ -78,7 +80,7 @@ def test_a_failing_probe_is_retried_never_cached_and_a_rerun_processes_the_file(
     assert (summary.num_failed, summary.num_passing, summary.num_clips) == (1, 1, 0)
     assert calls(fake) == 3  # the first attempt and two retries
     key = f"ingest-{sha256_file(video)}"
-    stored = lambda: [p for p in result_storage(workspace).glob("*") if p.name.startswith(key)]  # noqa: E731
+    stored = lambda: [p for p in result_storage(workspace).glob("*") if p.name.startswith(key)]
     assert stored() == []  # nothing a rerun could serve
 
     monkeypatch.setenv("PATH", healthy_path)
@@ -92,7 +94,9 @@ def test_a_failing_probe_is_retried_never_cached_and_a_rerun_processes_the_file(
 
 
 def test_a_full_disk_under_ffmpeg_raises_instead_of_a_verdict():
-    done = subprocess.CompletedProcess([], 1, b"", b"[error] Error writing trailer of out.mp4: No space left on device\n")
+    done = subprocess.CompletedProcess(
+        [], 1, b"", b"[error] Error writing trailer of out.mp4: No space left on device\n"
+    )
     with pytest.raises(OSError) as info:
         media.raise_for_environment(done, "normalising x.mp4")
     assert info.value.errno == 28 and "normalising x.mp4" in str(info.value)
@@ -130,7 +134,10 @@ def test_the_decode_log_counts_each_damaged_frame_once():
 """
     report = media.parse_decode_log(log)
     assert (report.lost, report.corrupt, report.damaged_frames) == (3, 2, 5)
-    assert report.errors == ("Invalid NAL unit size (-1 > 12).", "Error while decoding stream #0:0: Invalid data found when processing input")
+    assert report.errors == (
+        "Invalid NAL unit size (-1 > 12).",
+        "Error while decoding stream #0:0: Invalid data found when processing input",
+    )
     assert media.parse_decode_log("[verbose] fine\n[info] frame=  100\n").damaged_frames == 0
 
 
@@ -148,7 +155,11 @@ def test_a_container_that_claims_ten_times_its_frames_is_not_believed(tmp_path):
 
 @pytest.mark.parametrize("make", [thin_video, one_pixel_video, huge_declared_video], ids=list(EXTREME_SIZES))
 def test_extreme_picture_sizes_are_refused_with_a_reason(tmp_path, make):
-    name = {thin_video: "thin_2x4000.mp4", one_pixel_video: "one_pixel.mkv", huge_declared_video: "declares_16000x16000.mp4"}[make]
+    name = {
+        thin_video: "thin_2x4000.mp4",
+        one_pixel_video: "one_pixel.mkv",
+        huge_declared_video: "declares_16000x16000.mp4",
+    }[make]
     video = make(tmp_path / "in" / name)
     result = ingest_video(video, sha256_file(video), IngestConfig(), tmp_path / "ws")
     assert (result.status, result.reason) == (VideoStatus.failed, FailureReason(EXTREME_SIZES[name]))
@@ -170,19 +181,29 @@ def test_a_second_folder_adds_to_the_workspace_and_the_shards_hold_both(tmp_path
     run_ingest(week1, workspace)
     summary = run_ingest(week2, workspace)
 
-    rows = {Path(r.path).relative_to(tmp_path).as_posix(): r for r in read_records(workspace / "manifests/videos.parquet", VideoRecord)}
+    rows = {
+        Path(r.path).relative_to(tmp_path).as_posix(): r
+        for r in read_records(workspace / "manifests/videos.parquet", VideoRecord)
+    }
     assert {name: (r.status.value, r.folder) for name, r in rows.items()} == {
-        "week1/a.mp4": ("ok", str(week1)), "week1/b.mp4": ("ok", str(week1)), "week1/thin.mp4": ("failed", str(week1)),
-        "week2/c.mp4": ("ok", str(week2)), "week2/copy of a.mp4": ("duplicate", str(week2)),
-    }  # fmt: skip
-    assert rows["week2/copy of a.mp4"].duplicate_of == str(week1 / "a.mp4")  # present before: a duplicate, not a replacement
+        "week1/a.mp4": ("ok", str(week1)),
+        "week1/b.mp4": ("ok", str(week1)),
+        "week1/thin.mp4": ("failed", str(week1)),
+        "week2/c.mp4": ("ok", str(week2)),
+        "week2/copy of a.mp4": ("duplicate", str(week2)),
+    }
+    assert rows["week2/copy of a.mp4"].duplicate_of == str(
+        week1 / "a.mp4"
+    )  # present before: a duplicate, not a replacement
     assert (summary.num_files, summary.num_ok, summary.num_duplicates, summary.num_sources) == (2, 1, 1, 5)
     clips = read_records(workspace / "manifests/clips.parquet", ClipRecord)
     assert {c.source_path for c in clips} == {str(week1 / "a.mp4"), str(week1 / "b.mp4"), str(week2 / "c.mp4")}
     assert summary.num_clips == len(clips) == 3
     pose_and_mask_every_clip(workspace)
     shards = write_shards(workspace, ShardConfig(val_fraction=0.0))
-    assert shards.num_samples == 3 and {s.source_sha256 for s in shard_index(workspace)} == {c.source_sha256 for c in clips}
+    assert shards.num_samples == 3 and {s.source_sha256 for s in shard_index(workspace)} == {
+        c.source_sha256 for c in clips
+    }
 
     # Last week's folder again: nothing of this week's is dropped, nothing changes.
     before = read_records(workspace / "manifests/videos.parquet", VideoRecord)
@@ -192,13 +213,22 @@ def test_a_second_folder_adds_to_the_workspace_and_the_shards_hold_both(tmp_path
 
     # Removing is a command that says what it removes; a dry run removes nothing.
     b_clip = next(c for c in clips if c.source_path == str(week1 / "b.mp4"))
-    b_pose = next(p for p in read_records(workspace / "manifests/poses.parquet", PoseRecord) if p.clip_id == b_clip.clip_id)
+    b_pose = next(
+        p for p in read_records(workspace / "manifests/poses.parquet", PoseRecord) if p.clip_id == b_clip.clip_id
+    )
     dry = remove_cli(week1, workspace, "--dry-run")
-    assert "would remove 3 file(s)" in dry and "nothing removed" in dry and f"kept, now under {week2 / 'copy of a.mp4'}" in dry
+    assert (
+        "would remove 3 file(s)" in dry
+        and "nothing removed" in dry
+        and f"kept, now under {week2 / 'copy of a.mp4'}" in dry
+    )
     assert read_records(workspace / "manifests/videos.parquet", VideoRecord) == before
     out = remove_cli(week1, workspace, "--yes")
     assert "removed 3 file(s) from the manifest, 1 clip(s), 3 product file(s)" in out, out
-    rows = {Path(r.path).relative_to(tmp_path).as_posix(): r for r in read_records(workspace / "manifests/videos.parquet", VideoRecord)}
+    rows = {
+        Path(r.path).relative_to(tmp_path).as_posix(): r
+        for r in read_records(workspace / "manifests/videos.parquet", VideoRecord)
+    }
     assert {name: r.status.value for name, r in rows.items()} == {"week2/c.mp4": "ok", "week2/copy of a.mp4": "ok"}
     assert rows["week2/copy of a.mp4"].num_clips == 1  # it inherited a.mp4's verdict and clip
     left = read_records(workspace / "manifests/clips.parquet", ClipRecord)
@@ -223,12 +253,19 @@ def pose_and_mask_every_clip(workspace: Path) -> None:
     clips = read_records(workspace / "manifests/clips.parquet", ClipRecord)
     box = np.array([[10, 5, 60, 60]], np.float32)
     crop = np.stack([np.linspace(20, 260, 133), np.linspace(30, 350, 133)], axis=1)
-    files = build_crafted_models(workspace / "models", detector_output_for_boxes(box, np.full(1, 0.9), (clips[0].height, clips[0].width)),
-                                 simcc_for_points(crop))  # fmt: skip
+    files = build_crafted_models(
+        workspace / "models",
+        detector_output_for_boxes(box, np.full(1, 0.9), (clips[0].height, clips[0].width)),
+        simcc_for_points(crop),
+    )
     cfg = PoseConfig(models="files", detector_path=files[0], pose_model_path=files[1])
     poses = [pose_stage.extract_poses(workspace / c.path, c.clip_id, cfg, files, "crafted", workspace) for c in clips]
-    masks = [segment_stage.segment_clip(workspace / c.path, c.clip_id, workspace / p.path, _BoxSegmenter, "box", SegmentConfig(), workspace)
-             for c, p in zip(clips, poses)]  # fmt: skip
+    masks = [
+        segment_stage.segment_clip(
+            workspace / c.path, c.clip_id, workspace / p.path, _BoxSegmenter, "box", SegmentConfig(), workspace
+        )
+        for c, p in zip(clips, poses)
+    ]
     write_records(poses, PoseRecord, workspace / "manifests/poses.parquet")
     write_records(masks, MaskRecord, workspace / "manifests/masks.parquet")
 
@@ -252,17 +289,35 @@ def remove_cli(target: Path, workspace: Path, *flags: str, code: int = 0) -> str
 
 
 def _row(path: str, sha: str, status: str = "ok", **kw) -> VideoRecord:
-    return VideoRecord(path=path, folder=str(Path(path).parent), size_bytes=1, sha256=sha, status=VideoStatus(status), **kw)
+    return VideoRecord(
+        path=path, folder=str(Path(path).parent), size_bytes=1, sha256=sha, status=VideoStatus(status), **kw
+    )
 
 
 def _clip(sha: str, source: str) -> ClipRecord:
-    return ClipRecord(clip_id=f"{sha[:16]}-000", source_sha256=sha, source_path=source, clip_index=0, start_s=0.0, end_s=1.0,
-                      num_frames=25, fps=25.0, width=64, height=64, path=f"clips/{sha[:16]}-000.mp4", sha256="c", size_bytes=1)  # fmt: skip
+    return ClipRecord(
+        clip_id=f"{sha[:16]}-000",
+        source_sha256=sha,
+        source_path=source,
+        clip_index=0,
+        start_s=0.0,
+        end_s=1.0,
+        num_frames=25,
+        fps=25.0,
+        width=64,
+        height=64,
+        path=f"clips/{sha[:16]}-000.mp4",
+        sha256="c",
+        size_bytes=1,
+    )
 
 
 def test_content_whose_file_changed_in_place_passes_to_its_copy():
     old, new = "1" * 64, "2" * 64
-    earlier = [_row("/w1/a.mp4", old, num_clips=1, codec="h264"), _row("/w2/a copy.mp4", old, "duplicate", duplicate_of="/w1/a.mp4")]
+    earlier = [
+        _row("/w1/a.mp4", old, num_clips=1, codec="h264"),
+        _row("/w2/a copy.mp4", old, "duplicate", duplicate_of="/w1/a.mp4"),
+    ]
     scanned = [_row("/w1/a.mp4", new, num_clips=1)]  # week1 again: a.mp4 now holds other content
     rows, clips = merge_manifests(earlier, [_clip(old, "/w1/a.mp4")], scanned, {new: (_clip(new, "/w1/a.mp4"),)})
     by_path = {r.path: r for r in rows}
@@ -276,8 +331,10 @@ def test_a_version_1_videos_manifest_is_read_as_version_2(tmp_path):
     v1 = [n for n in VideoRecord.model_fields if n not in ("folder", "claimed_frames", "damaged_frames")]
     from data_schemas.io import arrow_schema
 
-    schema = pa.schema([arrow_schema(VideoRecord).field(n) for n in v1], metadata={
-        b"multianimate.schema_version": b"1", b"multianimate.record": b"VideoRecord"})  # fmt: skip
+    schema = pa.schema(
+        [arrow_schema(VideoRecord).field(n) for n in v1],
+        metadata={b"multianimate.schema_version": b"1", b"multianimate.record": b"VideoRecord"},
+    )
     row = {n: None for n in v1} | {"path": "/in/a.mp4", "status": "ok", "num_frames": 75, "num_clips": 1}
     pq.write_table(pa.Table.from_pylist([row], schema=schema), tmp_path / "videos.parquet")
     (record,) = read_videos_manifest(tmp_path / "videos.parquet")
@@ -301,14 +358,43 @@ def test_a_long_clip_streams_through_pose_and_segmentation_with_bounded_memory(t
 
     width, height = SIZE
     for name, frames in (("warm", WARM_FRAMES), ("long", LONG_FRAMES)):
-        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size={width}x{height}:rate=25",
-                        "-frames:v", str(frames), "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-g", "25",
-                        str(tmp_path / f"{name}.mp4")], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                "ffmpeg",
+                "-nostdin",
+                "-v",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+                f"testsrc2=size={width}x{height}:rate=25",
+                "-frames:v",
+                str(frames),
+                "-c:v",
+                "libx264",
+                "-preset",
+                "ultrafast",
+                "-pix_fmt",
+                "yuv420p",
+                "-g",
+                "25",
+                str(tmp_path / f"{name}.mp4"),
+            ],
+            check=True,
+        )
     crop = np.stack([np.linspace(20, 260, 133), np.linspace(30, 350, 133)], axis=1)
     box = np.array([[60, 30, 200, 180]], np.float32)
-    models = build_crafted_models(tmp_path / "models", detector_output_for_boxes(box, np.full(1, 0.9), (height, width)), simcc_for_points(crop))
-    done = subprocess.run([sys.executable, "-m", "tests.test_faults_ingest", str(tmp_path), *map(str, models)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    models = build_crafted_models(
+        tmp_path / "models", detector_output_for_boxes(box, np.full(1, 0.9), (height, width)), simcc_for_points(crop)
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.test_faults_ingest", str(tmp_path), *map(str, models)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     peaks = json.loads(done.stdout.splitlines()[-1])
     decoded_mb = LONG_FRAMES * width * height * 3 / 2**20
@@ -351,8 +437,15 @@ def _child(folder: Path, detector: Path, pose_model: Path) -> dict:
         record = pose_stage.extract_poses(folder / f"{name}.mp4", name, cfg, cfg.model_files(), "crafted", workspace)
         out[f"pose_{name}"], out["frames_with_persons"] = peak_mb(), record.frames_with_persons
     for name in ("warm", "long"):
-        record = segment_stage.segment_clip(folder / f"{name}.mp4", name, workspace / f"poses/{name}.npz", _BoxSegmenter, "box",
-                                            SegmentConfig(), workspace)  # fmt: skip
+        record = segment_stage.segment_clip(
+            folder / f"{name}.mp4",
+            name,
+            workspace / f"poses/{name}.npz",
+            _BoxSegmenter,
+            "box",
+            SegmentConfig(),
+            workspace,
+        )
         out[f"segment_{name}"], out["label_frames"] = peak_mb(), record.frames_with_persons
     return out
 

@@ -70,7 +70,12 @@ def test_huge_header_of_a_skipped_member(shard, tmp_path, caplog):
     counts = ds.skips.counts()
     assert counts["shard_error"] == 1 and counts["missing_member"] == 1  # the stub of sample 1 (no txt)
     refusal = next(r.getMessage() for r in caplog.records if "unreadable shard" in r.getMessage())
-    assert str(crafted) in refusal and f"'{keys[1]}.ref.png'" in refusal and str(HUGE) in refusal and "file ends at byte" in refusal
+    assert (
+        str(crafted) in refusal
+        and f"'{keys[1]}.ref.png'" in refusal
+        and str(HUGE) in refusal
+        and "file ends at byte" in refusal
+    )
 
 
 @pytest.mark.timeout(60)
@@ -99,7 +104,9 @@ def test_huge_header_in_a_stream_is_bounded_by_max_member_bytes(shard, tmp_path)
 def test_resampled_shard_where_nothing_decodes_stalls_with_counts(shard, tmp_path):
     _, path, _ = shard
     bad = with_bad_videos(path, tmp_path / "bad-000000.tar", {0, 1, 2, 3})
-    loader = make_loader(str(bad), cfg(resampled=True), batch_size=1, num_workers=2, epoch_samples=10, rank=0, world_size=1)
+    loader = make_loader(
+        str(bad), cfg(resampled=True), batch_size=1, num_workers=2, epoch_samples=10, rank=0, world_size=1
+    )
     with pytest.raises(LoaderStalled) as caught:
         next(iter(loader))
     cause = str(caught.value).strip().splitlines()[-1]  # DataLoader puts the worker's message last
@@ -120,7 +127,9 @@ def test_a_usable_sample_ends_the_streak(shard, tmp_path):
     ds = make_dataset(str(mixed), cfg(resampled=True, max_consecutive_skips=3), epoch_samples=10, rank=0, world_size=1)
     assert {s[B.CLIP_ID] for s in ds} == {keys[0], keys[3]}
     assert ds.skips.counts()["bad_video"] >= 8
-    strict = make_dataset(str(mixed), cfg(resampled=True, max_consecutive_skips=2), epoch_samples=10, rank=0, world_size=1)
+    strict = make_dataset(
+        str(mixed), cfg(resampled=True, max_consecutive_skips=2), epoch_samples=10, rank=0, world_size=1
+    )
     with pytest.raises(LoaderStalled, match=r"\{'bad_video': 2\}"):
         list(strict)
 
@@ -140,7 +149,7 @@ def test_empty_or_missing_shards_stall_instead_of_looping(tmp_path):
 
 def test_shard_paths_are_pinned_to_their_set(shard):
     # Through workspace/shards (a link), the dataset reads the set the link named when it was made.
-    ws, path, _ = shard
+    _ws, path, _ = shard
     ds = make_dataset(str(path), cfg(), rank=0, world_size=1)
     assert ds.urls == [os.path.realpath(path)] and "/shard-sets/" in ds.urls[0]
 

@@ -49,14 +49,23 @@ def _raised(exc: BaseException, *wrappers: BaseException) -> BaseException:
 def test_the_cause_is_the_os_error_at_the_root_of_the_chain(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "_current_workspace", tmp_path)
     full = OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
-    line = runtime.failure_cause(_raised(full, RuntimeError("500 Internal Server Error"), RuntimeError("flow run failed")))
+    line = runtime.failure_cause(
+        _raised(full, RuntimeError("500 Internal Server Error"), RuntimeError("flow run failed"))
+    )
     assert line.startswith("No space left on device [ENOSPC]") and "Error writing bytes" in line and "\n" not in line
-    if sys.version_info >= (3, 11):  # a task runner's group of failures
-        group = ExceptionGroup("tasks", [ValueError("a.mp4: fine"), FileNotFoundError(errno.ENOENT, "No such file or directory", "/x/b.mp4")])  # noqa: F821
-        assert runtime.failure_cause(group) == "No such file or directory [ENOENT]: /x/b.mp4"
+    group = ExceptionGroup(
+        "tasks",
+        [ValueError("a.mp4: fine"), FileNotFoundError(errno.ENOENT, "No such file or directory", "/x/b.mp4")],
+    )
+    assert runtime.failure_cause(group) == "No such file or directory [ENOENT]: /x/b.mp4"
     # SQLite and some C++ libraries drop the errno: their words still name a full disk
-    assert runtime.failure_cause(RuntimeError("(sqlite3.OperationalError) database or disk is full")).startswith("No space left on device")
-    assert runtime.failure_cause(ValueError("/in/a.mp4: not a folder\n  (see --help)")) == "/in/a.mp4: not a folder (see --help)"
+    assert runtime.failure_cause(RuntimeError("(sqlite3.OperationalError) database or disk is full")).startswith(
+        "No space left on device"
+    )
+    assert (
+        runtime.failure_cause(ValueError("/in/a.mp4: not a folder\n  (see --help)"))
+        == "/in/a.mp4: not a folder (see --help)"
+    )
 
 
 def test_a_failing_disk_is_named_when_the_chain_only_holds_the_api_error(tmp_path, monkeypatch):
@@ -67,16 +76,23 @@ def test_a_failing_disk_is_named_when_the_chain_only_holds_the_api_error(tmp_pat
 
     monkeypatch.setattr(runtime, "_current_workspace", tmp_path)
     request = httpx.Request("POST", "http://127.0.0.1:8000/api/flow_runs/1/set_state")
-    api_error = httpx.HTTPStatusError("Server error '500 Internal Server Error'", request=request, response=httpx.Response(500, request=request))
-    assert runtime.failure_cause(api_error) == ("the Prefect API answered 500 Internal Server Error (POST /api/flow_runs/1/set_state); "
-                                                "the server's own error is in its log above")
+    api_error = httpx.HTTPStatusError(
+        "Server error '500 Internal Server Error'", request=request, response=httpx.Response(500, request=request)
+    )
+    assert runtime.failure_cause(api_error) == (
+        "the Prefect API answered 500 Internal Server Error (POST /api/flow_runs/1/set_state); "
+        "the server's own error is in its log above"
+    )
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (runtime.PROBE_BYTES // 2, hard))
     try:
         line = runtime.failure_cause(api_error)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert line == f"File too large [EFBIG] writing under {tmp_path} (the run failed with: the Prefect API answered 500 Internal Server Error (POST /api/flow_runs/1/set_state))"
+    assert (
+        line
+        == f"File too large [EFBIG] writing under {tmp_path} (the run failed with: the Prefect API answered 500 Internal Server Error (POST /api/flow_runs/1/set_state))"
+    )
     assert cases.temp_files(tmp_path) == []  # the probe cleans up after itself
 
 
@@ -85,19 +101,32 @@ def test_a_verb_on_a_disk_that_takes_no_writes_stops_before_prefect_starts(tmp_p
     real EFBIG without root), instead of a temporary server retrying its migration."""
     folder = cases.make_videos(tmp_path / "in", 1)
     limit = runtime.PROBE_BYTES // 4
-    done = subprocess.run([*cases.CLI, "ingest", str(folder), "-w", str(tmp_path / "ws")], env=cases.cli_env(), cwd=cases.REPO,
-                          capture_output=True, text=True, timeout=120,
-                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))  # fmt: skip
+    done = subprocess.run(
+        [*cases.CLI, "ingest", str(folder), "-w", str(tmp_path / "ws")],
+        env=cases.cli_env(),
+        cwd=cases.REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
     assert done.returncode == 1, done.stderr[-3000:]
     assert cases.last_line(done.stderr) == f"error: File too large [EFBIG]: {tmp_path / 'ws'}"
     assert "temporary server" not in done.stderr and cases.temp_files(tmp_path / "ws") == []
 
 
 def test_the_temporary_server_gets_minutes_to_start_unless_the_user_said_otherwise(tmp_path):
-    show = "from flows.runtime import use_workspace; use_workspace('ws'); from prefect.settings import " \
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as s; print(s.value())"  # fmt: skip
-    for extra, expected in (({}, str(runtime.SERVER_STARTUP_TIMEOUT_S)), ({"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "45"}, "45")):
-        done = subprocess.run([sys.executable, "-c", show], env=cases.cli_env(**extra), cwd=tmp_path, capture_output=True, text=True)
+    show = (
+        "from flows.runtime import use_workspace; use_workspace('ws'); from prefect.settings import "
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as s; print(s.value())"
+    )
+    for extra, expected in (
+        ({}, str(runtime.SERVER_STARTUP_TIMEOUT_S)),
+        ({"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "45"}, "45"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", show], env=cases.cli_env(**extra), cwd=tmp_path, capture_output=True, text=True
+        )
         assert done.stdout.strip() == expected, done.stderr[-2000:]
 
 
@@ -111,11 +140,19 @@ def _json_record(tmp_path: Path) -> Path:
 
     from data_schemas.shard import ShardSummary
 
-    summary = ShardSummary(num_samples=2, shards=("shards/train-000000.tar",), num_train=2, num_val=0,
-                           index="shards/index.parquet", set_dir="shard-sets/x")  # fmt: skip
+    summary = ShardSummary(
+        num_samples=2,
+        shards=("shards/train-000000.tar",),
+        num_train=2,
+        num_val=0,
+        index="shards/index.parquet",
+        set_dir="shard-sets/x",
+    )
     path = tmp_path / "results" / "shards-key"
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = ResultRecord(metadata=ResultRecordMetadata(storage_key=str(path), serializer=JSONSerializer()), result=summary)
+    record = ResultRecord(
+        metadata=ResultRecordMetadata(storage_key=str(path), serializer=JSONSerializer()), result=summary
+    )
     path.write_bytes(record.serialize())
     assert ResultRecord.deserialize(path.read_bytes()).result == summary  # Prefect reads it back as our record
     return path
@@ -146,10 +183,31 @@ def test_only_our_json_records_pass_the_result_gate(tmp_path):
     inner = json.loads(record["result"])
     for path, why in (
         (variant("jsonlib", lambda d: d["metadata"]["serializer"].update(jsonlib="pickle")), "not our JSON serializer"),
-        (variant("decoder", lambda d: d["metadata"]["serializer"].update(object_decoder="os.system")), "not our JSON serializer"),
-        (variant("class", lambda d: d.update(result=json.dumps(inner | {"__class__": "subprocess.Popen"}))), "'subprocess.Popen'"),
-        (variant("nested", lambda d: d.update(result=json.dumps({"__class__": inner["__class__"], "data": {"x": {"__class__": "os.system", "data": 1}}}))), "'os.system'"),  # fmt: skip
-        (variant("exception", lambda d: d.update(result=json.dumps({"__exc_type__": "builtins.OSError", "message": "x"}))), "exception"),
+        (
+            variant("decoder", lambda d: d["metadata"]["serializer"].update(object_decoder="os.system")),
+            "not our JSON serializer",
+        ),
+        (
+            variant("class", lambda d: d.update(result=json.dumps(inner | {"__class__": "subprocess.Popen"}))),
+            "'subprocess.Popen'",
+        ),
+        (
+            variant(
+                "nested",
+                lambda d: d.update(
+                    result=json.dumps(
+                        {"__class__": inner["__class__"], "data": {"x": {"__class__": "os.system", "data": 1}}}
+                    )
+                ),
+            ),
+            "'os.system'",
+        ),
+        (
+            variant(
+                "exception", lambda d: d.update(result=json.dumps({"__exc_type__": "builtins.OSError", "message": "x"}))
+            ),
+            "exception",
+        ),
         (variant("extra", lambda d: d.update(code="x")), "not a Prefect result record"),
     ):
         assert why in foreign_result(path), (path.name, foreign_result(path))
@@ -169,10 +227,20 @@ def test_a_planted_result_at_a_cache_key_is_removed_before_prefect_reads_it(tmp_
     key = _ingest_cache_key(None, dict(zip(("path", "sha256", "config", "workspace"), arguments)))
     planted = result_storage(tmp_path) / key
     planted.parent.mkdir(parents=True)
-    planted.write_text(json.dumps({"metadata": {"serializer": {"type": "pickle", "picklelib": "pickle"}},
-                                   "result": base64.b64encode(pickle.dumps(print)).decode()}))  # fmt: skip
-    (result_storage(tmp_path) / "0a1b2c").write_text('{"metadata": {"stora')  # a failure record cut short by a full disk
-    assert remove_foreign_results(ingest_video, tmp_path, [arguments]) == [(planted, "written with serializer 'pickle', not our JSON serializer")]
+    planted.write_text(
+        json.dumps(
+            {
+                "metadata": {"serializer": {"type": "pickle", "picklelib": "pickle"}},
+                "result": base64.b64encode(pickle.dumps(print)).decode(),
+            }
+        )
+    )
+    (result_storage(tmp_path) / "0a1b2c").write_text(
+        '{"metadata": {"stora'
+    )  # a failure record cut short by a full disk
+    assert remove_foreign_results(ingest_video, tmp_path, [arguments]) == [
+        (planted, "written with serializer 'pickle', not our JSON serializer")
+    ]
     assert not planted.exists()
     assert remove_incomplete_results(tmp_path) == [result_storage(tmp_path) / "0a1b2c"]
 
@@ -186,14 +254,18 @@ def test_a_planted_pickle_never_runs_and_all_broken_inputs_exit_non_zero(tmp_pat
     for done in (run["first"], run["second"]):
         line = cases.last_line(done.stderr)
         assert done.returncode == 1, done.stderr[-3000:]
-        assert line.startswith(f"error: all 3 input file(s) under {tmp_path / 'in'} failed (2 not_a_video, 1 undecodable); e.g. "), line
+        assert line.startswith(
+            f"error: all 3 input file(s) under {tmp_path / 'in'} failed (2 not_a_video, 1 undecodable); e.g. "
+        ), line
         assert line.endswith(f"every file's reason: {run['workspace'] / 'manifests' / 'videos.parquet'}")
     assert not run["code_ran"]
     assert f"removed {run['planted']}: written with serializer 'pickle'" in run["second"].stderr
     assert foreign_result(run["planted"]) is None
     for path in (run["workspace"] / ".prefect" / "results").iterdir():  # every result is our JSON, no pickle anywhere
         record = json.loads(path.read_text())
-        assert record["metadata"]["serializer"]["type"] == "json" and json.loads(record["result"])["__class__"].startswith("preprocess.")
+        assert record["metadata"]["serializer"]["type"] == "json" and json.loads(record["result"])[
+            "__class__"
+        ].startswith("preprocess.")
 
 
 # ---- one run per workspace -------------------------------------------------------------------
@@ -212,16 +284,25 @@ def test_the_workspace_lock_refuses_or_waits_and_is_reentrant(tmp_path):
     with runtime.workspace_lock(tmp_path), runtime.workspace_lock(tmp_path):  # a verb, then its flow, in one process
         assert tmp_path / ".lock" in tmp_path.iterdir()
     env = os.environ | {"PYTHONPATH": str(cases.REPO)}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path), "3"], env=env, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path), "3"], env=env, stdout=subprocess.PIPE, text=True
+    )
     assert holder.stdout.readline() == "held\n"
-    with pytest.raises(runtime.WorkspaceBusy, match=rf"in use by pid {holder.pid} on .* \(.*-c {tmp_path} 3\), since .* pass --wait"):
-        with runtime.workspace_lock(tmp_path):
-            pass
+    with (
+        pytest.raises(
+            runtime.WorkspaceBusy,
+            match=rf"in use by pid {holder.pid} on .* \(.*-c {tmp_path} 3\), since .* pass --wait",
+        ),
+        runtime.workspace_lock(tmp_path),
+    ):
+        pass
     start = time.monotonic()
     with runtime.workspace_lock(tmp_path, wait=True):  # queued until the holder let go, 3 s after it took it
         assert time.monotonic() - start > 1 and runtime.lock_holder(tmp_path).startswith(f"pid {os.getpid()} on ")
     holder.wait()
-    killed = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path), "60"], env=env, stdout=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path), "60"], env=env, stdout=subprocess.PIPE, text=True
+    )
     assert killed.stdout.readline() == "held\n"
     killed.kill()  # a SIGKILLed holder leaves no stale lock
     killed.wait()

@@ -168,10 +168,14 @@ def test_the_consistency_check_finds_what_disagrees(inputs, tmp_path):
 
     rows = read_records(ws / "shards" / "index.parquet", ShardSample)
     shifted = [rows[0].model_copy(update={"offset": rows[0].offset + 512}), *rows[1:]]
-    assert "the index says" in " ".join(damaged("offset", lambda d: write_records(shifted, ShardSample, d / "index.parquet")))
-    assert "does not list" in " ".join(damaged("extra", lambda d: shutil.copy(d / "train-000000.tar", d / "train-000009.tar")))
+    assert "the index says" in " ".join(
+        damaged("offset", lambda d: write_records(shifted, ShardSample, d / "index.parquet"))
+    )
+    assert "does not list" in " ".join(
+        damaged("extra", lambda d: shutil.copy(d / "train-000000.tar", d / "train-000009.tar"))
+    )
     assert "missing" in " ".join(damaged("gone", lambda d: (d / "val-000001.tar").unlink()))
-    cut = lambda d: (d / "train-000001.tar").write_bytes((d / "train-000001.tar").read_bytes()[:30_000])  # noqa: E731
+    cut = lambda d: (d / "train-000001.tar").write_bytes((d / "train-000001.tar").read_bytes()[:30_000])
     assert damaged("cut", cut)
     assert "index.parquet" in " ".join(damaged("noindex", lambda d: (d / "index.parquet").unlink()))
 
@@ -190,6 +194,8 @@ def test_a_set_being_read_outlives_its_replacement(inputs, tmp_path):
     assert verify_shard_set(ws / first) == [] and verify_shard_set(ws / "shards") == []
     for handle in reading:
         handle.close()
-    write_shards(ws, shard_config(OLD))  # publishes the first set again: the held-then-freed one is reused or rebuilt whole
+    write_shards(
+        ws, shard_config(OLD)
+    )  # publishes the first set again: the held-then-freed one is reused or rebuilt whole
     write_shards(ws, shard_config(NEW))
     assert sorted(p.name for p in (ws / "shard-sets").iterdir() if not p.name.startswith(".")) == [second.name]

@@ -67,15 +67,17 @@ def test_a_run_folder_has_one_owner_and_each_rank_one_process(tmp_path, monkeypa
     with own_run_folder(run_dir) as env:
         assert env == {LAUNCHER_ENV: identity()}
         assert (run_dir / OWNER_FILE).read_text().startswith(identity())
-        with pytest.raises(RunFolderBusy, match=rf"{run_dir} is in use by another training run \(pid {os.getpid()} on "):
-            with own_run_folder(run_dir):
-                pass
+        with (
+            pytest.raises(RunFolderBusy, match=rf"{run_dir} is in use by another training run \(pid {os.getpid()} on "),
+            own_run_folder(run_dir),
+        ):
+            pass
         # a rank of this launcher claims its pid file; the same rank a second time is refused
         monkeypatch.setenv(LAUNCHER_ENV, env[LAUNCHER_ENV])
         with claim_run_folder(run_dir, 1):
             pid_file = run_dir / "pids" / "rank1.pid"
             assert pid_file.read_text() == f"{identity()}\n"
-            with pytest.raises(RunFolderBusy, match=f"rank1.pid is locked by a live process \\(pid {os.getpid()}\\)"):
+            with pytest.raises(RunFolderBusy, match=f"rank1.pid is locked by a live process \\(pid {os.getpid()}\\)"):  # noqa: SIM117 - raises wraps the claim alone
                 with claim_run_folder(run_dir, 1):
                     pass
             assert pid_file.read_text() == f"{identity()}\n"  # the refused claim wrote nothing
@@ -84,7 +86,7 @@ def test_a_run_folder_has_one_owner_and_each_rank_one_process(tmp_path, monkeypa
         pass
     # a late rank of a launcher that is gone refuses to start (pid 1's start time is not 0)
     monkeypatch.setenv(LAUNCHER_ENV, "1 0")
-    with pytest.raises(RunFolderBusy, match="this rank's launcher \\(pid 1\\) is gone"):
+    with pytest.raises(RunFolderBusy, match="this rank's launcher \\(pid 1\\) is gone"):  # noqa: SIM117 - raises wraps the claim alone
         with claim_run_folder(run_dir, 0):
             pass
 
@@ -104,8 +106,13 @@ with hold_rank(Path(sys.argv[1]), int(sys.argv[2])):
 def start_rank(run_dir: Path, rank: int, launcher: int, mode: str) -> subprocess.Popen:
     """A process that holds ``run_dir`` as ``rank`` the way model.train's ranks do."""
     env = os.environ | {LAUNCHER_ENV: identity(launcher), "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", RANK_HELPER, str(run_dir), str(rank), mode], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RANK_HELPER, str(run_dir), str(rank), mode],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return proc
 
 
@@ -142,12 +149,20 @@ def test_a_pid_file_locked_by_a_process_it_does_not_name_is_never_signalled(tmp_
     (run_dir / "pids").mkdir(parents=True)
     pid_file = run_dir / "pids" / "rank0.pid"
     pid_file.write_text(f"{os.getpid()} {process_start(os.getpid()) + 1}\n")  # our pid, another start time
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(300)", str(pid_file)],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1]); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(300)",
+            str(pid_file),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
-        with pytest.raises(RunFolderBusy, match="still locked by a process its pid and start time do not name"):
+        with pytest.raises(RunFolderBusy, match="still locked by a process its pid and start time do not name"):  # noqa: SIM117 - raises wraps the claim alone
             with own_run_folder(run_dir, stop_timeout_s=1):
                 pass
         assert holder.poll() is None
@@ -159,7 +174,9 @@ def test_a_pid_file_locked_by_a_process_it_does_not_name_is_never_signalled(tmp_
 # ---- checkpoints -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("plant", [faults.plant_in_metadata, faults.plant_in_optimizer_item], ids=["metadata", "optimizer-item"])
+@pytest.mark.parametrize(
+    "plant", [faults.plant_in_metadata, faults.plant_in_optimizer_item], ids=["metadata", "optimizer-item"]
+)
 def test_a_crafted_checkpoint_is_refused_naming_the_file_and_its_code_never_runs(tmp_path, plant):
     ok, detail = faults.refuses_crafted(tmp_path, plant)
     assert ok, detail
@@ -190,7 +207,11 @@ def test_a_full_disk_under_dcp_is_reported_as_the_cause_and_not_retried():
     wrapped = CheckpointException("save failed", {1: (full, None)})
     line = failure_line(wrapped)
     record = json.loads(line.removeprefix(FAILURE_PREFIX))
-    assert record["errno"] == errno.ENOSPC and "No space left on device" in record["error"] and "__1_0.distcp" in record["error"]
+    assert (
+        record["errno"] == errno.ENOSPC
+        and "No space left on device" in record["error"]
+        and "__1_0.distcp" in record["error"]
+    )
     failed = _failure(Path("/nonexistent/run"), 1, [record])
     assert not failed.retryable and "disk full on rank 0" in str(failed) and "free space, then rerun" in str(failed)
     assert _failure(Path("/nonexistent/run"), -9, []).retryable  # a killed rank: the retry resumes
@@ -203,8 +224,20 @@ def test_equal_weights_give_equal_adapter_files(tmp_path):
 
     from model.checkpoint import save_adapter_tensors
 
-    tensors = {"transformer.blocks.0.lora_A.default.weight": torch.arange(6.0).view(2, 3), "pose_guider.0.bias": torch.ones(2)}
-    dit = {"num_layers": 2, "num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 64, "text_dim": 16, "image_dim": 16}
-    files = {save_adapter_tensors(tensors, tmp_path / str(i), 8, 4, 4.0, dit).joinpath("adapter.safetensors").read_bytes()
-             for i in range(8)}  # fmt: skip
+    tensors = {
+        "transformer.blocks.0.lora_A.default.weight": torch.arange(6.0).view(2, 3),
+        "pose_guider.0.bias": torch.ones(2),
+    }
+    dit = {
+        "num_layers": 2,
+        "num_attention_heads": 4,
+        "attention_head_dim": 32,
+        "ffn_dim": 64,
+        "text_dim": 16,
+        "image_dim": 16,
+    }
+    files = {
+        save_adapter_tensors(tensors, tmp_path / str(i), 8, 4, 4.0, dit).joinpath("adapter.safetensors").read_bytes()
+        for i in range(8)
+    }
     assert len(files) == 1

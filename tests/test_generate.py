@@ -56,7 +56,9 @@ def _seg_vector(kp: np.ndarray, parent: int, child: int) -> np.ndarray:
 
 
 def _torso(kp: np.ndarray) -> np.ndarray:
-    return np.linalg.norm((kp[..., L_HIP, :] + kp[..., R_HIP, :]) / 2 - (kp[..., L_SH, :] + kp[..., R_SH, :]) / 2, axis=-1)
+    return np.linalg.norm(
+        (kp[..., L_HIP, :] + kp[..., R_HIP, :]) / 2 - (kp[..., L_SH, :] + kp[..., R_SH, :]) / 2, axis=-1
+    )
 
 
 @pytest.fixture
@@ -67,7 +69,12 @@ def people():
     base = random_lengths(rng, 0.6)
     # every frame its own pose and slightly different limb lengths (detector jitter): the
     # ratios use the median length, so this checks that too
-    drv = np.stack([skeleton(rng, (60 + 5 * t, 80 - 2 * t), {s: v * rng.uniform(0.9, 1.1) for s, v in base.items()}, 14.0) for t in range(7)])
+    drv = np.stack(
+        [
+            skeleton(rng, (60 + 5 * t, 80 - 2 * t), {s: v * rng.uniform(0.9, 1.1) for s, v in base.items()}, 14.0)
+            for t in range(7)
+        ]
+    )
     return ref, drv
 
 
@@ -83,12 +90,16 @@ def test_every_segment_takes_the_reference_length_and_keeps_the_driving_directio
     for parent, child in BODY_SEGMENTS:
         got, d = _seg_vector(out, parent, child), _seg_vector(drv, parent, child)
         if child in (L_SH, R_SH):  # one ratio for both shoulders: the shoulder width
-            ratio = np.linalg.norm(ref[L_SH] - ref[R_SH]) / np.median(np.linalg.norm(drv[:, L_SH] - drv[:, R_SH], axis=-1))
+            ratio = np.linalg.norm(ref[L_SH] - ref[R_SH]) / np.median(
+                np.linalg.norm(drv[:, L_SH] - drv[:, R_SH], axis=-1)
+            )
         else:
             ratio = np.linalg.norm(_seg_vector(ref, parent, child)) / np.median(np.linalg.norm(d, axis=-1))
         np.testing.assert_allclose(got, ratio * d, atol=1e-9, err_msg=f"segment {parent}->{child}")
     # hands keep their driving shape, scaled by s, on the new wrist
-    np.testing.assert_allclose(out[:, LEFT_HAND] - out[:, [L_WRIST]], s * (drv[:, LEFT_HAND] - drv[:, [L_WRIST]]), atol=1e-9)
+    np.testing.assert_allclose(
+        out[:, LEFT_HAND] - out[:, [L_WRIST]], s * (drv[:, LEFT_HAND] - drv[:, [L_WRIST]]), atol=1e-9
+    )
 
 
 def test_a_scaled_and_shifted_copy_lands_on_the_reference(people):
@@ -107,7 +118,9 @@ def test_missing_points_stay_missing_and_orphans_follow_the_whole_person(people)
     out, transform = retarget.retarget_person(drv, scores, ref, np.full(133, 0.9), THRESHOLD)
     assert (out[2, 7] == -1).all()
     np.testing.assert_allclose(out[2, L_WRIST], transform.apply(drv[2, L_WRIST]), atol=1e-9)  # its parent is gone
-    np.testing.assert_allclose(out[2, LEFT_HAND] - out[2, L_WRIST], transform.scale * (drv[2, LEFT_HAND] - drv[2, L_WRIST]), atol=1e-9)
+    np.testing.assert_allclose(
+        out[2, LEFT_HAND] - out[2, L_WRIST], transform.scale * (drv[2, LEFT_HAND] - drv[2, L_WRIST]), atol=1e-9
+    )
 
 
 def test_persons_are_matched_left_to_right_unless_mapped():
@@ -138,7 +151,7 @@ def test_masks_move_with_their_person():
 def test_job_inputs_from_ground_truth_poses_and_masks(tmp_path):
     poses, masks = driving_files(tmp_path, SyntheticSpec(width=128, height=96, num_frames=9, num_persons=2, seed=1))
     ref_clip = render_clip(SyntheticSpec(width=160, height=128, num_frames=1, num_persons=2, seed=2))
-    ref_arrays, ref_origin = ground_truth_poses(ref_clip, seed=0)
+    ref_arrays, _ref_origin = ground_truth_poses(ref_clip, seed=0)
     ref_kp, ref_scores = ref_arrays["keypoints"][0], ref_arrays["scores"][0]
     driving = retarget.load_driving(poses, masks, 5)
     assert driving.keypoints.shape == (5, 2, 133, 2) and driving.label_map.shape == (5, 96, 128)
@@ -155,7 +168,9 @@ def test_job_inputs_from_ground_truth_poses_and_masks(tmp_path):
     for i, (label, number) in enumerate(inputs.person_map.items()):
         row = int(np.argsort(ref_x)[number - 1])
         first = int(np.argmax((driving.scores[:, label - 1, [L_SH, R_SH]] > THRESHOLD).all(axis=1)))
-        np.testing.assert_allclose(inputs.keypoints[first, i, [L_SH, R_SH]].mean(axis=0), ref_kp[row, [L_SH, R_SH]].mean(axis=0), atol=1e-4)
+        np.testing.assert_allclose(
+            inputs.keypoints[first, i, [L_SH, R_SH]].mean(axis=0), ref_kp[row, [L_SH, R_SH]].mean(axis=0), atol=1e-4
+        )
     with pytest.raises(ValueError, match=f"{poses}: 9 frames, the job needs 13"):
         retarget.load_driving(poses, masks, 13)
 
@@ -195,7 +210,18 @@ def test_submitting_twice_queues_one_job(tmp_path):
 
     cv2.imwrite(str(tmp_path / "ref.png"), np.full((64, 64, 3), 128, np.uint8))
     driving_video(tmp_path / "d.mp4", seconds=6.0)  # 90 frames at the default 15 fps: enough for 81
-    args = ["submit", str(tmp_path / "ref.png"), "--video", str(tmp_path / "d.mp4"), "--steps", "2", "--person-map", "1=2,2=1", "-w", str(tmp_path / "ws")]
+    args = [
+        "submit",
+        str(tmp_path / "ref.png"),
+        "--video",
+        str(tmp_path / "d.mp4"),
+        "--steps",
+        "2",
+        "--person-map",
+        "1=2,2=1",
+        "-w",
+        str(tmp_path / "ws"),
+    ]
     first, second = CliRunner().invoke(app, args), CliRunner().invoke(app, args)
     assert first.exit_code == second.exit_code == 0, first.output + second.output
     job_id = first.stdout.strip().splitlines()[-1]
@@ -203,7 +229,19 @@ def test_submitting_twice_queues_one_job(tmp_path):
     assert [p.name for p in (tmp_path / "ws" / "queue").iterdir()] == [f"{job_id}.json"]
     spec = JobSpec.model_validate_json(queue_path(tmp_path / "ws", job_id).read_bytes())
     assert spec.job_id == job_id and spec.steps == 2 and spec.person_map == {1: 2, 2: 1}
-    bad = CliRunner().invoke(app, ["submit", str(tmp_path / "ref.png"), "--video", str(tmp_path / "d.mp4"), "--num-frames", "10", "-w", str(tmp_path / "ws")])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "submit",
+            str(tmp_path / "ref.png"),
+            "--video",
+            str(tmp_path / "d.mp4"),
+            "--num-frames",
+            "10",
+            "-w",
+            str(tmp_path / "ws"),
+        ],
+    )
     assert bad.exit_code != 0 and "4k+1" in bad.output
 
 
@@ -227,8 +265,16 @@ def real_sized_components():
         for name, p in dit.transformer.named_parameters():
             p.data = p.data.to(torch.float32 if ".lora_" in name else torch.bfloat16)
         vae = AutoencoderKLWan()
-        clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                                num_attention_heads=16, image_size=224, patch_size=14))  # fmt: skip
+        clip = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_hidden_layers=32,
+                num_attention_heads=16,
+                image_size=224,
+                patch_size=14,
+            )
+        )
     return Components(dit, vae, clip, None, ModelConfig())
 
 
@@ -301,7 +347,9 @@ def artifact(flow_run_id, key: str):
 
     with get_client(sync_client=True) as client:
         (found,) = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[key]))
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[key])
+            )
         )
     return found.data
 
@@ -313,7 +361,9 @@ def test_generate_runs_the_queue_records_failures_and_never_redoes_a_finished_jo
     from flows.generate import generate
 
     workspace, inputs = tmp_path / "ws", tmp_path / "in"
-    video, _ = make_synthetic_video(SyntheticSpec(width=64, height=64, num_frames=12, num_persons=2, seed=1), inputs, "driving")
+    video, _ = make_synthetic_video(
+        SyntheticSpec(width=64, height=64, num_frames=12, num_persons=2, seed=1), inputs, "driving"
+    )
     ref_clip = render_clip(SyntheticSpec(width=64, height=64, num_frames=1, num_persons=2, seed=5))
     reference = inputs / "reference.png"
     cv2.imwrite(str(reference), ref_clip.frames[0][..., ::-1])
@@ -323,7 +373,16 @@ def test_generate_runs_the_queue_records_failures_and_never_redoes_a_finished_jo
     good = JobSpec(reference=reference, **common)
     # poses and masks given (ground truth: exactly two persons), matched left to right
     poses, masks = driving_files(inputs, SyntheticSpec(width=64, height=64, num_frames=9, num_persons=2, seed=2))
-    given = JobSpec(reference=reference, poses=poses, masks=masks, steps=2, num_frames=5, height=64, width=32, prompt="a man and a woman are dancing")
+    given = JobSpec(
+        reference=reference,
+        poses=poses,
+        masks=masks,
+        steps=2,
+        num_frames=5,
+        height=64,
+        width=32,
+        prompt="a man and a woman are dancing",
+    )
     for spec in (bad, good, given):
         submit_job(workspace, spec)
     config = ProjectConfig(pose=crafted_pose_config(tmp_path / "models", (64, 64)))
@@ -331,14 +390,21 @@ def test_generate_runs_the_queue_records_failures_and_never_redoes_a_finished_jo
     assert generate(tmp_path / "empty", config).num_queued == 0  # nothing queued: nothing to do, no error
     state = generate(workspace, config, return_state=True)
     summary = state.result()
-    assert (summary.num_queued, sorted(summary.ok), summary.failed, summary.skipped) == (3, sorted([good.job_id, given.job_id]), [bad.job_id], [])
+    assert (summary.num_queued, sorted(summary.ok), summary.failed, summary.skipped) == (
+        3,
+        sorted([good.job_id, given.job_id]),
+        [bad.job_id],
+        [],
+    )
     failed = JobRecord.model_validate_json(record_path(workspace, bad.job_id).read_bytes())
     assert failed.status == "failed" and failed.reason == "invalid_input"
     assert failed.error == f"reference: {inputs / 'missing.png'}: reference image not found"
     folder = workspace / "outputs" / good.job_id
     assert sorted(p.name for p in folder.iterdir()) == ["job.json", "preview.mp4", "preview.png", "video.mp4"]
     record = JobRecord.model_validate_json((folder / "job.json").read_bytes())
-    assert record.status == "ok" and record.spec == good and record.person_map == {1: 1, 2: 2} and record.num_persons == 2
+    assert (
+        record.status == "ok" and record.spec == good and record.person_map == {1: 1, 2: 2} and record.num_persons == 2
+    )
     assert record.outputs["video"] == f"outputs/{good.job_id}/video.mp4" and record.prompt == "two person are dancing"
     reader = decord.VideoReader(str(folder / "video.mp4"))
     assert (len(reader), *reader[0].shape) == (9, 64, 64, 3)
@@ -347,10 +413,16 @@ def test_generate_runs_the_queue_records_failures_and_never_redoes_a_finished_jo
     assert sorted(from_npz.person_map.values()) == [1, 2] and from_npz.prompt == given.prompt
     assert len(decord.VideoReader(str(workspace / from_npz.outputs["video"]))) == 5
     table = json.loads(artifact(state.state_details.flow_run_id, "generate-jobs"))
-    assert {(row["job"], row["status"]) for row in table} == {(good.job_id, "ok"), (given.job_id, "ok"), (bad.job_id, "failed")}
+    assert {(row["job"], row["status"]) for row in table} == {
+        (good.job_id, "ok"),
+        (given.job_id, "ok"),
+        (bad.job_id, "failed"),
+    }
     assert "data:image/jpeg;base64," in artifact(state.state_details.flow_run_id, "generate-previews")
 
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     again = generate(workspace, config)
-    assert sorted(again.skipped) == sorted([good.job_id, given.job_id]) and again.ok == [] and again.failed == [bad.job_id]  # failures are retried
+    assert (
+        sorted(again.skipped) == sorted([good.job_id, given.job_id]) and again.ok == [] and again.failed == [bad.job_id]
+    )  # failures are retried
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before

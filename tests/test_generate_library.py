@@ -22,16 +22,26 @@ def test_run_job_writes_the_outputs_and_caches_the_prompts_without_prefect(tmp_p
 
     ws = Workspace(tmp_path / "ws")
     inputs = cases.job_inputs(tmp_path / "in")
-    spec = JobSpec(reference=inputs["reference"], poses=inputs["poses"], masks=inputs["masks"],
-                   reference_poses=inputs["reference_poses"], steps=2, num_frames=5, height=64, width=32)  # fmt: skip
+    spec = JobSpec(
+        reference=inputs["reference"],
+        poses=inputs["poses"],
+        masks=inputs["masks"],
+        reference_poses=inputs["reference_poses"],
+        steps=2,
+        num_frames=5,
+        height=64,
+        width=32,
+    )
     out = tmp_path / "out"
     out.mkdir()
     # the reference's poses are given: no DWPose model files
     result = run_job(spec, spec.poses, spec.masks, PoseConfig(), (), ws, out)
     assert sorted(p.name for p in out.iterdir()) == ["preview.mp4", "preview.png", "video.mp4"]
     # named where the generate flow publishes them
-    assert result.outputs == {name: f"outputs/{spec.job_id}/{file}" for name, file in
-                              [("video", "video.mp4"), ("preview", "preview.mp4"), ("preview_image", "preview.png")]}  # fmt: skip
+    assert result.outputs == {
+        name: f"outputs/{spec.job_id}/{file}"
+        for name, file in [("video", "video.mp4"), ("preview", "preview.mp4"), ("preview_image", "preview.png")]
+    }
     assert result.num_persons == 2 and sorted(result.person_map.values()) == [1, 2]
     assert result.prompt == "two person are dancing"
     assert {"reference_pose_s", "retarget_s", "embeddings_s", "load_model_s", "write_s"} <= set(result.timings)
@@ -45,7 +55,9 @@ def test_run_job_writes_the_outputs_and_caches_the_prompts_without_prefect(tmp_p
     # a limit already passed: stopped at the first check, nothing written
     late = tmp_path / "late"
     late.mkdir()
-    with pytest.raises(JobTimeout, match=f"job {spec.job_id} ran over its time limit of 0 s .* after the reference pose"):
+    with pytest.raises(
+        JobTimeout, match=f"job {spec.job_id} ran over its time limit of 0 s .* after the reference pose"
+    ):
         run_job(spec, spec.poses, spec.masks, PoseConfig(), (), ws, late, timeout_s=0)
     assert list(late.iterdir()) == []
 
@@ -55,7 +67,13 @@ def test_ensure_cached_loads_the_encoder_only_for_missing_texts(tmp_path):
 
     loads = []
     first = ensure_cached(tmp_path, "tiny", None, ["a", "b", "a"], before_load=lambda: loads.append(1))
-    assert (first.encoder_id, first.num_texts, first.num_new, first.num_existing, loads) == (tiny_encoder_id(), 2, 2, 0, [1])
+    assert (first.encoder_id, first.num_texts, first.num_new, first.num_existing, loads) == (
+        tiny_encoder_id(),
+        2,
+        2,
+        0,
+        [1],
+    )
     again = ensure_cached(tmp_path, "tiny", None, ["b", "a"], before_load=lambda: loads.append(2))
     assert (again.num_new, again.num_existing, loads) == (0, 2, [1])  # all cached: no encoder
     more = ensure_cached(tmp_path, "tiny", None, ["a", "c"], before_load=lambda: loads.append(3))
@@ -77,6 +95,8 @@ def test_inline_image_of_an_array_a_file_and_an_unreadable_file(tmp_path):
     assert thumb.shape == (20, 50, 3) and thumb[10, 25, 2] > 200 and thumb[10, 25, 0] < 50  # BGR: red stays red
     path = tmp_path / "plot.png"
     cv2.imwrite(str(path), rgb[..., ::-1])
-    np.testing.assert_array_equal(_decoded(inline_image(path, "plot", fmt="png"), "plot", "png"), rgb[..., ::-1])  # lossless
+    np.testing.assert_array_equal(
+        _decoded(inline_image(path, "plot", fmt="png"), "plot", "png"), rgb[..., ::-1]
+    )  # lossless
     (tmp_path / "bad.png").write_bytes(b"not an image")
     assert inline_image(tmp_path / "bad.png", "preview") == f"(preview {tmp_path / 'bad.png'} unreadable)"

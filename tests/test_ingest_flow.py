@@ -41,7 +41,10 @@ def ingested(media_folder, tmp_path_factory, prefect_api):
 
 def test_every_input_gets_its_status_and_reason(media_folder, ingested):
     workspace, summary, _ = ingested
-    records = {Path(r.path).relative_to(media_folder).as_posix(): r for r in read_records(workspace / "manifests/videos.parquet", VideoRecord)}
+    records = {
+        Path(r.path).relative_to(media_folder).as_posix(): r
+        for r in read_records(workspace / "manifests/videos.parquet", VideoRecord)
+    }
     assert set(records) == set(EXPECTED)
     got = {name: (r.status.value, r.reason.value if r.reason else None) for name, r in records.items()}
     assert got == EXPECTED
@@ -79,7 +82,9 @@ def test_summary_artifact_counts_by_status_and_reason(ingested):
 
     _, _, run_id = ingested
     with get_client(sync_client=True) as client:
-        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
     rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
     table = {(r["status"], r["reason"]): r["files"] for r in rows}
     assert table[("failed", "not_a_video")] == 3 and table[("duplicate", "")] == 1
@@ -111,7 +116,9 @@ def test_file_changed_in_place_is_processed_again(tmp_path, prefect_api):
     first = {r.path: r.sha256 for r in read_records(workspace / "manifests/videos.parquet", VideoRecord)}
     make_synthetic_video(SyntheticSpec(num_frames=40, seed=7), folder, "a")  # same name, new content
     _, run_id = run_ingest(folder, workspace)
-    ingest_states = {name: state for name, state in task_states(run_id, expected=4).items() if name.startswith("ingest ")}
+    ingest_states = {
+        name: state for name, state in task_states(run_id, expected=4).items() if name.startswith("ingest ")
+    }
     assert ingest_states == {"ingest a.mp4": "Completed", "ingest b.mp4": "Cached"}
     second = {r.path: r.sha256 for r in read_records(workspace / "manifests/videos.parquet", VideoRecord)}
     a = str(folder / "a.mp4")

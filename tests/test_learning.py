@@ -20,7 +20,7 @@ MARGIN = 1.2
 # a hang guard, not a speed check: 7 min alone took over 20 on a loaded 2-core machine
 @pytest.mark.timeout(3600)
 def test_fine_tuned_model_follows_the_driving_poses(tmp_path):
-    results, shares = run(tmp_path)
+    _results, shares = run(tmp_path)
     full = shares["full"]
     assert full > MARGIN * shares["pose-blind"], shares
     assert full > MARGIN * shares["untrained"], shares

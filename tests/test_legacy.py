@@ -327,8 +327,15 @@ def test_demo_errors(tmp_path: Path, clip: SyntheticClip) -> None:
 
 def test_find_legacy(tmp_path: Path, clip: SyntheticClip) -> None:
     root = tmp_path / "root"
-    short = SyntheticClip(clip.frames[:2], clip.keypoints[:2], clip.keypoint_visible[:2], clip.masks[:2],
-                          clip.colours, clip.depth_order[:2], clip.spec)  # fmt: skip
+    short = SyntheticClip(
+        clip.frames[:2],
+        clip.keypoints[:2],
+        clip.keypoint_visible[:2],
+        clip.masks[:2],
+        clip.colours,
+        clip.depth_order[:2],
+        clip.spec,
+    )
     _make_training(root / "processed_data" / "v2", short)
     _make_training(root / "processed_data" / "v1", short)
     _make_demo(root / "demo" / "2people", short, overlap=False)

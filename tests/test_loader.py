@@ -70,8 +70,16 @@ def make_clip(folder: Path, key: str, seed: int, num_frames: int = 20, persons: 
     clip = render_clip(spec)
     mp4 = write_video(clip.frames, folder / f"{key}.mp4", FPS)
     keypoints, scores = _wholebody(clip)
-    meta = {"clip_id": key, "source": f"src{seed}", "fps": FPS, "width": SRC_W, "height": SRC_H,
-            "persons": persons, "num_frames": num_frames, "split": "train"}  # fmt: skip
+    meta = {
+        "clip_id": key,
+        "source": f"src{seed}",
+        "fps": FPS,
+        "width": SRC_W,
+        "height": SRC_H,
+        "persons": persons,
+        "num_frames": num_frames,
+        "split": "train",
+    }
     members = {
         "json": json.dumps(meta, sort_keys=True).encode(),
         "mask.npz": _npz(label_map=clip.label_map()),
@@ -309,7 +317,9 @@ def test_batches_from_workers(data: dict) -> None:
 
     def by_clip(batch_size: int) -> dict[str, dict[str, torch.Tensor]]:
         loader = make_loader(data["shards"], cfg, batch_size=batch_size, num_workers=2, rank=0, world_size=1)
-        return {cid: {k: batch[k][i] for k in B.TENSOR_KEYS} for batch in loader for i, cid in enumerate(batch[B.CLIP_ID])}
+        return {
+            cid: {k: batch[k][i] for k in B.TENSOR_KEYS} for batch in loader for i, cid in enumerate(batch[B.CLIP_ID])
+        }
 
     ones, twos = by_clip(1), by_clip(2)
     assert sorted(ones) == sorted(twos) == sorted(k for k in data["clips"] if k.startswith("clip"))
@@ -422,8 +432,16 @@ def corrupt(data: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     no_mask = {k: v for k, v in _renamed(clips["clip04"].members, "nomask").items() if k != "mask.npz"}
     bad_mask = dict(_renamed(clips["clip04"].members, "bmask"), **{"mask.npz": b"PK\x03\x04 not a zip"})
-    broken = write_shard(root / "c-000001.tar", [("bvideo", bad_video), ("bpose", bad_pose), ("nomask", no_mask),
-                                                 ("clip05", clips["clip05"].members), ("bmask", bad_mask)])  # fmt: skip
+    broken = write_shard(
+        root / "c-000001.tar",
+        [
+            ("bvideo", bad_video),
+            ("bpose", bad_pose),
+            ("nomask", no_mask),
+            ("clip05", clips["clip05"].members),
+            ("bmask", bad_mask),
+        ],
+    )
     # A shard cut in the middle of its second sample's mp4.
     full = write_shard(root / "full.tar", [(k, clips[k].members) for k in ("clip06", "clip07")])
     raw = full.read_bytes()

@@ -50,8 +50,18 @@ def _poses(clip, seed: int) -> metrics.Poses:
 @pytest.fixture(scope="module")
 def truth_result(clip, nets):
     # the truth scored as if generated; the re-detection lists persons in another order
-    return metrics.score_clip("c", clip.frames, 25.0, clip.frames.copy(), 25.0, clip.label_map(), nets, PROTOCOL,
-                              truth_poses=_poses(clip, 0), generated_poses=_poses(clip, 7))  # fmt: skip
+    return metrics.score_clip(
+        "c",
+        clip.frames,
+        25.0,
+        clip.frames.copy(),
+        25.0,
+        clip.label_map(),
+        nets,
+        PROTOCOL,
+        truth_poses=_poses(clip, 0),
+        generated_poses=_poses(clip, 7),
+    )
 
 
 # ----------------------------------------------------------------------- PSNR, SSIM, LPIPS
@@ -73,8 +83,18 @@ def test_ssim_matches_skimage_gaussian_window(clip):
     truth = clip.frames[:3]
     noisy = np.clip(truth.astype(int) + rng.integers(-30, 31, truth.shape), 0, 255).astype(np.uint8)
     ours = metrics.ssim_maps(noisy, truth).reshape(3, -1).mean(1)
-    theirs = [structural_similarity(truth[i], noisy[i], data_range=255, channel_axis=-1, gaussian_weights=True,
-                                    sigma=1.5, use_sample_covariance=False) for i in range(3)]  # fmt: skip
+    theirs = [
+        structural_similarity(
+            truth[i],
+            noisy[i],
+            data_range=255,
+            channel_axis=-1,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
+        for i in range(3)
+    ]
     np.testing.assert_allclose(ours, theirs, atol=1e-9)
     assert metrics.ssim(truth, truth) == pytest.approx(1.0, abs=1e-12)
 
@@ -156,8 +176,12 @@ def test_frechet_distance_with_fewer_samples_than_features():
     # the symmetric form sqrt(S_a) S_b sqrt(S_a) is where scipy's sqrtm is reliable for singular S
     sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root = linalg.sqrtm(sa).real
-    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) \
-        - 2 * np.trace(linalg.sqrtm(root @ sb @ root)).real  # fmt: skip
+    expected = (
+        ((a.mean(0) - b.mean(0)) ** 2).sum()
+        + np.trace(sa)
+        + np.trace(sb)
+        - 2 * np.trace(linalg.sqrtm(root @ sb @ root)).real
+    )
     assert metrics.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
 
 
@@ -234,13 +258,20 @@ def test_image_encoder_appearance_names_itself(clip):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(0)
-    encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                               num_attention_heads=2, image_size=32, patch_size=8))  # fmt: skip
+    encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    )
     appearance = ImageEncoderAppearance(encoder, name="tiny random clip")
     labels = clip.label_map()
     protocol = Protocol(short_side=96, swap_crop=32)
-    result = metrics.identity_swap_rate(clip.frames[:4], labels[:4], clip.frames[0], labels[0], 3, protocol,
-                                        appearance)  # fmt: skip
+    result = metrics.identity_swap_rate(clip.frames[:4], labels[:4], clip.frames[0], labels[0], 3, protocol, appearance)
     assert result.feature == "image-encoder: tiny random clip"
     assert result.judged.sum() > 0
     # frame 0 against itself: every person most like their own reference

@@ -82,14 +82,18 @@ def test_full_size_encoders_have_the_released_shapes():
     assert [tuple(pose[i].weight.shape) for i in range(0, 13, 2)] == conv3
     assert [tuple(label[i].weight.shape) for i in range(0, 13, 2)] == [(16, 8, 3, 3, 3)] + conv3[1:]
     assert [pose[i].stride for i in range(0, 13, 2)] == [(1, 1, 1)] * 3 + [(1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)]
-    assert [tuple(ref[i].weight.shape) for i in range(0, 11, 2)] == [(16, 3, 3, 3)] + [(16, 16, 3, 3)] * 4 + [(20, 16, 3, 3)]
+    assert [tuple(ref[i].weight.shape) for i in range(0, 11, 2)] == [(16, 3, 3, 3)] + [(16, 16, 3, 3)] * 4 + [
+        (20, 16, 3, 3)
+    ]
     assert [ref[i].stride for i in range(0, 11, 2)] == [(1, 1)] * 3 + [(2, 2)] * 3
     assert all(isinstance(m, torch.nn.SiLU) for m in list(pose)[1::2])
     # the shape walk at the real size, through the convs' own arithmetic (no allocation)
     t, h, w = 84, 480, 832
     for i in range(0, 13, 2):
         conv = pose[i]
-        t, h, w = ((n + 2 * p - k) // s + 1 for n, p, k, s in zip((t, h, w), conv.padding, conv.kernel_size, conv.stride))
+        t, h, w = (
+            (n + 2 * p - k) // s + 1 for n, p, k, s in zip((t, h, w), conv.padding, conv.kernel_size, conv.stride)
+        )
     assert (t, h, w) == (21, 30, 52)
 
 
@@ -239,8 +243,17 @@ def test_our_format_round_trip(tmp_path):
     x = inputs(5, 32, 32, persons=2)
     ch = stack_channels([[0, 1, 2]])
     with torch.no_grad():
-        a = dit(x["latents"], x["y"], x["timestep"], x["text"], x["image"], dit.condition_tokens(x["pose"], x["labels"], ch))
-        b = fresh(x["latents"], x["y"], x["timestep"], x["text"], x["image"], fresh.condition_tokens(x["pose"], x["labels"], ch))
+        a = dit(
+            x["latents"], x["y"], x["timestep"], x["text"], x["image"], dit.condition_tokens(x["pose"], x["labels"], ch)
+        )
+        b = fresh(
+            x["latents"],
+            x["y"],
+            x["timestep"],
+            x["text"],
+            x["image"],
+            fresh.condition_tokens(x["pose"], x["labels"], ch),
+        )
     # the weights are equal (above); two model instances' floats are not bit-equal on the CPU
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(CheckpointError, match="label pool 8 but the model has 4"):
@@ -257,9 +270,18 @@ def test_released_layout_loads_every_key(tmp_path, label_channels):
     assert report.skipped_base == TINY_DIT.num_layers + 1  # the base_layer weights and the VAE key
     assert report.placed == len(trained_state(dit))  # nothing missing
     state = trained_state(dit)
-    assert torch.equal(state["transformer.blocks.1.attn2.to_out.0.lora_B.default.weight"], tensors["pipe.dit.blocks.1.cross_attn.o.lora_B.default.weight"])
-    assert torch.equal(state["transformer.blocks.0.ffn.net.0.proj.lora_A.default.weight"], tensors["pipe.dit.blocks.0.ffn.0.lora_A.default.weight"])
-    assert torch.equal(state["transformer.blocks.0.ffn.net.2.lora_B.default.weight"], tensors["pipe.dit.blocks.0.ffn.2.lora_B.default.weight"])
+    assert torch.equal(
+        state["transformer.blocks.1.attn2.to_out.0.lora_B.default.weight"],
+        tensors["pipe.dit.blocks.1.cross_attn.o.lora_B.default.weight"],
+    )
+    assert torch.equal(
+        state["transformer.blocks.0.ffn.net.0.proj.lora_A.default.weight"],
+        tensors["pipe.dit.blocks.0.ffn.0.lora_A.default.weight"],
+    )
+    assert torch.equal(
+        state["transformer.blocks.0.ffn.net.2.lora_B.default.weight"],
+        tensors["pipe.dit.blocks.0.ffn.2.lora_B.default.weight"],
+    )
     assert torch.equal(state["pose_guider.12.bias"], tensors["dwpose_embedding.12.bias"])
     assert torch.equal(state["ref_pose_guider.10.weight"], tensors["randomref_embedding_pose.10.weight"])
     label0 = tensors["label_embedding.0.weight"]
@@ -279,7 +301,9 @@ def test_released_layout_with_wrapper_prefixes(tmp_path):
 def test_released_layout_renamed_or_missing_key_fails_naming_it(tmp_path):
     tensors = released_tensors(TINY_DIT.num_layers, D, TINY_DIT.ffn_dim, rank=4, label_channels=4)
     renamed = dict(tensors)
-    renamed["pipe.dit.blocks.1.self_attn.qq.lora_A.default.weight"] = renamed.pop("pipe.dit.blocks.1.self_attn.q.lora_A.default.weight")
+    renamed["pipe.dit.blocks.1.self_attn.qq.lora_A.default.weight"] = renamed.pop(
+        "pipe.dit.blocks.1.self_attn.q.lora_A.default.weight"
+    )
     write_released(tmp_path / "renamed", renamed)
     with pytest.raises(CheckpointError, match=r"pipe\.dit\.blocks\.1\.self_attn\.qq\.lora_A\.default\.weight"):
         load_released(make_dit(), tmp_path / "renamed")
@@ -339,12 +363,20 @@ def test_real_profile_without_weights_says_what_is_missing(tmp_path):
 
     (tmp_path / "wan" / "transformer").mkdir(parents=True)
     (tmp_path / "wan" / "transformer" / "config.json").write_text("{}")
-    cfg = ModelConfig(profile="wan-i2v-14b-720p", wan_folder=tmp_path / "wan", multianimate=tmp_path / "ma" / "x.ckpt" / "output_dir")
+    cfg = ModelConfig(
+        profile="wan-i2v-14b-720p", wan_folder=tmp_path / "wan", multianimate=tmp_path / "ma" / "x.ckpt" / "output_dir"
+    )
     with pytest.raises(MissingWeightsError) as err:
         build_components(cfg)
     text = str(err.value)
-    for name in ("transformer/*.safetensors", "vae/config.json", "image_encoder/config.json",
-                 "image_processor/preprocessor_config.json", "output_dir/*.safetensors", f"--local-dir {tmp_path / 'ma'}"):  # fmt: skip
+    for name in (
+        "transformer/*.safetensors",
+        "vae/config.json",
+        "image_encoder/config.json",
+        "image_processor/preprocessor_config.json",
+        "output_dir/*.safetensors",
+        f"--local-dir {tmp_path / 'ma'}",
+    ):
         assert name in text, name
     assert "transformer/config.json" not in text
 
@@ -357,7 +389,10 @@ def test_tiny_vae_normalisation_is_its_own_measurement():
     from preprocess.synthetic import SyntheticSpec, render_clip
 
     vae = build_components(ModelConfig()).vae
-    specs = [SyntheticSpec(width=64, height=48, num_frames=9, seed=s, background=("texture", "flat")[s % 2]) for s in range(8)]
+    specs = [
+        SyntheticSpec(width=64, height=48, num_frames=9, seed=s, background=("texture", "flat")[s % 2])
+        for s in range(8)
+    ]
     clips = [render_clip(spec).frames for spec in specs]
     mean, std = measure_latent_statistics(vae, np.stack(clips))
     assert vae.config.latents_mean == list(TINY_LATENTS_MEAN) and vae.config.latents_std == list(TINY_LATENTS_STD)

@@ -6,6 +6,9 @@ hooks run on the CPU here; tests marked ``gpu`` move the networks for real)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
+import operator
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +74,8 @@ def test_latent_windows_follow_the_spec():
     assert latent_windows(21, 21, 4) == [list(range(21))]
     for n in range(22, 90):
         ws = latent_windows(n, 21, 4)
-        assert sorted(set(sum(ws, []))) == list(range(n))  # every latent frame is covered
-        assert all(b[0] <= a[-1] - 1 for a, b in zip(ws, ws[1:]))  # consecutive windows overlap by >= 2
+        assert sorted(set(functools.reduce(operator.iadd, ws, []))) == list(range(n))  # every latent frame is covered
+        assert all(b[0] <= a[-1] - 1 for a, b in itertools.pairwise(ws))  # consecutive windows overlap by >= 2
 
 
 @pytest.mark.parametrize("persons", [1, 2, 3, 7])
@@ -98,7 +101,15 @@ def test_guidance_passes_differ_exactly_as_the_spec_says(pipe):
 
     def record(module, args, kwargs):
         x, timestep, text, image = args[:4]
-        calls.append({"x": x.clone(), "t": timestep.clone(), "text": text.clone(), "image": image.clone(), "tokens": dit._pending})
+        calls.append(
+            {
+                "x": x.clone(),
+                "t": timestep.clone(),
+                "text": text.clone(),
+                "image": image.clone(),
+                "tokens": dit._pending,
+            }
+        )
 
     outputs: list[torch.Tensor] = []
     h1 = dit.transformer.register_forward_pre_hook(record, with_kwargs=True)
@@ -172,7 +183,10 @@ def test_step_cache_skips_the_block_stack(pipe):
         plain = pipe(cond, SamplingConfig(steps=6, guidance_scale=1.0, **QUIET))
         n_plain = len(block_calls)
         block_calls.clear()
-        cached = pipe(cond, SamplingConfig(steps=6, guidance_scale=1.0, step_cache="first-block", step_cache_threshold=1e9, **QUIET))
+        cached = pipe(
+            cond,
+            SamplingConfig(steps=6, guidance_scale=1.0, step_cache="first-block", step_cache_threshold=1e9, **QUIET),
+        )
         n_cached = len(block_calls)
         block_calls.clear()
         again = pipe(cond, SamplingConfig(steps=6, guidance_scale=1.0, **QUIET))  # the cache is off again
@@ -198,7 +212,9 @@ def test_bad_conditions_fail_clearly(pipe):
     with pytest.raises(ValueError, match="negative_embeds"):
         pipe(cond, SamplingConfig(steps=1, guidance_scale=2.0, **QUIET))
     with pytest.raises(ValueError, match="at most 3"):
-        MultiAnimatePipeline(build_components(ModelConfig(label_pool=4)))(conditions(5, 32, 32, 5), SamplingConfig(steps=1, **QUIET))
+        MultiAnimatePipeline(build_components(ModelConfig(label_pool=4)))(
+            conditions(5, 32, 32, 5), SamplingConfig(steps=1, **QUIET)
+        )
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a GPU"):
             pipe(conditions(5, 32, 32, 1), SamplingConfig(steps=1, offload="group", **QUIET))
@@ -242,8 +258,12 @@ def hooks_left(modules) -> list[str]:
         for name, m in module.named_modules():
             registry = getattr(m, "_diffusers_hook", None)
             forward = m.__dict__.get("forward")
-            if (hasattr(m, "_hf_hook") or hasattr(m, "_old_forward") or (registry is not None and registry.hooks)
-                    or (forward is not None and getattr(forward, "__func__", None) is not type(m).forward)):  # fmt: skip
+            if (
+                hasattr(m, "_hf_hook")
+                or hasattr(m, "_old_forward")
+                or (registry is not None and registry.hooks)
+                or (forward is not None and getattr(forward, "__func__", None) is not type(m).forward)
+            ):
                 left.append(f"{type(module).__name__}.{name}")
     return left
 

@@ -42,7 +42,7 @@ def reference_nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int
 def iou_without_plus_one(a: np.ndarray, b: np.ndarray) -> float:
     w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    area = lambda box: (box[2] - box[0]) * (box[3] - box[1])  # noqa: E731
+    area = lambda box: (box[2] - box[0]) * (box[3] - box[1])
     return float(w * h / (area(a) + area(b) - w * h))
 
 
@@ -69,7 +69,9 @@ def expected_in_image(box: np.ndarray, points: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def crafted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("crafted")
-    return build_crafted_models(folder, detector_output_for_boxes(BOXES, SCORES, (H, W)), simcc_for_points(crop_points()))
+    return build_crafted_models(
+        folder, detector_output_for_boxes(BOXES, SCORES, (H, W)), simcc_for_points(crop_points())
+    )
 
 
 def test_crafted_models_have_the_real_signatures(crafted):
@@ -111,7 +113,9 @@ def test_crop_transform_maps_the_box_onto_the_model_input():
     box = np.array([120.0, 40.0, 260.0, 400.0])
     centre, scale = dwpose.box_to_centre_scale(box, POSE_INPUT[1] / POSE_INPUT[0])
     matrix = dwpose.crop_transform(centre, scale, (POSE_INPUT[1], POSE_INPUT[0]))
-    corners = np.array([[centre[0] - scale[0] / 2, centre[1] - scale[1] / 2], [centre[0] + scale[0] / 2, centre[1] + scale[1] / 2]])
+    corners = np.array(
+        [[centre[0] - scale[0] / 2, centre[1] - scale[1] / 2], [centre[0] + scale[0] / 2, centre[1] + scale[1] / 2]]
+    )
     mapped = corners @ matrix[:, :2].T + matrix[:, 2]
     np.testing.assert_allclose(mapped, [[0, 0], [POSE_INPUT[1], POSE_INPUT[0]]], atol=1e-3)
     # A marker painted in the image lands where the inverse mapping says, in the real crop.
@@ -124,7 +128,9 @@ def test_crop_transform_maps_the_box_onto_the_model_input():
 
 
 def test_no_detection_gives_empty_arrays(tmp_path):
-    detector, pose = build_crafted_models(tmp_path, detector_output_for_boxes(np.zeros((0, 4)), np.zeros(0), (H, W)), simcc_for_points(crop_points()))
+    detector, pose = build_crafted_models(
+        tmp_path, detector_output_for_boxes(np.zeros((0, 4)), np.zeros(0), (H, W)), simcc_for_points(crop_points())
+    )
     poses, _ = dwpose.DWPose(detector, pose).estimate(np.zeros((2, H, W, 3), np.uint8))
     assert [p.keypoints.shape for p in poses] == [(0, 133, 2)] * 2 and [p.boxes.shape for p in poses] == [(0, 4)] * 2
 

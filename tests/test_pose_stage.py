@@ -52,7 +52,11 @@ def test_zero_and_nine_persons(tmp_path, num_persons):
     boxes = mask_boxes(render_clip(spec).masks[0])
     assert len(boxes) == num_persons
     crop = np.stack([np.linspace(20, 260, 133), np.linspace(30, 350, 133)], axis=1)
-    files = build_crafted_models(tmp_path / "models", detector_output_for_boxes(boxes, np.full(len(boxes), 0.9), (240, 640)), simcc_for_points(crop))
+    files = build_crafted_models(
+        tmp_path / "models",
+        detector_output_for_boxes(boxes, np.full(len(boxes), 0.9), (240, 640)),
+        simcc_for_points(crop),
+    )
     cfg = PoseConfig(models="files", detector_path=files[0], pose_model_path=files[1], max_persons=7)
     record = stage.extract_poses(clip, "clip", cfg, cfg.model_files(), "crafted", tmp_path / "ws")
     poses = stage.load_poses(tmp_path / "ws" / record.path)
@@ -77,9 +81,25 @@ def test_missing_weights_name_the_files_and_where_to_get_them(tmp_path):
     assert "yzd-v/DWPose" in message and "dw-ll_ucoco_384.onnx" in message
     # The same single message from the command line, before any work starts.
     profile = tmp_path / "real.yaml"
-    profile.write_text(f"pose:\n  models: files\n  detector_path: {tmp_path / 'det.onnx'}\n  pose_model_path: {tmp_path / 'pose.onnx'}\n")
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "preprocess", str(tmp_path), "-w", str(tmp_path / "ws"), "-c", str(profile)],
-                          env=cli_env(), capture_output=True, text=True)  # fmt: skip
+    profile.write_text(
+        f"pose:\n  models: files\n  detector_path: {tmp_path / 'det.onnx'}\n  pose_model_path: {tmp_path / 'pose.onnx'}\n"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "preprocess",
+            str(tmp_path),
+            "-w",
+            str(tmp_path / "ws"),
+            "-c",
+            str(profile),
+        ],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode != 0 and "DWPose weights missing" in done.stderr and "det.onnx" in done.stderr
     assert not (tmp_path / "ws").exists()
 
@@ -90,7 +110,10 @@ def contact_sheet_artifact(flow_run_id) -> str:
 
     with get_client(sync_client=True) as client:
         (artifact,) = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=["pose-contact-sheet"]))
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                key=ArtifactFilterKey(any_=["pose-contact-sheet"]),
+            )
         )
     return artifact.data
 
@@ -110,7 +133,9 @@ def test_preprocess_flow_writes_poses_and_masks_and_caches_them(tmp_path, prefec
     assert summary.num_segmented == len(masks) == 2 and all((workspace / m.path).exists() for m in masks)
     assert {m.source for m in masks} == {"sam2-tiny"} and (workspace / "reports/mask-overlays.png").exists()
     assert summary.num_posed == len(records) == summary.num_clips == 2 and summary.failed_clips == []
-    assert all((workspace / r.path).exists() for r in records) and (workspace / "reports/pose-contact-sheet.png").exists()
+    assert (
+        all((workspace / r.path).exists() for r in records) and (workspace / "reports/pose-contact-sheet.png").exists()
+    )
     state = preprocess(folder, workspace, ProjectConfig(), return_state=True)
     states = task_states(state.state_details.flow_run_id, expected=4)
     assert {name: s for name, s in states.items() if name.startswith(("pose ", "segment "))} == {

@@ -16,12 +16,24 @@ from data_schemas.io import read_records, write_records
 from data_schemas.quality import ClipQuality, QualityConfig, QualityFilters
 from preprocess.media import write_video
 from preprocess.quality import measure_clip, measure_clip_files
-from preprocess.synthetic import OPENPOSE_TO_WHOLEBODY, SyntheticClip, SyntheticSpec, render_clip, write_ground_truth_stage_files
+from preprocess.synthetic import (
+    OPENPOSE_TO_WHOLEBODY,
+    SyntheticClip,
+    SyntheticSpec,
+    render_clip,
+    write_ground_truth_stage_files,
+)
 
 BODY_OP = sorted(OPENPOSE_TO_WHOLEBODY)  # the 17 OpenPose points with a COCO-WholeBody body slot (all but the neck)
 APART = dict(num_persons=2, motions=("wave", "dance"))  # two figures that keep to their own places
-FILTERS = QualityFilters(min_persons=2, max_persons=3, max_identity_switches=0, min_keypoint_confidence=0.5,
-                         min_person_height=0.2, min_motion=0.002)  # fmt: skip
+FILTERS = QualityFilters(
+    min_persons=2,
+    max_persons=3,
+    max_identity_switches=0,
+    min_keypoint_confidence=0.5,
+    min_person_height=0.2,
+    min_motion=0.002,
+)
 
 
 def truth_steps(clip: SyntheticClip, p: int) -> np.ndarray:
@@ -63,10 +75,15 @@ def fade(poses: dict, masks: dict, person: int, start: int, factor: float) -> di
 
 def still(clip: SyntheticClip) -> SyntheticClip:
     """The clip's first frame held for its whole length (truth included): nobody moves."""
-    hold = lambda a: np.repeat(a[:1], len(a), axis=0)  # noqa: E731
-    return dataclasses.replace(clip, frames=hold(clip.frames), keypoints=hold(clip.keypoints),
-                               keypoint_visible=hold(clip.keypoint_visible), masks=hold(clip.masks),
-                               depth_order=hold(clip.depth_order))  # fmt: skip
+    hold = lambda a: np.repeat(a[:1], len(a), axis=0)
+    return dataclasses.replace(
+        clip,
+        frames=hold(clip.frames),
+        keypoints=hold(clip.keypoints),
+        keypoint_visible=hold(clip.keypoint_visible),
+        masks=hold(clip.masks),
+        depth_order=hold(clip.depth_order),
+    )
 
 
 def with_far_person(clip: SyntheticClip, small: SyntheticClip, x0: int, y0: int) -> SyntheticClip:
@@ -79,12 +96,14 @@ def with_far_person(clip: SyntheticClip, small: SyntheticClip, x0: int, y0: int)
     frames = clip.frames.copy()
     frames[mask[:, 0]] = small.frames[small.masks[:, 0]]
     return dataclasses.replace(
-        clip, frames=frames, masks=np.concatenate([clip.masks, mask], 1),
+        clip,
+        frames=frames,
+        masks=np.concatenate([clip.masks, mask], 1),
         keypoints=np.concatenate([clip.keypoints, small.keypoints + np.float32([x0, y0])], 1),
         keypoint_visible=np.concatenate([clip.keypoint_visible, small.keypoint_visible], 1),
         colours=np.concatenate([clip.colours, small.colours]),
         depth_order=np.concatenate([clip.depth_order, small.depth_order], 1),
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +152,7 @@ def test_measures_equal_independent_computations(clips, rows):
     """Every per-person measure of a clean clip, recomputed straight from the generator's truth."""
     clip, _, _ = clips["clean_crossing"]
     row = rows["clean_crossing"]
-    num_frames, num_persons, height, width = clip.masks.shape
+    num_frames, num_persons, height, _width = clip.masks.shape
     labels = clip.label_map()
     assert row.num_persons == row.num_visible_persons == num_persons and row.num_frames == num_frames
     for p in range(num_persons):
@@ -143,8 +162,10 @@ def test_measures_equal_independent_computations(clips, rows):
             ys, xs = np.nonzero(m[t])
             boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
         heights = [(y2 - y1) / height for _, y1, _, y2 in boxes]
-        occlusion = [np.mean((labels[t, y1:y2, x1:x2] > 0) & (labels[t, y1:y2, x1:x2] != p + 1))
-                     for t, (x1, y1, x2, y2) in enumerate(boxes)]  # fmt: skip
+        occlusion = [
+            np.mean((labels[t, y1:y2, x1:x2] > 0) & (labels[t, y1:y2, x1:x2] != p + 1))
+            for t, (x1, y1, x2, y2) in enumerate(boxes)
+        ]
         inter = (m[1:] & m[:-1]).sum((1, 2))
         union = (m[1:] | m[:-1]).sum((1, 2))
         visible = clip.keypoint_visible[:, p][:, BODY_OP]
@@ -186,7 +207,7 @@ def test_what_is_no_switch(clips, rows):
     """The traps the switch rules avoid really occur in these clean clips."""
     clip, _, masks = clips["clean_depth_change"]
     labels = masks["label_map"]
-    iou = lambda a, b: (a & b).sum() / (a | b).sum()  # noqa: E731
+    iou = lambda a, b: (a & b).sum() / (a | b).sum()
     cfg = QualityConfig()
     # one-sided: the walker's mask at 31 is the dancer's at 30, but not the other way round
     own = iou(labels[31] == 1, labels[30] == 1)
@@ -292,10 +313,14 @@ def test_filters_drop_exactly_the_defective_clips_and_say_why(rows):
     reasons = {name: FILTERS.reasons(row) for name, row in rows.items()}
     dropped = {name: r for name, r in reasons.items() if r}
     assert dropped == {
-        "swap": ["max_identity_switches"], "pose_swap": ["max_identity_switches"],
-        "guessing": ["min_keypoint_confidence"], "static": ["min_motion"], "far_person": ["min_person_height"],
-        "alone": ["min_persons"], "crowd": ["max_persons"],
-    }  # fmt: skip
+        "swap": ["max_identity_switches"],
+        "pose_swap": ["max_identity_switches"],
+        "guessing": ["min_keypoint_confidence"],
+        "static": ["min_motion"],
+        "far_person": ["min_person_height"],
+        "alone": ["min_persons"],
+        "crowd": ["max_persons"],
+    }
     assert set(rows) - set(dropped) == {*CLEAN, "passer_by"}
     assert "visible persons 1 < 2" in FILTERS.explain(rows["alone"])["min_persons"]
     # the defaults keep what the release trained on: two or more visible persons, nothing else asked

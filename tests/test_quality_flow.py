@@ -23,7 +23,9 @@ def test_filters_leave_out_clips_by_their_measures(tmp_path, prefect_api):
 
     folder, workspace = tmp_path / "in", tmp_path / "ws"
     for name, persons in (("pair", 2), ("trio", 3), ("alone", 1)):
-        make_synthetic_video(SyntheticSpec(width=128, height=96, num_frames=30, num_persons=persons, seed=persons), folder, name)
+        make_synthetic_video(
+            SyntheticSpec(width=128, height=96, num_frames=30, num_persons=persons, seed=persons), folder, name
+        )
     truth = {"pose": {"models": "truth"}, "segment": {"models": "truth"}}
     summary = preprocess(folder, workspace, ProjectConfig.model_validate(truth))  # default filters: two or more persons
 
@@ -37,18 +39,28 @@ def test_filters_leave_out_clips_by_their_measures(tmp_path, prefect_api):
     assert "| min_persons | 1 |" in card and (workspace / "reports" / "data-card" / "motion.png").is_file()
 
     # New filter values: the shards again, every measure from the cache.
-    state = preprocess(folder, workspace, ProjectConfig.model_validate(truth | {"shards": {"filters": {"min_persons": 1, "max_persons": 2}}}),
-                       return_state=True)  # fmt: skip
+    state = preprocess(
+        folder,
+        workspace,
+        ProjectConfig.model_validate(truth | {"shards": {"filters": {"min_persons": 1, "max_persons": 2}}}),
+        return_state=True,
+    )
     second = state.result()
     states = task_states(state.state_details.flow_run_id, expected=len(rows) * 4 + 2)
     assert {n: s for n, s in states.items() if n.startswith("quality ")} == {f"quality {i}": "Cached" for i in rows}
     assert (second.num_samples, second.left_out) == (2, {"max_persons": 1})
-    assert {s.key for s in read_records(workspace / "shards" / "index.parquet", ShardSample)} == {i for i, r in rows.items() if r.num_visible_persons <= 2}
+    assert {s.key for s in read_records(workspace / "shards" / "index.parquet", ShardSample)} == {
+        i for i, r in rows.items() if r.num_visible_persons <= 2
+    }
 
     # The card again from the manifests, with other filters, through the command line.
     profile = tmp_path / "p.yaml"
     profile.write_text("shards:\n  filters:\n    min_persons: 3\n")
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "data-card", "-w", str(workspace), "-c", str(profile)],
-                          env=cli_env(), capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "data-card", "-w", str(workspace), "-c", str(profile)],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert "| min_persons | 2 |" in (workspace / "reports" / "data-card.md").read_text()

@@ -15,7 +15,7 @@ from data_schemas.model import TINY_DIT, ModelConfig
 from data_schemas.train import TrainConfig
 from model.checkpoint import load_released
 from model.dit import MultiAnimateDiT, build_transformer
-from model.train import NUM_TRAIN_TIMESTEPS, build_training_model, describe, seen_timestep_index, training_sigmas
+from model.train import NUM_TRAIN_TIMESTEPS, build_training_model, seen_timestep_index, training_sigmas
 from tests.helpers.models import released_tensors, write_released
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,11 +34,17 @@ def _step_inputs(dtype: torch.dtype) -> tuple:
     pose = torch.randint(0, 256, (1, 3, T, H, W), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 3, (1, T, H, W), generator=g)
     return (
-        torch.randn(1, 16, t, H // 8, W // 8, generator=g).to(dtype), torch.randn(1, 20, t, H // 8, W // 8, generator=g).to(dtype),
-        torch.tensor([700.0], dtype=dtype), torch.randn(1, 512, TINY_DIT.text_dim, generator=g).to(dtype),
-        torch.randn(1, 257, TINY_DIT.image_dim, generator=g).to(dtype), pose, labels, torch.tensor([[0, 3, 5]]),
-        torch.randint(0, 256, (1, 3, H, W), generator=g, dtype=torch.uint8), torch.ones(1, 1, 1, 1, 1, dtype=dtype),
-    )  # fmt: skip
+        torch.randn(1, 16, t, H // 8, W // 8, generator=g).to(dtype),
+        torch.randn(1, 20, t, H // 8, W // 8, generator=g).to(dtype),
+        torch.tensor([700.0], dtype=dtype),
+        torch.randn(1, 512, TINY_DIT.text_dim, generator=g).to(dtype),
+        torch.randn(1, 257, TINY_DIT.image_dim, generator=g).to(dtype),
+        pose,
+        labels,
+        torch.tensor([[0, 3, 5]]),
+        torch.randint(0, 256, (1, 3, H, W), generator=g, dtype=torch.uint8),
+        torch.ones(1, 1, 1, 1, 1, dtype=dtype),
+    )
 
 
 def test_one_adamw_step_on_a_bf16_base_changes_every_trained_tensor(tmp_path):
@@ -46,7 +52,9 @@ def test_one_adamw_step_on_a_bf16_base_changes_every_trained_tensor(tmp_path):
     of the trained tensors would not change at all; in fp32 every one does. The zero-initialised
     tensors (LoRA B, the encoders' output convs, biases) get small values first, as after
     loading a checkpoint, so that every tensor has a gradient."""
-    cfg = TrainConfig(workspace=tmp_path, model=ModelConfig(dtype="bfloat16"), loader={"num_frames": 5, "height": 32, "width": 32})
+    cfg = TrainConfig(
+        workspace=tmp_path, model=ModelConfig(dtype="bfloat16"), loader={"num_frames": 5, "height": 32, "width": 32}
+    )
     built = build_training_model(cfg, torch.device("cpu"))
     dit = built.comps.dit
     trained = {n: p for n, p in built.model.named_parameters() if p.requires_grad}
@@ -70,10 +78,14 @@ def test_one_adamw_step_on_a_bf16_base_changes_every_trained_tensor(tmp_path):
 def test_the_dry_run_describes_dtypes_and_persons(tmp_path, capsys):
     from model.train import train
 
-    cfg = TrainConfig(workspace=tmp_path, model=ModelConfig(dtype="bfloat16"), loader={"num_frames": 5, "height": 32, "width": 32})
+    cfg = TrainConfig(
+        workspace=tmp_path, model=ModelConfig(dtype="bfloat16"), loader={"num_frames": 5, "height": 32, "width": 32}
+    )
     train(cfg, dry_run=True)
     out = capsys.readouterr().out
-    assert re.search(r"^trainable: \d+ parameters \(float32\); frozen: \d+ parameters \(bfloat16\)$", out, re.M), out
+    assert re.search(
+        r"^trainable: \d+ parameters \(float32\); frozen: \d+ parameters \(bfloat16\)$", out, re.MULTILINE
+    ), out
     assert "persons: at most 7 (fresh LoRA and encoders; label pool 8)" in out
 
 
@@ -88,7 +100,9 @@ def test_a_widened_checkpoint_allows_only_the_persons_it_learned(tmp_path):
     own = MultiAnimateDiT(build_transformer(TINY_DIT), label_pool=4)
     load_released(own, tmp_path / "o")
     assert own.max_persons == 3
-    assert all(p.dtype == torch.float32 for n, p in dit.named_parameters() if ".lora_" in n or not n.startswith("transformer."))
+    assert all(
+        p.dtype == torch.float32 for n, p in dit.named_parameters() if ".lora_" in n or not n.startswith("transformer.")
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -120,11 +134,25 @@ def test_each_rank_reads_only_its_rows_and_gets_the_files_exact_values(tmp_path)
     transformer.save_pretrained(tmp_path / "tr", max_shard_size="300KB")
     assert len(list((tmp_path / "tr").glob("*.safetensors"))) > 1
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "tests" / "helpers" / "shard_load_worker.py"),
-         str(tmp_path / "tr")], capture_output=True, text=True, cwd=ROOT, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
-    rows = re.findall(r"rank (\d) read=(\d+) total=(\d+) mismatched=(\[.*?\]) trained_not_fp32=(\[.*?\]) buffers_ok=(True|False)",
-                      done.stdout)  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(ROOT / "tests" / "helpers" / "shard_load_worker.py"),
+            str(tmp_path / "tr"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
+    rows = re.findall(
+        r"rank (\d) read=(\d+) total=(\d+) mismatched=(\[.*?\]) trained_not_fp32=(\[.*?\]) buffers_ok=(True|False)",
+        done.stdout,
+    )
     assert done.returncode == 0 and sorted(r[0] for r in rows) == ["0", "1"], done.stdout + done.stderr
     reads = []
     for _, read, total_bytes, mismatched, not_fp32, buffers_ok in rows:

@@ -45,11 +45,17 @@ def test_the_real_path_on_real_architecture_weights(tmp_path, real_architecture)
     assert "ok" in cli("weights", "-c", str(profile))
 
     described = cli("train", "--dry-run", "-c", str(profile), "-w", str(ws))
-    assert "trainable: " in described and "parameters (float32); frozen: " in described and "parameters (bfloat16)" in described
+    assert (
+        "trainable: " in described
+        and "parameters (float32); frozen: " in described
+        and "parameters (bfloat16)" in described
+    )
     assert "persons: at most 3 (checkpoint " in described  # the released 4-channel layer, widened for fine-tuning
 
     for i in range(2):
-        make_synthetic_video(SyntheticSpec(width=64, height=64, num_frames=30, num_persons=2, seed=i), ws / "raw", f"v{i}")
+        make_synthetic_video(
+            SyntheticSpec(width=64, height=64, num_frames=30, num_persons=2, seed=i), ws / "raw", f"v{i}"
+        )
     # the truth models: labels that mean something, so the default filters (two persons) keep the clips
     truth = yaml.safe_load(profile.read_text()) | {"pose": {"models": "truth"}, "segment": {"models": "truth"}}
     (tmp_path / "truth.yaml").write_text(yaml.safe_dump(truth))
@@ -60,17 +66,41 @@ def test_the_real_path_on_real_architecture_weights(tmp_path, real_architecture)
     # the last rank kills itself at step 1, after the first checkpoint; the task's retry resumes.
     # 2 gloo ranks on a CPU; on a GPU host one NCCL rank per GPU, at most 2
     nproc = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
-    cli("train", "-w", str(ws), "-c", str(profile), "--run-name", "real", "--steps", "2", "--nproc", str(nproc), "--num-frames", "5",
-        "--height", "32", "--width", "32", "--checkpoint-every", "1", env={FAULT_ENV: f"{nproc - 1}:1"})  # fmt: skip
+    cli(
+        "train",
+        "-w",
+        str(ws),
+        "-c",
+        str(profile),
+        "--run-name",
+        "real",
+        "--steps",
+        "2",
+        "--nproc",
+        str(nproc),
+        "--num-frames",
+        "5",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--checkpoint-every",
+        "1",
+        env={FAULT_ENV: f"{nproc - 1}:1"},
+    )
     run = ws / "runs" / "real"
     assert (run / ".fault-fired").is_file()
     with (run / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == [1, 2] and all(np.isfinite(float(r["loss"])) for r in rows)
     config = json.loads((run / "final" / "config.json").read_text())
-    assert (config["label_pool"], config["lora_rank"], config["dit"]["num_attention_heads"] * config["dit"]["attention_head_dim"]) == (8, 128, 5120)
+    assert (
+        config["label_pool"],
+        config["lora_rank"],
+        config["dit"]["num_attention_heads"] * config["dit"]["attention_head_dim"],
+    ) == (8, 128, 5120)
     with safe_open(str(run / "final" / "adapter.safetensors"), framework="pt") as f:
-        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        dtypes = {f.get_slice(k).get_dtype() for k in f}
         assert dtypes == {"F32"}
         assert f.get_slice("transformer.blocks.1.attn1.to_q.lora_A.default.weight").get_shape() == [128, 5120]
 
@@ -79,8 +109,19 @@ def test_the_real_path_on_real_architecture_weights(tmp_path, real_architecture)
     (tmp_path / "tuned.yaml").write_text(yaml.safe_dump(tuned))
     model = ModelConfig(**tuned["model"])
     reference, ref_poses, poses, masks = write_demo_job_inputs(Workspace(ws).samples, seed=0, size=64, num_frames=12)
-    job = JobSpec(reference=reference, reference_poses=ref_poses, poses=poses, masks=masks, steps=2, guidance_scale=1.5,
-                  num_frames=5, height=32, width=32, fps=15.0, model=model)  # fmt: skip
+    job = JobSpec(
+        reference=reference,
+        reference_poses=ref_poses,
+        poses=poses,
+        masks=masks,
+        steps=2,
+        guidance_scale=1.5,
+        num_frames=5,
+        height=32,
+        width=32,
+        fps=15.0,
+        model=model,
+    )
     job_id, _ = submit_job(ws, job)
     cli("generate", "-w", str(ws), "-c", str(tmp_path / "tuned.yaml"))
     record = read_record(ws, job_id)

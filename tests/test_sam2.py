@@ -167,7 +167,9 @@ def test_save_load_round_trip(tiny, clip, tmp_path: Path):
     loaded, loaded_processor = load_sam2(tmp_path)
     assert loaded.config.image_size == model.config.image_size
     saved, reloaded = model.state_dict(), loaded.state_dict()
-    assert saved.keys() == reloaded.keys() and all(torch.equal(saved[k], reloaded[k]) for k in saved)  # byte copies: exact
+    assert saved.keys() == reloaded.keys() and all(
+        torch.equal(saved[k], reloaded[k]) for k in saved
+    )  # byte copies: exact
     box = {0: box_of(clip.masks[0, 0])}
     ids_a, a = Sam2Tracker(model, processor).step(clip.frames[0], box)
     ids_b, b = Sam2Tracker(loaded, loaded_processor).step(clip.frames[0], box)

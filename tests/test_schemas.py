@@ -30,10 +30,20 @@ def _video(**kw) -> VideoRecord:
 
 def _clip(i: int) -> ClipRecord:
     return ClipRecord(
-        clip_id=f"{'ab' * 8}-{i:03d}", source_sha256="ab" * 32, source_path="/in/a.mp4", clip_index=i,
-        start_s=float(i), end_s=i + 1.0, num_frames=25, fps=25.0, width=320, height=240,
-        path=f"clips/{'ab' * 8}-{i:03d}.mp4", sha256="cd" * 32, size_bytes=1000,
-    )  # fmt: skip
+        clip_id=f"{'ab' * 8}-{i:03d}",
+        source_sha256="ab" * 32,
+        source_path="/in/a.mp4",
+        clip_index=i,
+        start_s=float(i),
+        end_s=i + 1.0,
+        num_frames=25,
+        fps=25.0,
+        width=320,
+        height=240,
+        path=f"clips/{'ab' * 8}-{i:03d}.mp4",
+        sha256="cd" * 32,
+        size_bytes=1000,
+    )
 
 
 def test_round_trip(tmp_path):
@@ -174,7 +184,9 @@ def test_real_profile_names_the_dwpose_files():
     assert pose.pose_model_path.name == "dw-ll_ucoco_384.onnx"
     segment = load_config(Path(__file__).parents[1] / "configs" / "real.yaml").segment
     assert segment.models == "files"
-    with pytest.raises(ValueError, match=r"(?s)SAM2 weights missing: .*sam2.1-hiera-large.*facebook/sam2.1-hiera-large"):
+    with pytest.raises(
+        ValueError, match=r"(?s)SAM2 weights missing: .*sam2.1-hiera-large.*facebook/sam2.1-hiera-large"
+    ):
         segment.model_folder()
 
 

@@ -57,12 +57,14 @@ def test_crossing_figures_keep_their_identities_and_poses(tmp_path):
 def test_late_arrival_early_departure_and_nobody(tmp_path):
     spec = SyntheticSpec(width=256, height=192, num_frames=30, num_persons=3, seed=5)
     # Person 2 is detected only from frame 10; person 0 only until frame 20.
-    keep = lambda t, p: not (p == 2 and t < 10) and not (p == 0 and t >= 20)  # noqa: E731
-    clip, video, poses, origin = write_clip_and_poses(spec, tmp_path, keep=keep)
+    keep = lambda t, p: not (p == 2 and t < 10) and not (p == 0 and t >= 20)
+    clip, video, poses, _origin = write_clip_and_poses(spec, tmp_path, keep=keep)
     masks_seen = clip.masks.copy()
     masks_seen[:10, 2] = False
     masks_seen[20:, 0] = False
-    record = segment_clip(video, "c", poses, lambda: GroundTruthSegmenter(masks_seen), "ground-truth", SegmentConfig(), tmp_path)
+    record = segment_clip(
+        video, "c", poses, lambda: GroundTruthSegmenter(masks_seen), "ground-truth", SegmentConfig(), tmp_path
+    )
     masks = load_masks(tmp_path / record.path)
     assert record.num_persons == 3
     assert sorted(masks["first_frame"].tolist()) == [0, 0, 10] and masks["first_frame"][2] == 10  # latecomer last
@@ -85,6 +87,13 @@ def test_late_arrival_early_departure_and_nobody(tmp_path):
 def test_persons_beyond_the_pool_are_ignored_and_counted(tmp_path, max_persons):
     spec = SyntheticSpec(width=256, height=192, num_frames=5, num_persons=3, seed=1)
     clip, video, poses, _ = write_clip_and_poses(spec, tmp_path)
-    record = segment_clip(video, "c", poses, lambda: GroundTruthSegmenter(clip.masks), "ground-truth",
-                          SegmentConfig(max_persons=max_persons), tmp_path)  # fmt: skip
+    record = segment_clip(
+        video,
+        "c",
+        poses,
+        lambda: GroundTruthSegmenter(clip.masks),
+        "ground-truth",
+        SegmentConfig(max_persons=max_persons),
+        tmp_path,
+    )
     assert record.num_persons == 2 and record.ignored_arrivals >= 1

@@ -56,7 +56,9 @@ def test_shards_are_byte_identical_and_atomic(workspace, tmp_path):
     first = write_shards(root, ShardConfig(val_fraction=0.5, target_shard_bytes=1))
     digests = {s: hashlib.sha256((root / s).read_bytes()).hexdigest() for s in first.shards}
     second = write_shards(root, ShardConfig(val_fraction=0.5, target_shard_bytes=1))
-    assert second == first and {s: hashlib.sha256((root / s).read_bytes()).hexdigest() for s in second.shards} == digests
+    assert (
+        second == first and {s: hashlib.sha256((root / s).read_bytes()).hexdigest() for s in second.shards} == digests
+    )
     assert len(first.shards) == 4  # one sample per shard at this target size
     for shard in first.shards:
         with tarfile.open(root / shard) as tar:

@@ -50,7 +50,9 @@ def test_pose_and_segment_of_clips_held_in_another_workspace(tmp_path, prefect_a
     from flows.stages import StageModels, pose_and_segment
     from preprocess.video import ingest_video, sha256_file
 
-    video, _ = make_synthetic_video(SyntheticSpec(width=64, height=64, num_frames=10, num_persons=2, seed=3), tmp_path / "in", "d")
+    video, _ = make_synthetic_video(
+        SyntheticSpec(width=64, height=64, num_frames=10, num_persons=2, seed=3), tmp_path / "in", "d"
+    )
     ws = Workspace(tmp_path / "ws")
     held = Workspace(ws.driving_at(25.0))
     result = ingest_video(video, sha256_file(video), IngestConfig(fps=25.0, min_clip_s=0.04), held)

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from preprocess import media
 from preprocess.media import write_video
@@ -88,7 +89,7 @@ def test_spec_validation(kwargs, field):
 
 
 def test_spec_is_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         SyntheticSpec().width = 64  # type: ignore[misc]
 
 

@@ -66,7 +66,9 @@ def tiny():
 
 def _fingerprint_process(hash_seed: str) -> subprocess.Popen:
     env = os.environ | {"PYTHONHASHSEED": hash_seed}  # set iteration order must not leak into the vocabulary
-    return subprocess.Popen([sys.executable, "-c", _FINGERPRINT, json.dumps(TEXTS)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", _FINGERPRINT, json.dumps(TEXTS)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
 
 
 def test_tiny_encoder_is_identical_across_processes():
@@ -103,7 +105,9 @@ def test_encode_is_exactly_diffusers_get_t5_prompt_embeds(tiny):
 
     pipe = SimpleNamespace(tokenizer=tiny.tokenizer, text_encoder=tiny.model)
     with torch.no_grad():  # as the pipeline's __call__ runs it (grad mode picks other kernels: ~1e-6 apart)
-        expected = WanImageToVideoPipeline._get_t5_prompt_embeds(pipe, TEXTS, max_sequence_length=512, device=torch.device("cpu"), dtype=torch.float32)
+        expected = WanImageToVideoPipeline._get_t5_prompt_embeds(
+            pipe, TEXTS, max_sequence_length=512, device=torch.device("cpu"), dtype=torch.float32
+        )
     assert torch.equal(tiny.encode(TEXTS), expected)
 
 
@@ -134,7 +138,10 @@ def test_fill_then_get_returns_exactly_what_encode_returned(tiny, tmp_path):
     for text, embedding in zip(sorted(TEXTS), expected):
         got = cache.get(text)
         assert got.dtype == torch.float32 and torch.equal(got, embedding)
-    assert torch.equal(cache.get_many(TEXTS[:2] + TEXTS[:1]), torch.stack([expected[sorted(TEXTS).index(t)] for t in TEXTS[:2] + TEXTS[:1]]))
+    assert torch.equal(
+        cache.get_many(TEXTS[:2] + TEXTS[:1]),
+        torch.stack([expected[sorted(TEXTS).index(t)] for t in TEXTS[:2] + TEXTS[:1]]),
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([INDEX_NAME, *summary.files])
 
 
@@ -189,9 +196,17 @@ def test_missing_real_weights_name_every_file_and_the_download(tmp_path):
     with pytest.raises(MissingWeightsError) as info:
         load_text_encoder(folder, torch.float32)
     message = str(info.value)
-    for name in ("text_encoder/config.json", "text_encoder/model.safetensors.index.json", "tokenizer/tokenizer_config.json", "tokenizer/tokenizer.json"):
+    for name in (
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors.index.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/tokenizer.json",
+    ):
         assert str(folder / name) in message
-    assert f"huggingface-cli download Wan-AI/Wan2.1-I2V-14B-720P-Diffusers --include 'text_encoder/*' 'tokenizer/*' --local-dir {folder}" in message
+    assert (
+        f"huggingface-cli download Wan-AI/Wan2.1-I2V-14B-720P-Diffusers --include 'text_encoder/*' 'tokenizer/*' --local-dir {folder}"
+        in message
+    )
     assert isinstance(info.value, ValueError)
     with pytest.raises(ValueError, match="needs weights"):
         profile_encoder_id("wan-i2v-14b-720p", None)
@@ -207,12 +222,16 @@ def test_a_diffusers_layout_folder_loads_and_a_lost_shard_is_named(tiny, tmp_pat
     folder = _save_as_wan_folder(tiny, tmp_path / "wan")
     loaded = load_text_encoder(folder, torch.float32, device="cpu")
     saved, reloaded = tiny.model.state_dict(), loaded.model.state_dict()
-    assert saved.keys() == reloaded.keys() and all(torch.equal(saved[k], reloaded[k]) for k in saved)  # byte copies: exact
+    assert saved.keys() == reloaded.keys() and all(
+        torch.equal(saved[k], reloaded[k]) for k in saved
+    )  # byte copies: exact
     # two model instances' floats are not bit-equal on the CPU
     torch.testing.assert_close(loaded.encode(TEXTS), tiny.encode(TEXTS), rtol=1e-5, atol=1e-6)
     assert loaded.encoder_id.startswith("umt5-") and loaded.encoder_id.endswith("-float32")
     moved = shutil.copytree(folder, tmp_path / "elsewhere")
-    assert profile_encoder_id("wan-i2v-14b-720p", moved).replace("bfloat16", "float32") == loaded.encoder_id  # ids never hold paths
+    assert (
+        profile_encoder_id("wan-i2v-14b-720p", moved).replace("bfloat16", "float32") == loaded.encoder_id
+    )  # ids never hold paths
     shard = sorted((moved / "text_encoder").glob("model-*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(MissingWeightsError) as info:
@@ -228,8 +247,20 @@ def test_default_caption_is_the_shard_stage_caption():
 
 
 def _sample(key: str, persons: int) -> ShardSample:
-    return ShardSample(key=key, shard="train-000000.tar", offset=0, size_bytes=1, split="train", source_sha256="0" * 64,
-                       num_frames=12, persons=persons, width=128, height=96, fps=25.0, caption=default_caption(persons))  # fmt: skip
+    return ShardSample(
+        key=key,
+        shard="train-000000.tar",
+        offset=0,
+        size_bytes=1,
+        split="train",
+        source_sha256="0" * 64,
+        num_frames=12,
+        persons=persons,
+        width=128,
+        height=96,
+        fps=25.0,
+        caption=default_caption(persons),
+    )
 
 
 def write_shards_index(workspace: Path) -> Path:
@@ -252,10 +283,14 @@ def test_embed_flow_caches_captions_and_negative_prompt(tmp_path, prefect_api):
     summary = embed(workspace)
     assert (summary.encoder_id, summary.num_texts, summary.num_new) == ("tiny-umt5-d32-s0", 3, 3)
     folder = Workspace(workspace).embeddings
-    assert sorted(p.name for p in folder.iterdir()) == sorted([INDEX_NAME] + [f"{embedding_key(summary.encoder_id, t)}.safetensors" for t in texts])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [INDEX_NAME] + [f"{embedding_key(summary.encoder_id, t)}.safetensors" for t in texts]
+    )
     cache = EmbeddingCache(folder, summary.encoder_id)
     # the flow's encoder and this one are two instances: their CPU floats are not bit-equal
-    torch.testing.assert_close(cache.get_many(sorted(texts)), build_tiny_text_encoder().encode(sorted(texts)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        cache.get_many(sorted(texts)), build_tiny_text_encoder().encode(sorted(texts)), rtol=1e-5, atol=1e-6
+    )
 
     stats = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     assert embed(workspace) == summary  # a cache hit: nothing loaded, nothing written

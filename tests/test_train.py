@@ -95,7 +95,9 @@ def test_encoders_train_at_their_own_rate_when_asked():
     assert lora["lr"] == encoders["lr"] == 1e-4  # the release: one rate
     assert lora["params"] and all(p.ndim == 2 for p in lora["params"])
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(".lora_" not in names[id(p)] and not names[id(p)].startswith("dit.transformer.") for p in encoders["params"])
+    assert all(
+        ".lora_" not in names[id(p)] and not names[id(p)].startswith("dit.transformer.") for p in encoders["params"]
+    )
     assert len(lora["params"]) + len(encoders["params"]) == sum(p.requires_grad for p in model.parameters())
     assert parameter_groups(model, TrainConfig(lr=1e-4, encoder_lr=1e-3))[1]["lr"] == 1e-3
     with pytest.raises(ValueError, match="min_stride"):

@@ -20,7 +20,11 @@ def test_the_loader_section_is_the_loaders_config():
     assert not {"num_frames", "height", "width", "max_stride", "min_stride"} & set(TrainConfig.model_fields)
     cfg = TrainConfig(loader={"num_frames": 9, "height": 48, "width": 64})
     assert (cfg.loader.num_frames, cfg.loader.height, cfg.loader.width) == (9, 48, 64)
-    for bad, match in (({"num_frames": 10}, "4k\\+1"), ({"height": 40}, "divisible by 16"), ({"min_stride": 2}, "min_stride")):
+    for bad, match in (
+        ({"num_frames": 10}, "4k\\+1"),
+        ({"height": 40}, "divisible by 16"),
+        ({"min_stride": 2}, "min_stride"),
+    ):
         with pytest.raises(ValueError, match=match):
             TrainConfig(loader=bad)
     with warnings.catch_warnings():
@@ -29,7 +33,9 @@ def test_the_loader_section_is_the_loaders_config():
 
 
 def test_a_run_reads_its_loader_resampled_from_its_seed():
-    cfg = TrainConfig(seed=7, loader={"num_frames": 9, "height": 48, "width": 64, "crop_fraction": 0.0, "max_stride": 2})
+    cfg = TrainConfig(
+        seed=7, loader={"num_frames": 9, "height": 48, "width": 64, "crop_fraction": 0.0, "max_stride": 2}
+    )
     run = cfg.run_loader(num_shards=3, seed=cfg.seed)
     assert run.resampled and run.seed == 7 and run.shuffle_buffer == 12  # at most 4 samples per shard
     assert run.model_dump(exclude={"resampled", "seed", "shuffle_buffer"}) == cfg.loader.model_dump(

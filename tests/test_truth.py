@@ -18,11 +18,32 @@ from preprocess.truth import MissingTruthError, TruthPoses, clip_truth, source_f
 def test_source_frames_follow_ffmpeg_fps_filter(tmp_path, fps_in):
     """Resampled by ffmpeg's fps filter as ingest does, every output frame is the rendered
     frame source_frames names (matched by pixels, independently of the rule)."""
-    clip = render_clip(SyntheticSpec(width=64, height=48, num_frames=36, num_persons=1, fps=fps_in, motions=("walk",), seed=3))
+    clip = render_clip(
+        SyntheticSpec(width=64, height=48, num_frames=36, num_persons=1, fps=fps_in, motions=("walk",), seed=3)
+    )
     source = write_video(clip.frames, tmp_path / "src.mp4", fps=fps_in)
     out = tmp_path / "out.mp4"
-    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(source), "-vf", "setpts=PTS-STARTPTS,fps=25",
-                    "-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p", str(out)], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-v",
+            "error",
+            "-y",
+            "-i",
+            str(source),
+            "-vf",
+            "setpts=PTS-STARTPTS,fps=25",
+            "-c:v",
+            "libx264",
+            "-qp",
+            "0",
+            "-pix_fmt",
+            "yuv444p",
+            str(out),
+        ],
+        check=True,
+    )
     frames = read_frames(out, list(range(len(decord.VideoReader(str(out))))))
     distance = ((frames[:, None].astype(np.float32) - clip.frames[None].astype(np.float32)) ** 2).mean(axis=(2, 3, 4))
     nearest = distance.argmin(axis=1)
@@ -57,8 +78,14 @@ def test_truth_poses_answer_like_a_detector(tmp_path):
         assert len(frame.boxes) == min(2, len(present))
         for row in range(len(frame.boxes)):
             # each row is one figure: its body points, hands and face absent
-            matches = [p for p in present if np.allclose(frame.keypoints[row, list(OPENPOSE_TO_WHOLEBODY.values())],
-                                                         clip.keypoints[t, p, list(OPENPOSE_TO_WHOLEBODY)])]  # fmt: skip
+            matches = [
+                p
+                for p in present
+                if np.allclose(
+                    frame.keypoints[row, list(OPENPOSE_TO_WHOLEBODY.values())],
+                    clip.keypoints[t, p, list(OPENPOSE_TO_WHOLEBODY)],
+                )
+            ]
             assert len(matches) == 1
             assert (frame.keypoints[row, 23:] == -1).all() and (frame.scores[row, 23:] == 0).all()
     assert truncated == sum(int(sum(clip.masks[t, p].any() for p in range(3)) > 2) for t in range(8))
@@ -75,10 +102,21 @@ def _openpose_of_truth(keypoints: np.ndarray, visible: np.ndarray, width: int, h
     keypoints[:, 1] = (keypoints[:, 2] + keypoints[:, 5]) / 2
     visible[:, 1] = visible[:, 2] & visible[:, 5]
     body = np.where(visible[..., None], keypoints / np.array([width, height]), -1.0)
-    absent = lambda n: (np.full((p, n, 2), -1.0), np.zeros((p, n)))  # noqa: E731
+    absent = lambda n: (np.full((p, n, 2), -1.0), np.zeros((p, n)))
     (feet, feet_s), (lh, lh_s), (rh, rh_s), (face, face_s) = absent(2), absent(21), absent(21), absent(68)
-    return OpenPoseFrame(body=body, body_scores=visible * 0.9, feet=feet, feet_scores=feet_s, left_hands=lh, left_hand_scores=lh_s,
-                         right_hands=rh, right_hand_scores=rh_s, faces=face, face_scores=face_s, threshold=0.3)  # fmt: skip
+    return OpenPoseFrame(
+        body=body,
+        body_scores=visible * 0.9,
+        feet=feet,
+        feet_scores=feet_s,
+        left_hands=lh,
+        left_hand_scores=lh_s,
+        right_hands=rh,
+        right_hand_scores=rh_s,
+        faces=face,
+        face_scores=face_s,
+        threshold=0.3,
+    )
 
 
 @pytest.mark.slow
@@ -96,8 +134,10 @@ def test_preprocess_with_truth_models(tmp_path, prefect_api):
     from preprocess.synthetic import load_ground_truth
 
     folder, workspace = tmp_path / "in", tmp_path / "ws"
-    specs = {"cross": SyntheticSpec(width=160, height=96, num_frames=40, num_persons=2, motions=("walk", "walk"), seed=11),
-             "three": SyntheticSpec(width=128, height=96, num_frames=30, num_persons=3, seed=12)}  # fmt: skip
+    specs = {
+        "cross": SyntheticSpec(width=160, height=96, num_frames=40, num_persons=2, motions=("walk", "walk"), seed=11),
+        "three": SyntheticSpec(width=128, height=96, num_frames=30, num_persons=3, seed=12),
+    }
     for name, spec in specs.items():
         make_synthetic_video(spec, folder, name)
     make_synthetic_video(SyntheticSpec(width=128, height=96, num_frames=30, seed=13), folder, "lost")
@@ -110,11 +150,15 @@ def test_preprocess_with_truth_models(tmp_path, prefect_api):
     assert summary.failed_clips == [by_name["lost"].clip_id]
     poses = {r.clip_id: r for r in read_records(workspace / "manifests/poses.parquet", PoseRecord)}
     masks = {r.clip_id: r for r in read_records(workspace / "manifests/masks.parquet", MaskRecord)}
-    assert {(r.models, r.provider) for r in poses.values()} == {("truth", "truth")} and {m.source for m in masks.values()} == {"truth"}
+    assert {(r.models, r.provider) for r in poses.values()} == {("truth", "truth")} and {
+        m.source for m in masks.values()
+    } == {"truth"}
     for name, spec in specs.items():
         clip = by_name[name]
         truth = load_ground_truth(folder / f"{name}.gt.npz")
-        frames = slice(round(clip.start_s * spec.fps), round(clip.start_s * spec.fps) + clip.num_frames)  # 25 fps in and out
+        frames = slice(
+            round(clip.start_s * spec.fps), round(clip.start_s * spec.fps) + clip.num_frames
+        )  # 25 fps in and out
         kp, visible, labels = truth.keypoints[frames], truth.keypoint_visible[frames], truth.label_map()[frames]
         present = [p for p in range(spec.num_persons) if truth.masks[frames, p].any()]
         assert masks[clip.clip_id].num_persons == len(present) == spec.num_persons
@@ -122,14 +166,34 @@ def test_preprocess_with_truth_models(tmp_path, prefect_api):
         body = list(OPENPOSE_TO_WHOLEBODY.values())
         for t in range(clip.num_frames):
             rows = stored["keypoints"][t, : stored["num_persons"][t]][:, body]
-            want = [kp[t, p, list(OPENPOSE_TO_WHOLEBODY)] for p in range(spec.num_persons) if truth.masks[frames][t, p].any()]
-            assert sorted(map(lambda a: a.tobytes(), rows)) == sorted(map(lambda a: a.tobytes(), want)), (name, t)
+            want = [
+                kp[t, p, list(OPENPOSE_TO_WHOLEBODY)]
+                for p in range(spec.num_persons)
+                if truth.masks[frames][t, p].any()
+            ]
+            assert sorted(a.tobytes() for a in rows) == sorted(a.tobytes() for a in want), (name, t)
             # each person's pose image: the stage's conversion and rendering against the generator's points
             for row in range(len(rows)):
-                (p,) = [q for q in range(spec.num_persons) if np.array_equal(rows[row], kp[t, q, list(OPENPOSE_TO_WHOLEBODY)])]
-                ours = draw_pose(wholebody_to_openpose(stored["keypoints"][t, row : row + 1], stored["scores"][t, row : row + 1],
-                                                       spec.width, spec.height), spec.height, spec.width)  # fmt: skip
-                theirs = draw_pose(_openpose_of_truth(kp[t, p : p + 1], visible[t, p : p + 1], spec.width, spec.height), spec.height, spec.width)
+                (p,) = [
+                    q
+                    for q in range(spec.num_persons)
+                    if np.array_equal(rows[row], kp[t, q, list(OPENPOSE_TO_WHOLEBODY)])
+                ]
+                ours = draw_pose(
+                    wholebody_to_openpose(
+                        stored["keypoints"][t, row : row + 1],
+                        stored["scores"][t, row : row + 1],
+                        spec.width,
+                        spec.height,
+                    ),
+                    spec.height,
+                    spec.width,
+                )
+                theirs = draw_pose(
+                    _openpose_of_truth(kp[t, p : p + 1], visible[t, p : p + 1], spec.width, spec.height),
+                    spec.height,
+                    spec.width,
+                )
                 np.testing.assert_array_equal(ours, theirs, err_msg=f"{name} frame {t} person {p}")
         # identities: one number per person for the whole clip, through the crossing
         if name == "cross":

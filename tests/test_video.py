@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -65,7 +66,7 @@ def test_split_is_frame_exact_by_copy_and_by_reencoding(tmp_path):
         media.split(whole, tmp_path / name / "%04d.mp4", cuts, 25.0, reencode=reencode, timeout=60)
         parts = sorted((tmp_path / name).iterdir())
         bounds = [0, *cuts, 50]
-        assert [media.count_and_check_frames(p)[0] for p in parts] == [b - a for a, b in zip(bounds, bounds[1:])]
+        assert [media.count_and_check_frames(p)[0] for p in parts] == [b - a for a, b in itertools.pairwise(bounds)]
         for part, start in zip(parts, bounds):
             first = media.read_frames(part, [0])[0].astype(np.float32)
             assert np.abs(first - frames[start]).mean() < 4
@@ -83,10 +84,27 @@ def test_probe_reports_rotation_rate_and_audio(tmp_path):
     plain = make_test_video(tmp_path / "p.mp4", extra=("-f", "mp4"))
     rotated = tmp_path / "r.mp4"
     subprocess.run(
-        ["ffmpeg", "-v", "error", "-i", str(plain), "-f", "lavfi", "-i", "sine=duration=2", "-c:v", "copy",
-         "-c:a", "aac", "-shortest", "-metadata:s:v:0", "rotate=90", str(rotated)],
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-i",
+            str(plain),
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=duration=2",
+            "-c:v",
+            "copy",
+            "-c:a",
+            "aac",
+            "-shortest",
+            "-metadata:s:v:0",
+            "rotate=90",
+            str(rotated),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     info = media.probe(rotated, timeout=10)
     assert info.rotation in (90, 270) and info.display_size == (120, 160)
     assert info.has_audio and info.codec == "h264" and info.avg_fps == 25.0 and not info.variable_frame_rate
@@ -117,8 +135,9 @@ def test_clips_are_cut_on_the_scene_change_and_normalised(tmp_path):
         assert errors[1] < 4 < errors[0]
     probe = subprocess.run(
         ["ffprobe", "-v", "error", "-show_streams", "-of", "json", str(tmp_path / "ws" / result.clips[0].path)],
-        capture_output=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        check=True,
+    )
     stream = json.loads(probe.stdout)["streams"]
     assert len(stream) == 1  # audio dropped
     assert (stream[0]["codec_name"], stream[0]["pix_fmt"], stream[0]["avg_frame_rate"]) == ("h264", "yuv420p", "25/1")

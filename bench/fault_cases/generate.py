@@ -43,8 +43,26 @@ def job_inputs(folder: Path, num_frames: int = 12) -> dict[str, Path]:
 
 def driving_video(path: Path, seconds: float = 4.0) -> Path:
     """A busy H.264 test pattern (moov first, so damage in the middle hits frame data)."""
-    args = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size=320x240:rate=25:duration={seconds}",
-            "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(path)]  # fmt: skip
+    args = [
+        "ffmpeg",
+        "-nostdin",
+        "-v",
+        "error",
+        "-y",
+        "-f",
+        "lavfi",
+        "-i",
+        f"testsrc2=size=320x240:rate=25:duration={seconds}",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv420p",
+        "-movflags",
+        "+faststart",
+        str(path),
+    ]
     subprocess.run(args, check=True, capture_output=True)
     return path
 
@@ -127,8 +145,15 @@ def cli_env() -> dict[str, str]:
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """``multianimate ARGS`` as a child process."""
-    return subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], cwd=REPO, env=cli_env(),
-                          capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *map(str, args)],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def queue_small_jobs(
@@ -137,9 +162,30 @@ def queue_small_jobs(
     """Submit one 5-frame 64x64 job per seed with the command line; their ids, in queue order."""
     ids = []
     for seed in seeds:
-        code, out = submit([inputs["reference"], "--poses", inputs["poses"], "--masks", inputs["masks"], "--reference-poses",
-                            inputs["reference_poses"], "--num-frames", 5, "--height", SIZE, "--width", SIZE, "--steps", steps,
-                            "--seed", seed, *extra, "-w", workspace])  # fmt: skip
+        code, out = submit(
+            [
+                inputs["reference"],
+                "--poses",
+                inputs["poses"],
+                "--masks",
+                inputs["masks"],
+                "--reference-poses",
+                inputs["reference_poses"],
+                "--num-frames",
+                5,
+                "--height",
+                SIZE,
+                "--width",
+                SIZE,
+                "--steps",
+                steps,
+                "--seed",
+                seed,
+                *extra,
+                "-w",
+                workspace,
+            ]
+        )
         if code != 0:
             raise RuntimeError(f"submit failed ({code}): {out}")
         ids.append(out.split()[-1])
@@ -162,8 +208,22 @@ def _refused(tmp: Path, args: list, expect: str) -> tuple[bool, str]:
 
 def _valid_args(tmp: Path) -> tuple[dict[str, Path], list]:
     inputs = job_inputs(tmp / "in")
-    args = ["--poses", inputs["poses"], "--masks", inputs["masks"], "--reference-poses", inputs["reference_poses"],
-            "--num-frames", 5, "--height", SIZE, "--width", SIZE, "--steps", 2]  # fmt: skip
+    args = [
+        "--poses",
+        inputs["poses"],
+        "--masks",
+        inputs["masks"],
+        "--reference-poses",
+        inputs["reference_poses"],
+        "--num-frames",
+        5,
+        "--height",
+        SIZE,
+        "--width",
+        SIZE,
+        "--steps",
+        2,
+    ]
     return inputs, args
 
 
@@ -238,8 +298,21 @@ def case_symlink_cli(tmp: Path) -> tuple[bool, str]:
 def case_npz_bomb(tmp: Path) -> tuple[bool, str]:
     inputs, _ = _valid_args(tmp)
     bomb = npz_claiming(tmp / "masks.npz", (100_000, 10_000, 10_000))  # 10 TB claimed
-    args = [inputs["reference"], "--poses", inputs["poses"], "--masks", bomb, "--reference-poses", inputs["reference_poses"],
-            "--num-frames", 5, "--height", SIZE, "--width", SIZE]  # fmt: skip
+    args = [
+        inputs["reference"],
+        "--poses",
+        inputs["poses"],
+        "--masks",
+        bomb,
+        "--reference-poses",
+        inputs["reference_poses"],
+        "--num-frames",
+        5,
+        "--height",
+        SIZE,
+        "--width",
+        SIZE,
+    ]
     return _refused(tmp, args, f"{bomb}: masks npz is not a usable npz (its arrays would take over")
 
 
@@ -252,8 +325,16 @@ def _api_refused(tmp: Path, reference: Path, expect: str) -> tuple[bool, str]:
 
     workspace = tmp / "ws"
     inputs = job_inputs(workspace / "inputs")  # inside the workspace: allowed
-    spec = JobSpec(reference=Path(reference), poses=inputs["poses"], masks=inputs["masks"], reference_poses=inputs["reference_poses"],
-                   num_frames=5, height=SIZE, width=SIZE, steps=2)  # fmt: skip
+    spec = JobSpec(
+        reference=Path(reference),
+        poses=inputs["poses"],
+        masks=inputs["masks"],
+        reference_poses=inputs["reference_poses"],
+        num_frames=5,
+        height=SIZE,
+        width=SIZE,
+        steps=2,
+    )
     try:
         queue_jobs(workspace, [spec], ProjectConfig())
     except ValueError as exc:
@@ -308,8 +389,14 @@ def case_killed_batch(tmp: Path) -> tuple[bool, str]:
     ids = queue_small_jobs(workspace, inputs, seeds=[1, 2, 3], steps=8)
     first = workspace / "outputs" / ids[0] / "job.json"
     with open(tmp / "first-run.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "generate", "-w", str(workspace)], cwd=REPO, env=cli_env(),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "generate", "-w", str(workspace)],
+            cwd=REPO,
+            env=cli_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 300
         while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -339,8 +426,9 @@ def case_killed_batch(tmp: Path) -> tuple[bool, str]:
     ]
     if bad:
         problems.append(f"jobs without a whole 5-frame video: {bad}")
-    detail = (f"killed with {len(finished)}/3 finished ({sorted(after_kill)}); rerun: "
-              f"{' '.join(rerun.stdout.split())[:300]}")  # fmt: skip
+    detail = (
+        f"killed with {len(finished)}/3 finished ({sorted(after_kill)}); rerun: {' '.join(rerun.stdout.split())[:300]}"
+    )
     return not problems, "; ".join(problems) or detail
 
 
@@ -385,8 +473,10 @@ def case_job_timeout(tmp: Path) -> tuple[bool, str]:
         )
     if problems:
         return False, "; ".join(problems)
-    return True, (f"first run {seconds:.0f} s: {stopped.error}; the job after it ok; "
-                  f"the rerun without the limit finished it in {finished.seconds:.0f} s")  # fmt: skip
+    return True, (
+        f"first run {seconds:.0f} s: {stopped.error}; the job after it ok; "
+        f"the rerun without the limit finished it in {finished.seconds:.0f} s"
+    )
 
 
 def _summary(record) -> str:

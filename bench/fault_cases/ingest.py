@@ -33,8 +33,21 @@ def ffmpeg(*args: str) -> None:
 def good_video(path: Path, seconds: float = 2.0, size: str = "160x120") -> Path:
     """A busy H.264 test pattern; ``seconds`` is the tag that makes two of them differ."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    ffmpeg("-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25:duration={seconds}", "-c:v", "libx264",
-           "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(path))  # fmt: skip
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        f"testsrc2=size={size}:rate=25:duration={seconds}",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv420p",
+        "-movflags",
+        "+faststart",
+        str(path),
+    )
     return path
 
 
@@ -60,8 +73,19 @@ def overclaiming_avi(path: Path, claimed: int = 500) -> Path:
 def thin_video(path: Path, width: int = 2, height: int = 4000) -> Path:
     """A valid H.264 video of 2x4000 pictures."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    ffmpeg("-f", "lavfi", "-i", f"color=c=red:size={width}x{height}:rate=25:duration=2", "-c:v", "libx264",
-           "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(path))  # fmt: skip
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        f"color=c=red:size={width}x{height}:rate=25:duration=2",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv420p",
+        str(path),
+    )
     return path
 
 
@@ -120,8 +144,14 @@ def cli_env(path_prefix: Path | None = None) -> dict[str, str]:
 
 
 def cli(*args: object, path_prefix: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], cwd=REPO, env=cli_env(path_prefix),
-                          capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *map(str, args)],
+        cwd=REPO,
+        env=cli_env(path_prefix),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
 
 
 def last_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -156,24 +186,41 @@ def run_transient_probe(tmp: Path, behaviour: str) -> dict:
     fake = fake_ffprobe(tmp / "fake", behaviour)
     first = cli("ingest", folder, "-w", workspace, "-c", profile, path_prefix=fake)
     row = manifest(workspace).get("good.mp4")
-    facts = dict(first_code=first.returncode, first_last=last_line(first), attempts=calls(fake),
-                 first_status=(row.status.value, row.reason.value if row.reason else None) if row else None,
-                 first_error=row.error if row else None, first_clips=len(clips(workspace)))  # fmt: skip
+    facts = dict(
+        first_code=first.returncode,
+        first_last=last_line(first),
+        attempts=calls(fake),
+        first_status=(row.status.value, row.reason.value if row.reason else None) if row else None,
+        first_error=row.error if row else None,
+        first_clips=len(clips(workspace)),
+    )
     second = cli("ingest", folder, "-w", workspace, "-c", profile)
     row = manifest(workspace).get("good.mp4")
     kept = clips(workspace)
-    return facts | dict(second_code=second.returncode, second_last=last_line(second),
-                        second_status=row.status.value if row else None, second_clips=len(kept),
-                        clip_files=all((workspace / c.path).is_file() for c in kept))  # fmt: skip
+    return facts | dict(
+        second_code=second.returncode,
+        second_last=last_line(second),
+        second_status=row.status.value if row else None,
+        second_clips=len(kept),
+        clip_files=all((workspace / c.path).is_file() for c in kept),
+    )
 
 
 def _transient_verdict(facts: dict, reason: str) -> tuple[bool, str]:
-    ok = (facts["first_code"] != 0 and facts["first_status"] == ("failed", reason) and facts["attempts"] == 3
-          and facts["second_code"] == 0 and facts["second_status"] == "ok" and facts["second_clips"] >= 1
-          and facts["clip_files"])  # fmt: skip
-    return ok, (f"first run: exit {facts['first_code']}, {facts['first_status']} after {facts['attempts']} attempt(s), "
-                f"'{facts['first_last']}'; healthy rerun: exit {facts['second_code']}, {facts['second_status']}, "
-                f"{facts['second_clips']} clip(s)")  # fmt: skip
+    ok = (
+        facts["first_code"] != 0
+        and facts["first_status"] == ("failed", reason)
+        and facts["attempts"] == 3
+        and facts["second_code"] == 0
+        and facts["second_status"] == "ok"
+        and facts["second_clips"] >= 1
+        and facts["clip_files"]
+    )
+    return ok, (
+        f"first run: exit {facts['first_code']}, {facts['first_status']} after {facts['attempts']} attempt(s), "
+        f"'{facts['first_last']}'; healthy rerun: exit {facts['second_code']}, {facts['second_status']}, "
+        f"{facts['second_clips']} clip(s)"
+    )
 
 
 def case_hanging_probe(tmp: Path) -> tuple[bool, str]:
@@ -196,22 +243,41 @@ def run_hostile(tmp: Path, make) -> tuple[subprocess.CompletedProcess[str], dict
 def case_mid_file_corruption(tmp: Path) -> tuple[bool, str]:
     done, rows, kept = run_hostile(tmp, lambda folder: mid_corrupt_video(folder / "corrupt.mp4"))
     row, good = rows.get("corrupt.mp4"), rows.get("good.mp4")
-    ok = (done.returncode == 0 and row is not None and row.status == "failed" and row.reason == "undecodable"
-          and (row.damaged_frames or 0) > 0 and str(tmp / "in" / "corrupt.mp4") in (row.error or "")
-          and good is not None and good.status == "ok" and {c.source_path for c in kept} == {good.path})  # fmt: skip
+    ok = (
+        done.returncode == 0
+        and row is not None
+        and row.status == "failed"
+        and row.reason == "undecodable"
+        and (row.damaged_frames or 0) > 0
+        and str(tmp / "in" / "corrupt.mp4") in (row.error or "")
+        and good is not None
+        and good.status == "ok"
+        and {c.source_path for c in kept} == {good.path}
+    )
     if row is None:
         return False, f"no manifest row for corrupt.mp4 (exit {done.returncode}: {last_line(done)})"
-    return ok, f"{row.status.value} ({row.reason.value if row.reason else '-'}), {row.damaged_frames} damaged frame(s): {row.error}"
+    return (
+        ok,
+        f"{row.status.value} ({row.reason.value if row.reason else '-'}), {row.damaged_frames} damaged frame(s): {row.error}",
+    )
 
 
 def case_overclaimed_frames(tmp: Path) -> tuple[bool, str]:
     done, rows, kept = run_hostile(tmp, lambda folder: overclaiming_avi(folder / "claims500.avi"))
     row = rows.get("claims500.avi")
     mine = [c for c in kept if row is not None and c.source_path == row.path]
-    ok = (done.returncode == 0 and row is not None and row.status == "ok" and row.claimed_frames == 500
-          and row.num_frames == 50 and sum(c.num_frames for c in mine) == 50)  # fmt: skip
-    return ok, (f"not believed: {row.status.value if row else '?'}, claims {row.claimed_frames if row else '?'} frames, "
-                f"the decode gave {row.num_frames if row else '?'}, clips hold {sum(c.num_frames for c in mine)}")  # fmt: skip
+    ok = (
+        done.returncode == 0
+        and row is not None
+        and row.status == "ok"
+        and row.claimed_frames == 500
+        and row.num_frames == 50
+        and sum(c.num_frames for c in mine) == 50
+    )
+    return ok, (
+        f"not believed: {row.status.value if row else '?'}, claims {row.claimed_frames if row else '?'} frames, "
+        f"the decode gave {row.num_frames if row else '?'}, clips hold {sum(c.num_frames for c in mine)}"
+    )
 
 
 def _make_extreme_sizes(folder: Path) -> None:
@@ -259,13 +325,19 @@ def case_two_folders(tmp: Path) -> tuple[bool, str]:
     index = workspace / "shards" / "index.parquet"
     sources = {s.source_sha256 for s in read_records(index, ShardSample)} if index.exists() else set()
     contents = {r.sha256 for r in rows.values() if r.status == "ok"}
-    ok = (first.returncode == 0 and second.returncode == 0
-          and set(rows) == {"week1/a.mp4", "week1/b.mp4", "week2/c.mp4", "week2/copy of a.mp4"}
-          and rows["week2/copy of a.mp4"].duplicate_of == str(week1 / "a.mp4")
-          and len(contents) == 3 and sources == contents)  # fmt: skip
-    return ok, (f"{len(rows)} file(s) listed from {len({r.folder for r in rows.values()})} folder(s); "
-                f"shards hold {len(sources)} of {len(contents)} source(s); exits {first.returncode}, {second.returncode} "
-                f"({last_line(second)})")  # fmt: skip
+    ok = (
+        first.returncode == 0
+        and second.returncode == 0
+        and set(rows) == {"week1/a.mp4", "week1/b.mp4", "week2/c.mp4", "week2/copy of a.mp4"}
+        and rows["week2/copy of a.mp4"].duplicate_of == str(week1 / "a.mp4")
+        and len(contents) == 3
+        and sources == contents
+    )
+    return ok, (
+        f"{len(rows)} file(s) listed from {len({r.folder for r in rows.values()})} folder(s); "
+        f"shards hold {len(sources)} of {len(contents)} source(s); exits {first.returncode}, {second.returncode} "
+        f"({last_line(second)})"
+    )
 
 
 CASES = [

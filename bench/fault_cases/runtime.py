@@ -73,11 +73,18 @@ def cli_env(api_url: str | None = None, **extra: str) -> dict[str, str]:
     """A user's environment: no Prefect settings of the caller, so the command uses the
     workspace's home and a temporary server of its own, or the server at ``api_url``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    return env | {"PYTHONPATH": str(REPO), "COLUMNS": "400", **({"PREFECT_API_URL": api_url} if api_url else {}), **extra}
+    return env | {
+        "PYTHONPATH": str(REPO),
+        "COLUMNS": "400",
+        **({"PREFECT_API_URL": api_url} if api_url else {}),
+        **extra,
+    }
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], env=env or cli_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [*CLI, *args], env=env or cli_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def wait_for(condition, what: str, proc: subprocess.Popen | None = None, timeout: float = TIMEOUT_S) -> None:
@@ -95,7 +102,9 @@ def gated_ffprobe(folder: Path) -> tuple[Path, Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     reached, gate = folder / "reached", folder / "open"
     script = folder / "ffprobe"
-    script.write_text(f'#!/bin/sh\ntouch "{reached}"\nwhile [ ! -e "{gate}" ]; do sleep 0.05; done\nexec "{shutil.which("ffprobe")}" "$@"\n')
+    script.write_text(
+        f'#!/bin/sh\ntouch "{reached}"\nwhile [ ! -e "{gate}" ]; do sleep 0.05; done\nexec "{shutil.which("ffprobe")}" "$@"\n'
+    )
     script.chmod(0o755)
     return folder, reached, gate
 
@@ -109,8 +118,26 @@ def make_videos(folder: Path, count: int, seconds: float = 2.0, size: str = "160
     """``count`` distinct H.264 test patterns (each its own hue, so no duplicates)."""
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        args = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25:duration={seconds}",
-                "-vf", f"hue=h={i * 47}", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(folder / f"v{i}.mp4")]  # fmt: skip
+        args = [
+            "ffmpeg",
+            "-nostdin",
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            f"testsrc2=size={size}:rate=25:duration={seconds}",
+            "-vf",
+            f"hue=h={i * 47}",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-pix_fmt",
+            "yuv420p",
+            str(folder / f"v{i}.mp4"),
+        ]
         subprocess.run(args, check=True, capture_output=True)
     return folder
 
@@ -137,8 +164,8 @@ def ingest_problems(workspace: Path, folder: Path) -> list[str]:
     missing or not the bytes its manifest names, a temporary left behind, a result file that
     is not our JSON."""
     from data_schemas import ClipRecord, VideoRecord, read_records
-    from tasks.common import foreign_result
     from preprocess.video import sha256_file
+    from tasks.common import foreign_result
 
     problems = []
     videos = read_records(workspace / "manifests" / "videos.parquet", VideoRecord)
@@ -163,8 +190,11 @@ def build_enospc(folder: Path) -> Path | None:
         return None
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "enospc.c").write_text(ENOSPC_SOURCE)
-    subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(folder / "enospc.so"), str(folder / "enospc.c"), "-ldl"],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [compiler, "-shared", "-fPIC", "-O2", "-o", str(folder / "enospc.so"), str(folder / "enospc.c"), "-ldl"],
+        check=True,
+        capture_output=True,
+    )
     return folder / "enospc.so"
 
 
@@ -181,10 +211,17 @@ def run_disk_full(tmp: Path) -> dict:
     workspace.mkdir()
     env = cli_env(LD_PRELOAD=str(library), ENOSPC_ROOT=str(workspace), ENOSPC_WHEN=str(flag))
     with (tmp / "stderr.txt").open("w") as err:
-        proc = subprocess.Popen([*CLI, "ingest", str(folder), "-w", str(workspace), "--workers", "2"], env=env, cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+        proc = subprocess.Popen(
+            [*CLI, "ingest", str(folder), "-w", str(workspace), "--workers", "2"],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
         try:
-            wait_for(lambda: "Beginning flow run" in (tmp / "stderr.txt").read_text(), "the ingest flow beginning", proc)
+            wait_for(
+                lambda: "Beginning flow run" in (tmp / "stderr.txt").read_text(), "the ingest flow beginning", proc
+            )
         except RuntimeError:
             proc.kill()
             raise
@@ -192,7 +229,13 @@ def run_disk_full(tmp: Path) -> dict:
         code = proc.wait(TIMEOUT_S)
     flag.unlink()  # space freed
     rerun = cli("ingest", str(folder), "-w", str(workspace))
-    return {"code": code, "stderr": (tmp / "stderr.txt").read_text(), "rerun": rerun, "folder": folder, "workspace": workspace}
+    return {
+        "code": code,
+        "stderr": (tmp / "stderr.txt").read_text(),
+        "rerun": rerun,
+        "folder": folder,
+        "workspace": workspace,
+    }
 
 
 def case_disk_full(tmp: Path) -> tuple[bool, str]:
@@ -208,7 +251,9 @@ def case_disk_full(tmp: Path) -> tuple[bool, str]:
     if run["rerun"].returncode != 0:
         return False, f"the rerun failed: {last_line(run['rerun'].stderr)!r}"
     problems = ingest_problems(run["workspace"], run["folder"])
-    return not problems, "; ".join(problems) or f"exit {run['code']}, last line {line!r}; the rerun completed, products consistent"
+    return not problems, "; ".join(
+        problems
+    ) or f"exit {run['code']}, last line {line!r}; the rerun completed, products consistent"
 
 
 def case_all_inputs_broken(tmp: Path) -> tuple[bool, str]:
@@ -229,21 +274,36 @@ def run_concurrent(tmp: Path, api_url: str | None = None) -> dict:
     args = ["ingest", str(folder), "-w", str(workspace)]
     env = cli_env(api_url)
     with (tmp / "first.txt").open("w") as first_out, (tmp / "third.txt").open("w") as third_out:
-        first = subprocess.Popen([*CLI, *args], env=env | {"PATH": f"{gate_dir}:{env['PATH']}"}, cwd=REPO,
-                                 stdout=first_out, stderr=subprocess.STDOUT)  # fmt: skip
+        first = subprocess.Popen(
+            [*CLI, *args],
+            env=env | {"PATH": f"{gate_dir}:{env['PATH']}"},
+            cwd=REPO,
+            stdout=first_out,
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_for(reached.exists, "the first run reaching its first ffprobe", first)
             second = cli(*args, env=env)
-            third = subprocess.Popen([*CLI, *args, "--wait"], env=env, cwd=REPO, stdout=third_out, stderr=subprocess.STDOUT)
+            third = subprocess.Popen(
+                [*CLI, *args, "--wait"], env=env, cwd=REPO, stdout=third_out, stderr=subprocess.STDOUT
+            )
             wait_for(lambda: "waiting for workspace" in (tmp / "third.txt").read_text(), "the third run waiting", third)
         finally:
             gate.touch()
         first_code = first.wait(TIMEOUT_S)
         third_running = third.poll() is None  # it waited: it can only have begun now
         third_code = third.wait(TIMEOUT_S)
-    return {"first": first_code, "first_pid": first.pid, "second": second, "third": third_code, "third_after_first": third_running,
-            "first_out": (tmp / "first.txt").read_text(), "third_out": (tmp / "third.txt").read_text(),
-            "folder": folder, "workspace": workspace}  # fmt: skip
+    return {
+        "first": first_code,
+        "first_pid": first.pid,
+        "second": second,
+        "third": third_code,
+        "third_after_first": third_running,
+        "first_out": (tmp / "first.txt").read_text(),
+        "third_out": (tmp / "third.txt").read_text(),
+        "folder": folder,
+        "workspace": workspace,
+    }
 
 
 def case_concurrent_runs(tmp: Path) -> tuple[bool, str]:
@@ -256,10 +316,17 @@ def case_concurrent_runs(tmp: Path) -> tuple[bool, str]:
     line = last_line(run["second"].stderr)
     if run["second"].returncode != 75 or f"pid {run['first_pid']}" not in line or "multianimate ingest" not in line:
         return False, f"the second run: exit {run['second'].returncode}, last line {line!r}"
-    if run["first"] != 0 or run["third"] != 0 or not run["third_after_first"] or "waiting for workspace" not in run["third_out"]:
+    if (
+        run["first"] != 0
+        or run["third"] != 0
+        or not run["third_after_first"]
+        or "waiting for workspace" not in run["third_out"]
+    ):
         return False, f"first exit {run['first']}, third exit {run['third']} (waited: {run['third_after_first']})"
     problems = ingest_problems(run["workspace"], run["folder"])
-    return not problems, "; ".join(problems) or f"second refused: {line!r}; the third waited, then completed; products consistent"
+    return not problems, "; ".join(
+        problems
+    ) or f"second refused: {line!r}; the third waited, then completed; products consistent"
 
 
 class _RunsCode:
@@ -293,7 +360,13 @@ def run_planted_pickle(tmp: Path, api_url: str | None = None) -> dict:
         raise RuntimeError(f"the first run cached nothing: {last_line(first.stderr)!r}")
     plant_pickle_result(results[0], marker)
     second = cli("ingest", str(folder), "-w", str(workspace), env=cli_env(api_url))
-    return {"first": first, "second": second, "planted": results[0], "code_ran": marker.exists(), "workspace": workspace}
+    return {
+        "first": first,
+        "second": second,
+        "planted": results[0],
+        "code_ran": marker.exists(),
+        "workspace": workspace,
+    }
 
 
 def case_planted_pickle(tmp: Path) -> tuple[bool, str]:

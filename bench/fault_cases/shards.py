@@ -85,7 +85,9 @@ def set_problems(ws: Path, expected: dict[str, str], when: str) -> list[str]:
         return [f"{when}: {link} is not the link to a shard set"]
     problems = [f"{when}: {p}" for p in verify_shard_set(link)]
     if set_digests(link) != expected:
-        problems.append(f"{when}: the linked set differs from the expected one ({sorted(set_digests(link))} vs {sorted(expected)})")
+        problems.append(
+            f"{when}: the linked set differs from the expected one ({sorted(set_digests(link))} vs {sorted(expected)})"
+        )
     others = [p.name for p in sets.iterdir() if p.name != ".lock" and p.resolve() != link.resolve()]
     # A killed writer's temporary folder may remain until the next run: never a final name.
     finals = [name for name in others if not is_temp_name(name)]
@@ -115,7 +117,9 @@ def rerun_problems(ws: Path, expected: dict[str, str]) -> list[str]:
 
     write_shards(ws, shard_config(NEW))
     problems = set_problems(ws, expected, "after the rerun")
-    leftovers = sorted(p.name for p in (ws / "shard-sets").iterdir() if p.name != ".lock" and p.resolve() != (ws / "shards").resolve())
+    leftovers = sorted(
+        p.name for p in (ws / "shard-sets").iterdir() if p.name != ".lock" and p.resolve() != (ws / "shards").resolve()
+    )
     if leftovers:
         problems.append(f"after the rerun: leftovers {leftovers}")
     return problems
@@ -132,7 +136,7 @@ class DiskFull:
         self.left = budget
 
     def __call__(self, path: Path) -> _Limited:
-        return _Limited(open(path, "xb"), self, path)  # noqa: SIM115 - the caller closes it
+        return _Limited(open(path, "xb"), self, path)
 
 
 class _Limited:
@@ -182,13 +186,20 @@ class StallAfter(DiskFull):
                     while True:
                         time.sleep(60)
 
-        return Stalling(open(path, "xb"), self, path)  # noqa: SIM115
+        return Stalling(open(path, "xb"), self, path)
 
 
 def _child(*args: str, timeout: float, preexec_fn=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "bench.fault_cases.shards", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=preexec_fn)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "bench.fault_cases.shards", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec_fn,
+    )
 
 
 # --------------------------------------------------------------------------- fault cases
@@ -240,8 +251,14 @@ def kill_after(tmp: Path, budget: int, **reuse) -> tuple[bool, str]:
     ws, old, expected = published_old_set(tmp, **reuse)
     ready = tmp / "ready"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    child = subprocess.Popen([sys.executable, "-m", "bench.fault_cases.shards", "stall", str(ws), str(budget), str(ready)],
-                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, "-m", "bench.fault_cases.shards", "stall", str(ws), str(budget), str(ready)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
@@ -249,7 +266,10 @@ def kill_after(tmp: Path, budget: int, **reuse) -> tuple[bool, str]:
         if not ready.exists():
             child.kill()
             out, err = child.communicate()
-            return False, f"the writer never reached byte {budget} (exit {child.returncode}): {out[-300:]} {err[-1500:]}"
+            return (
+                False,
+                f"the writer never reached byte {budget} (exit {child.returncode}): {out[-300:]} {err[-1500:]}",
+            )
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=60)
     finally:
@@ -262,7 +282,9 @@ def kill_after(tmp: Path, budget: int, **reuse) -> tuple[bool, str]:
         problems.append("after SIGKILL: no temporary folder: the kill did not land mid-set")
     problems += rerun_problems(ws, expected)
     where = ready.read_text().rsplit("/", 1)[-1]
-    return not problems, "; ".join(problems) or f"killed in {where}: old set intact, temporaries cleared, rerun byte-identical"
+    return not problems, "; ".join(
+        problems
+    ) or f"killed in {where}: old set intact, temporaries cleared, rerun byte-identical"
 
 
 def case_sigkill(tmp: Path) -> tuple[bool, str]:
@@ -330,8 +352,14 @@ def case_huge_header(tmp: Path) -> tuple[bool, str]:
     report, why = _run_loader("load", str(shard), "exact")
     if report is None:
         return False, why
-    ok = (report["error"] is None and report["counts"]["shard_error"] == 1 and str(HUGE) in report["warnings"]
-          and shard.name in report["warnings"] and ".ref.png" in report["warnings"] and report["seconds"] < 60)  # fmt: skip
+    ok = (
+        report["error"] is None
+        and report["counts"]["shard_error"] == 1
+        and str(HUGE) in report["warnings"]
+        and shard.name in report["warnings"]
+        and ".ref.png" in report["warnings"]
+        and report["seconds"] < 60
+    )
     return ok, f"{report['seconds']:.1f} s, {report['samples']} sample(s) before it, refused: {report['first_error']}"
 
 
@@ -387,18 +415,29 @@ def _main(argv: list[str]) -> None:
             dataset = make_dataset(argv[1], LoaderConfig(**LOADER), rank=0, world_size=1)
             batches = iter(dataset)
         else:  # as training reads: resampled, DataLoader workers
-            loader = make_loader(argv[1], LoaderConfig(**LOADER, resampled=True), batch_size=1, num_workers=2,
-                                 epoch_samples=10, rank=0, world_size=1)  # fmt: skip
+            loader = make_loader(
+                argv[1],
+                LoaderConfig(**LOADER, resampled=True),
+                batch_size=1,
+                num_workers=2,
+                epoch_samples=10,
+                rank=0,
+                world_size=1,
+            )
             dataset, batches = loader.dataset, iter(loader)
         try:
             for _ in batches:
                 samples += 1
-        except Exception as exn:  # noqa: BLE001 - reported to the parent
+        except Exception as exn:
             error = f"{type(exn).__name__}: {exn}"
         report = {
-            "seconds": time.monotonic() - start, "samples": samples, "counts": dataset.skips.counts(), "error": error,
-            "warnings": "\n".join(records), "first_error": next((r for r in records if "skipping unreadable" in r), None),
-        }  # fmt: skip
+            "seconds": time.monotonic() - start,
+            "samples": samples,
+            "counts": dataset.skips.counts(),
+            "error": error,
+            "warnings": "\n".join(records),
+            "first_error": next((r for r in records if "skipping unreadable" in r), None),
+        }
         print(json.dumps(report), flush=True)
     else:
         raise SystemExit(f"unknown command {command!r}")

@@ -62,8 +62,17 @@ def run_config(ws: Path, name: str):
     """A 3-step run that checkpoints every step (all kept, to compare them)."""
     from data_schemas.train import TrainConfig
 
-    return TrainConfig(workspace=ws, run_name=name, loader={"num_frames": 5, "height": 32, "width": 32}, max_steps=STEPS,
-                       checkpoint_every=1, keep_checkpoints=STEPS, num_workers=0, nproc=2, warmup_steps=1)  # fmt: skip
+    return TrainConfig(
+        workspace=ws,
+        run_name=name,
+        loader={"num_frames": 5, "height": 32, "width": 32},
+        max_steps=STEPS,
+        checkpoint_every=1,
+        keep_checkpoints=STEPS,
+        num_workers=0,
+        nproc=2,
+        warmup_steps=1,
+    )
 
 
 def config_file(cfg) -> Path:
@@ -103,8 +112,15 @@ def run_torchrun(cfg, env: dict[str, str]) -> subprocess.CompletedProcess:
     """torchrun by hand, no launcher: rank 0 owns the run folder itself."""
     from model.train import launch_command
 
-    return subprocess.run(launch_command(config_file(cfg), cfg.nproc), env=env, cwd=REPO, capture_output=True, text=True,
-                          errors="replace", timeout=4 * START_TIMEOUT_S)  # fmt: skip
+    return subprocess.run(
+        launch_command(config_file(cfg), cfg.nproc),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=4 * START_TIMEOUT_S,
+    )
 
 
 def reference_run(ws: Path, env: dict[str, str] | None = None) -> Path:
@@ -138,7 +154,7 @@ def checkpoint_problems(run_dir: Path, complete: list[int], temporaries: bool = 
         path = checkpoint_dir(run_dir, step)
         try:
             metadata = read_checkpoint_metadata(path)
-        except Exception as exc:  # noqa: BLE001 - reported, not raised
+        except Exception as exc:
             problems.append(f"{path.name}: {exc}")
             continue
         wanted = {info.relative_path for info in metadata.storage_data.values()}
@@ -163,7 +179,13 @@ def product_problems(run_dir: Path, reference: Path) -> list[str]:
     if rows != expected:
         problems.append(f"metrics {rows} != uninterrupted {expected}")
     last = checkpoint_dir(run_dir, STEPS).relative_to(run_dir)
-    compared = ("final/adapter.safetensors", "final/config.json", last / "__0_0.distcp", last / "__1_0.distcp", last / "trainer.json")
+    compared = (
+        "final/adapter.safetensors",
+        "final/config.json",
+        last / "__0_0.distcp",
+        last / "__1_0.distcp",
+        last / "trainer.json",
+    )
     for rel in compared:
         a, b = run_dir / rel, reference / rel
         if not a.is_file() or a.read_bytes() != b.read_bytes():
@@ -267,20 +289,29 @@ def launcher_killed(ws: Path, reference: Path, env: dict[str, str], name: str = 
     problems = kill_launcher(cfg, env)
     problems += checkpoint_problems(cfg.run_dir, [1])
     problems += rerun(cfg, env, resume_from=1) or product_problems(cfg.run_dir, reference)
-    return _verdict(problems, f"no rank outlived the launcher by {GONE_WITHIN_S:.0f} s; the rerun resumed from step 1 "
-                              "and equals an uninterrupted run")
+    return _verdict(
+        problems,
+        f"no rank outlived the launcher by {GONE_WITHIN_S:.0f} s; the rerun resumed from step 1 "
+        "and equals an uninterrupted run",
+    )
 
 
-def disk_full_in_checkpoint(ws: Path, reference: Path, env: dict[str, str], name: str = "disk-full") -> tuple[bool, str]:
+def disk_full_in_checkpoint(
+    ws: Path, reference: Path, env: dict[str, str], name: str = "disk-full"
+) -> tuple[bool, str]:
     cfg = run_config(ws, name)
     problems = fill_disk_in_save(cfg, env)
     problems += checkpoint_problems(cfg.run_dir, [1])  # step 1 whole, no step 2, no temporary left
     problems += rerun(cfg, env, resume_from=1) or product_problems(cfg.run_dir, reference)
-    return _verdict(problems, "failed at once naming ENOSPC, step 1 intact, no partial step 2; "
-                              "the rerun equals an uninterrupted run")
+    return _verdict(
+        problems,
+        "failed at once naming ENOSPC, step 1 intact, no partial step 2; the rerun equals an uninterrupted run",
+    )
 
 
-def killed_in_checkpoint(ws: Path, reference: Path, env: dict[str, str], name: str = "killed-in-save") -> tuple[bool, str]:
+def killed_in_checkpoint(
+    ws: Path, reference: Path, env: dict[str, str], name: str = "killed-in-save"
+) -> tuple[bool, str]:
     from model.checkpoint import checkpoint_dir, temp_checkpoint_dir
 
     cfg = run_config(ws, name)
@@ -289,8 +320,11 @@ def killed_in_checkpoint(ws: Path, reference: Path, env: dict[str, str], name: s
     if not temp_checkpoint_dir(checkpoint_dir(cfg.run_dir, 2)).is_dir():
         problems.append("no partial save under the temporary name: was the kill inside the save?")
     problems += rerun(cfg, env, resume_from=1) or product_problems(cfg.run_dir, reference)
-    return _verdict(problems, "step 1 intact, the partial step 2 only under its temporary name; "
-                              "the rerun removed it and equals an uninterrupted run")
+    return _verdict(
+        problems,
+        "step 1 intact, the partial step 2 only under its temporary name; "
+        "the rerun removed it and equals an uninterrupted run",
+    )
 
 
 def case_launcher_killed(tmp: Path) -> tuple[bool, str]:
@@ -387,7 +421,7 @@ def refuses_crafted(tmp: Path, plant) -> tuple[bool, str]:
             return False, f"refused, but only after the code ran: {exc}"
         named = str(checkpoint) in str(exc)
         return named, f"refused: {str(exc)[:200]}" if named else f"refused without naming the file: {exc}"
-    except BaseException as exc:  # noqa: BLE001 - anything else is not a clear refusal
+    except BaseException as exc:
         return False, f"{'code ran; ' if marker.exists() else ''}{type(exc).__name__}: {str(exc)[:300]}"
     return False, f"loaded{' and the code ran' if marker.exists() else ''}"
 

@@ -64,13 +64,25 @@ WB_RIGHT_HAND = slice(112, 133)  # 21 points
 
 # --- OpenPose-18 body ---------------------------------------------------------------------
 OPENPOSE_BODY_NAMES: tuple[str, ...] = (
-    "nose", "neck",
-    "r_shoulder", "r_elbow", "r_wrist",
-    "l_shoulder", "l_elbow", "l_wrist",
-    "r_hip", "r_knee", "r_ankle",
-    "l_hip", "l_knee", "l_ankle",
-    "r_eye", "l_eye", "r_ear", "l_ear",
-)  # fmt: skip
+    "nose",
+    "neck",
+    "r_shoulder",
+    "r_elbow",
+    "r_wrist",
+    "l_shoulder",
+    "l_elbow",
+    "l_wrist",
+    "r_hip",
+    "r_knee",
+    "r_ankle",
+    "l_hip",
+    "l_knee",
+    "l_ankle",
+    "r_eye",
+    "l_eye",
+    "r_ear",
+    "l_ear",
+)
 
 # A.5's simultaneous copy on the 134-point array (neck inserted at 17):
 # positions _REINDEX_DST take the values found at _REINDEX_SRC; 0, 5, 11 stay.
@@ -95,9 +107,26 @@ OPENPOSE_FROM_134: tuple[int, ...] = _openpose_source_indices()
 # exactly as the sources write them; the renderer subtracts 1. Only the first
 # BODY_LIMBS_DRAWN of BODY_LIMBS are ever drawn (the last two, ear->shoulder, never are).
 BODY_LIMBS: tuple[tuple[int, int], ...] = (
-    (2, 3), (2, 6), (3, 4), (4, 5), (6, 7), (7, 8), (2, 9), (9, 10), (10, 11), (2, 12),
-    (12, 13), (13, 14), (2, 1), (1, 15), (15, 17), (1, 16), (16, 18), (3, 17), (6, 18),
-)  # fmt: skip
+    (2, 3),
+    (2, 6),
+    (3, 4),
+    (4, 5),
+    (6, 7),
+    (7, 8),
+    (2, 9),
+    (9, 10),
+    (10, 11),
+    (2, 12),
+    (12, 13),
+    (13, 14),
+    (2, 1),
+    (1, 15),
+    (15, 17),
+    (1, 16),
+    (16, 18),
+    (3, 17),
+    (6, 18),
+)
 BODY_LIMBS_DRAWN = 17
 # UniAnimate's extra limbs (A.7), same 1-based indexing: L-ankle (14) -> left foot point
 # (19, i.e. 0-based 18), R-ankle (11) -> right foot point (20, i.e. 0-based 19). They are
@@ -106,17 +135,50 @@ FOOT_LIMBS: tuple[tuple[int, int], ...] = ((14, 19), (11, 20))
 
 # 0-based pairs into one 21-point hand (A.6); edge k has colour HSV(k/20, 1, 1).
 HAND_EDGES: tuple[tuple[int, int], ...] = (
-    (0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (0, 9), (9, 10),
-    (10, 11), (11, 12), (0, 13), (13, 14), (14, 15), (15, 16), (0, 17), (17, 18), (18, 19), (19, 20),
-)  # fmt: skip
+    (0, 1),
+    (1, 2),
+    (2, 3),
+    (3, 4),
+    (0, 5),
+    (5, 6),
+    (6, 7),
+    (7, 8),
+    (0, 9),
+    (9, 10),
+    (10, 11),
+    (11, 12),
+    (0, 13),
+    (13, 14),
+    (14, 15),
+    (15, 16),
+    (0, 17),
+    (17, 18),
+    (18, 19),
+    (19, 20),
+)
 
 # Colours as the source code lists them (A.6). They are "RGB-looking": the "unianimate"
 # style draws them into a BGR canvas (A.7), so R and B end up swapped in an RGB image.
 BODY_COLORS: tuple[tuple[int, int, int], ...] = (
-    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
-    (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
-    (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
-)  # fmt: skip
+    (255, 0, 0),
+    (255, 85, 0),
+    (255, 170, 0),
+    (255, 255, 0),
+    (170, 255, 0),
+    (85, 255, 0),
+    (0, 255, 0),
+    (0, 255, 85),
+    (0, 255, 170),
+    (0, 255, 255),
+    (0, 170, 255),
+    (0, 85, 255),
+    (0, 0, 255),
+    (85, 0, 255),
+    (170, 0, 255),
+    (255, 0, 255),
+    (255, 0, 170),
+    (255, 0, 85),
+)
 FOOT_COLORS: tuple[tuple[int, int, int], ...] = ((170, 255, 255), (255, 255, 0))  # indices 18, 19
 HAND_POINT_COLOR: tuple[int, int, int] = (0, 0, 255)
 FACE_POINT_COLOR: tuple[int, int, int] = (255, 255, 255)

@@ -54,7 +54,9 @@ def make_session(path: Path, provider: str = "auto") -> ort.InferenceSession:
     """An onnxruntime session on CUDA when available (and not refused), else the CPU."""
     available = ort.get_available_providers()
     if provider == "cuda" and "CUDAExecutionProvider" not in available:
-        raise ValueError(f"provider 'cuda' asked for, but onnxruntime offers only {available} (install the 'gpu' extra)")
+        raise ValueError(
+            f"provider 'cuda' asked for, but onnxruntime offers only {available} (install the 'gpu' extra)"
+        )
     use_cuda = provider in ("auto", "cuda") and "CUDAExecutionProvider" in available
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
     options = ort.SessionOptions()
@@ -165,8 +167,17 @@ class DWPose:
     """The two-stage whole-body estimator. ``estimate`` takes frames in the channel order the
     models expect (BGR for the released DWPose weights, see spec A.3/A.4)."""
 
-    def __init__(self, detector: Path, pose_model: Path, *, provider: str = "auto", pre_threshold: float = 0.1,
-                 nms_iou: float = 0.45, threshold: float = 0.3, batch_size: int = 64):  # fmt: skip
+    def __init__(
+        self,
+        detector: Path,
+        pose_model: Path,
+        *,
+        provider: str = "auto",
+        pre_threshold: float = 0.1,
+        nms_iou: float = 0.45,
+        threshold: float = 0.3,
+        batch_size: int = 64,
+    ):
         self.detector = make_session(detector, provider)
         self.pose = make_session(pose_model, provider)
         self.provider = self.pose.get_providers()[0]
@@ -176,7 +187,12 @@ class DWPose:
         self.pose_input = pose_input.name
         self.pose_hw = tuple(pose_input.shape[2:4])  # (384, 288) for the real model
         self.pose_batched = not isinstance(pose_input.shape[0], int)
-        self.pre_threshold, self.nms_iou, self.threshold, self.batch_size = pre_threshold, nms_iou, threshold, batch_size
+        self.pre_threshold, self.nms_iou, self.threshold, self.batch_size = (
+            pre_threshold,
+            nms_iou,
+            threshold,
+            batch_size,
+        )
         self.times = RunTimes()
 
     def _run(self, session: ort.InferenceSession, name: str, feeds: dict) -> list[np.ndarray]:
@@ -197,10 +213,15 @@ class DWPose:
             chunk = frames[first : first + step]
             ratios = [letterbox_into(frame, slot) for frame, slot in zip(chunk, buffer)]
             (raw,) = self._run(self.detector, "detector", {self.det_input: buffer[: len(chunk)]})
-            results += [decode_detections(raw[i], ratios[i], self.pre_threshold, self.nms_iou, self.threshold) for i in range(len(chunk))]
+            results += [
+                decode_detections(raw[i], ratios[i], self.pre_threshold, self.nms_iou, self.threshold)
+                for i in range(len(chunk))
+            ]
         return results
 
-    def estimate_boxes(self, frames: np.ndarray, boxes_per_frame: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def estimate_boxes(
+        self, frames: np.ndarray, boxes_per_frame: list[np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Keypoints and scores of every box in every frame, all crops through the pose model in batches."""
         in_h, in_w = self.pose_hw
         owners = np.asarray([t for t, boxes in enumerate(boxes_per_frame) for _ in boxes], np.int64)
@@ -212,10 +233,18 @@ class DWPose:
         scales = np.empty((len(owners), 2), np.float32)
         for i, (t, box) in enumerate(zip(owners, (b for boxes in boxes_per_frame for b in boxes))):
             centres[i], scales[i] = box_to_centre_scale(box, in_w / in_h)
-            cv2.warpAffine(frames[t], crop_transform(centres[i], scales[i], (in_w, in_h)), (in_w, in_h), dst=crops[i], flags=cv2.INTER_LINEAR)
+            cv2.warpAffine(
+                frames[t],
+                crop_transform(centres[i], scales[i], (in_w, in_h)),
+                (in_w, in_h),
+                dst=crops[i],
+                flags=cv2.INTER_LINEAR,
+            )
         batch = normalise_crops(crops)
         step = self.batch_size if self.pose_batched else 1
-        outs = [self._run(self.pose, "pose", {self.pose_input: batch[i : i + step]}) for i in range(0, len(batch), step)]
+        outs = [
+            self._run(self.pose, "pose", {self.pose_input: batch[i : i + step]}) for i in range(0, len(batch), step)
+        ]
         simcc_x = np.concatenate([o[0] for o in outs])
         simcc_y = np.concatenate([o[1] for o in outs])
         points, scores = decode_simcc(simcc_x, simcc_y, centres, scales, (in_w, in_h))

@@ -40,7 +40,9 @@ class TinyYolox(nn.Module):
     def __init__(self, width: int = 8):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, width, 8, stride=8), nn.SiLU())
-        self.down = nn.ModuleList([nn.Identity(), nn.Conv2d(width, width, 2, stride=2), nn.Conv2d(width, width, 2, stride=2)])
+        self.down = nn.ModuleList(
+            [nn.Identity(), nn.Conv2d(width, width, 2, stride=2), nn.Conv2d(width, width, 2, stride=2)]
+        )
         self.heads = nn.ModuleList([nn.Conv2d(width, 85, 1) for _ in STRIDES])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -59,9 +61,12 @@ class TinySimcc(nn.Module):
     def __init__(self, width: int = 16):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, width, 4, stride=4), nn.SiLU(), nn.Conv2d(width, width, 4, stride=4), nn.SiLU(),
+            nn.Conv2d(3, width, 4, stride=4),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 4, stride=4),
+            nn.SiLU(),
             nn.Conv2d(width, NUM_KEYPOINTS, 2, stride=2),
-        )  # fmt: skip
+        )
         cells = (POSE_INPUT[0] // 32) * (POSE_INPUT[1] // 32)
         self.head_x = nn.Linear(cells, int(POSE_INPUT[1] * SIMCC_RATIO))
         self.head_y = nn.Linear(cells, int(POSE_INPUT[0] * SIMCC_RATIO))
@@ -77,24 +82,37 @@ class Constant(nn.Module):
 
     def __init__(self, *values: np.ndarray, batch_follows_input: bool):
         super().__init__()
-        self.values = nn.ParameterList([nn.Parameter(torch.from_numpy(np.asarray(v, np.float32)), requires_grad=False) for v in values])
+        self.values = nn.ParameterList(
+            [nn.Parameter(torch.from_numpy(np.asarray(v, np.float32)), requires_grad=False) for v in values]
+        )
         self.batch_follows_input = batch_follows_input
 
     def forward(self, x: torch.Tensor):
         zero = (x.flatten(1)[:, :1] * 0.0).reshape(-1, *([1] * (self.values[0].dim() - 1)))
-        outs = [v.expand(x.shape[0], *v.shape[1:]) + zero if self.batch_follows_input else v + zero for v in self.values]
+        outs = [
+            v.expand(x.shape[0], *v.shape[1:]) + zero if self.batch_follows_input else v + zero for v in self.values
+        ]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_names: list[str], dynamic_batch: bool) -> Path:
+def _export(
+    module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_names: list[str], dynamic_batch: bool
+) -> Path:
     module.eval()
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (example,), str(tmp), input_names=[input_name], output_names=output_names,
-            dynamic_shapes=dynamic, external_data=False, dynamo=True, verbose=False,
-        )  # fmt: skip
+            module,
+            (example,),
+            str(tmp),
+            input_names=[input_name],
+            output_names=output_names,
+            dynamic_shapes=dynamic,
+            external_data=False,
+            dynamo=True,
+            verbose=False,
+        )
     return path
 
 
@@ -153,7 +171,9 @@ def simcc_for_points(points_xy: np.ndarray, peak: float = 0.9) -> tuple[np.ndarr
     return simcc_x, simcc_y
 
 
-def build_crafted_models(folder: Path, detector_output: np.ndarray, simcc: tuple[np.ndarray, np.ndarray]) -> tuple[Path, Path]:
+def build_crafted_models(
+    folder: Path, detector_output: np.ndarray, simcc: tuple[np.ndarray, np.ndarray]
+) -> tuple[Path, Path]:
     """Constant-output models (see module docstring) for exactness tests."""
     folder = Path(folder)
     detector = export_detector(Constant(detector_output, batch_follows_input=False), folder / "crafted-yolox.onnx")

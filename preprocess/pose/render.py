@@ -71,8 +71,8 @@ from preprocess.pose.convert import (
 )
 
 __all__ = [
-    "PoseStyle",
     "POSE_STYLES",
+    "PoseStyle",
     "draw_pose",
     "draw_pose_indices",
     "draw_pose_resized",
@@ -138,7 +138,10 @@ def _listed_palette() -> np.ndarray:
 # UniAnimate drew the listed colours as if channel 0 were Blue (its OpenCV canvas, A.7):
 # read back as RGB that is a swap of channels 0 and 2.
 _LISTED_PALETTE = _listed_palette()
-_PALETTES: dict[str, np.ndarray] = {"dwpose": _LISTED_PALETTE, "unianimate": np.ascontiguousarray(_LISTED_PALETTE[:, ::-1])}
+_PALETTES: dict[str, np.ndarray] = {
+    "dwpose": _LISTED_PALETTE,
+    "unianimate": np.ascontiguousarray(_LISTED_PALETTE[:, ::-1]),
+}
 for _table in _PALETTES.values():
     _table.flags.writeable = False  # shared by every caller
 # The same tables one channel at a time (contiguous, for cv2.LUT on one-channel images).
@@ -260,9 +263,12 @@ def resize_bilinear(image_hwC: np.ndarray, height: int, width: int) -> np.ndarra
     within one rounding step of torchvision's tensor resize and of PIL's bilinear (the release's)."""
     # A channels-last view in, a channels-last result out: no copies around the kernel.
     resized_1CHW = F.interpolate(
-        torch.from_numpy(image_hwC)[None].permute(0, 3, 1, 2), size=(height, width), mode="bilinear",
-        align_corners=False, antialias=True,
-    )  # fmt: skip
+        torch.from_numpy(image_hwC)[None].permute(0, 3, 1, 2),
+        size=(height, width),
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
+    )
     return resized_1CHW[0].permute(1, 2, 0).numpy()
 
 

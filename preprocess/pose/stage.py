@@ -46,7 +46,9 @@ def models_digest(files: tuple[Path, ...]) -> str:
 @lru_cache(maxsize=2)
 def _runner(detector: Path, pose_model: Path, provider: str, pre: float, iou: float, thr: float, batch: int) -> DWPose:
     # Sessions are costly to build: one per process and model set.
-    return DWPose(detector, pose_model, provider=provider, pre_threshold=pre, nms_iou=iou, threshold=thr, batch_size=batch)
+    return DWPose(
+        detector, pose_model, provider=provider, pre_threshold=pre, nms_iou=iou, threshold=thr, batch_size=batch
+    )
 
 
 def runner_for(cfg: PoseConfig, files: tuple[Path, Path]) -> DWPose:
@@ -71,8 +73,15 @@ def pack_poses(frames: list[FramePoses]) -> dict[str, np.ndarray]:
     return packed
 
 
-def extract_poses(clip: Path, clip_id: str, cfg: PoseConfig, files: tuple[Path, ...], models: str, workspace: Workspace | Path,
-                  runner: DWPose | TruthPoses | None = None) -> PoseRecord:  # fmt: skip
+def extract_poses(
+    clip: Path,
+    clip_id: str,
+    cfg: PoseConfig,
+    files: tuple[Path, ...],
+    models: str,
+    workspace: Workspace | Path,
+    runner: DWPose | TruthPoses | None = None,
+) -> PoseRecord:
     """Whole-body poses of every frame of one of OUR clips, written to poses/<clip_id>.npz;
     ``runner`` answers in DWPose's place (the truth model)."""
     runner = runner or runner_for(cfg, files)

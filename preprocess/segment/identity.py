@@ -62,7 +62,9 @@ def resolve_overlaps(logits: np.ndarray) -> np.ndarray:
     return owner
 
 
-def assign_poses(owner: np.ndarray, num_objects: int, keypoints: np.ndarray, scores: np.ndarray, boxes: np.ndarray, threshold: float) -> np.ndarray:
+def assign_poses(
+    owner: np.ndarray, num_objects: int, keypoints: np.ndarray, scores: np.ndarray, boxes: np.ndarray, threshold: float
+) -> np.ndarray:
     """pose row of each object [K] (-1 where none) for one frame (rule in the module docstring)."""
     result = np.full(num_objects, -1, np.int64)
     if not num_objects or not len(keypoints):

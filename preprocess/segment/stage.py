@@ -70,15 +70,24 @@ def truth_factory(truth: SyntheticClip) -> tuple[Callable[[], Segmenter], str]:
     return (lambda: GroundTruthSegmenter(truth.masks)), TRUTH
 
 
-def segment_clip(clip: Path, clip_id: str, poses_path: Path, make_segmenter: Callable[[], Segmenter], source: str,
-                 cfg: SegmentConfig, workspace: Workspace | Path) -> MaskRecord:  # fmt: skip
+def segment_clip(
+    clip: Path,
+    clip_id: str,
+    poses_path: Path,
+    make_segmenter: Callable[[], Segmenter],
+    source: str,
+    cfg: SegmentConfig,
+    workspace: Workspace | Path,
+) -> MaskRecord:
     """Track every person of one clip, fix their order, assign poses, write the label map."""
     poses = load_poses(poses_path)
     counts = poses["num_persons"]
     num_frames, height, width = len(counts), int(poses["height"]), int(poses["width"])
     # A clip with nobody in it never reaches the segmenter.
     segmenter = make_segmenter() if counts.any() else None
-    tracker = IdentityTracker(segmenter, num_frames, height, width, cfg.max_persons, cfg.new_person_iou, cfg.keypoint_threshold)
+    tracker = IdentityTracker(
+        segmenter, num_frames, height, width, cfg.max_persons, cfg.new_person_iou, cfg.keypoint_threshold
+    )
     if segmenter is not None:
         for start in range(0, num_frames, cfg.frames_per_chunk):
             picks = list(range(start, min(start + cfg.frames_per_chunk, num_frames)))
@@ -88,7 +97,9 @@ def segment_clip(clip: Path, clip_id: str, poses_path: Path, make_segmenter: Cal
     label_map, pose_index, first_frame = tracker.finish()
     ws = Workspace.of(workspace)
     out = ws.mask_file(clip_id)
-    sha256 = write_npz(out, label_map=label_map, pose_index=pose_index, first_frame=first_frame, source=np.array(source))
+    sha256 = write_npz(
+        out, label_map=label_map, pose_index=pose_index, first_frame=first_frame, source=np.array(source)
+    )
     return MaskRecord(
         clip_id=clip_id,
         path=ws.relative(out),

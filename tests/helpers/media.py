@@ -16,7 +16,9 @@ def ffmpeg(*args: str) -> None:
     assert done.returncode == 0, done.stderr.decode()
 
 
-def make_test_video(path: Path, *, size: str = "160x120", rate: int = 25, seconds: float = 2.0, faststart=True, extra=()):
+def make_test_video(
+    path: Path, *, size: str = "160x120", rate: int = 25, seconds: float = 2.0, faststart=True, extra=()
+):
     """A busy test-pattern H.264 video."""
     args = ["-f", "lavfi", "-i", f"testsrc2=size={size}:rate={rate}:duration={seconds}"]
     args += ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", *extra]
@@ -88,11 +90,28 @@ def build_media_folder(root: Path) -> Path:
     make_test_video(root / "odd_size_321x241.mkv", size="321x241", faststart=False)
     # Variable frame rate: 1 s at 25 fps, then 1 s at 10 fps, timestamps kept as they are.
     ffmpeg(
-        "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=1",
-        "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=10:duration=1",
-        "-filter_complex", "[0:v][1:v]concat=n=2:v=1[v]", "-map", "[v]", "-fps_mode", "vfr",
-        "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(root / "variable_rate.mp4"),
-    )  # fmt: skip
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=160x120:rate=25:duration=1",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=160x120:rate=10:duration=1",
+        "-filter_complex",
+        "[0:v][1:v]concat=n=2:v=1[v]",
+        "-map",
+        "[v]",
+        "-fps_mode",
+        "vfr",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv420p",
+        str(root / "variable_rate.mp4"),
+    )
     plain = make_test_video(root / "plain.mp4")
     ffmpeg("-i", str(plain), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(root / "rotated_90.mp4"))
     os.replace(plain, root / "tänzer – ダンス.mp4")

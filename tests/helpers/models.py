@@ -37,8 +37,16 @@ def randomise_lora(dit: MultiAnimateDiT, seed: int = 1) -> None:
 
 def run_config(ws: Path, name: str, **overrides) -> TrainConfig:
     """A short 2-process training run on ``ws`` (tiny profile, 6 steps, a checkpoint every 2)."""
-    values = {"workspace": ws, "run_name": name, "loader": {"num_frames": 9, "height": 48, "width": 64}, "max_steps": 6,
-              "checkpoint_every": 2, "num_workers": 1, "nproc": 2, "warmup_steps": 2}  # fmt: skip
+    values = {
+        "workspace": ws,
+        "run_name": name,
+        "loader": {"num_frames": 9, "height": 48, "width": 64},
+        "max_steps": 6,
+        "checkpoint_every": 2,
+        "num_workers": 1,
+        "nproc": 2,
+        "warmup_steps": 2,
+    }
     values.update(overrides)
     return TrainConfig(**values)
 

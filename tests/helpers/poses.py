@@ -34,16 +34,29 @@ CRAFTED_CANVAS = 512  # square test canvas: x/512*512 is exact, so pixel positio
 # A spread-out person (pixel coordinates) so limbs are far apart.
 BODY_WB = {
     0: (256, 60),  # nose
-    1: (276, 50), 2: (236, 50), 3: (296, 60), 4: (216, 60),  # eyes, ears
-    5: (336, 130), 6: (176, 130),  # shoulders -> neck (256, 130)
-    7: (400, 200), 8: (112, 200),  # elbows
-    9: (440, 280), 10: (72, 280),  # wrists
-    11: (300, 300), 12: (212, 300),  # hips
-    13: (320, 390), 14: (192, 390),  # knees
-    15: (330, 460), 16: (182, 460),  # ankles
-    17: (370, 490), 18: (360, 500), 19: (320, 500),  # L big toe, small toe, heel -> foot (365, 495)
-    20: (142, 490), 21: (152, 500), 22: (192, 500),  # R big toe, small toe, heel -> foot (147, 495)
-}  # fmt: skip
+    1: (276, 50),
+    2: (236, 50),
+    3: (296, 60),
+    4: (216, 60),  # eyes, ears
+    5: (336, 130),
+    6: (176, 130),  # shoulders -> neck (256, 130)
+    7: (400, 200),
+    8: (112, 200),  # elbows
+    9: (440, 280),
+    10: (72, 280),  # wrists
+    11: (300, 300),
+    12: (212, 300),  # hips
+    13: (320, 390),
+    14: (192, 390),  # knees
+    15: (330, 460),
+    16: (182, 460),  # ankles
+    17: (370, 490),
+    18: (360, 500),
+    19: (320, 500),  # L big toe, small toe, heel -> foot (365, 495)
+    20: (142, 490),
+    21: (152, 500),
+    22: (192, 500),  # R big toe, small toe, heel -> foot (147, 495)
+}
 LEFT_HAND_BASE = (440, 300)
 RIGHT_HAND_BASE = (72, 300)
 
@@ -71,9 +84,29 @@ def crafted_person(dx: float = 0.0, dy: float = 0.0) -> tuple[np.ndarray, np.nda
 # ---- crafted DWPose models -----------------------------------------------------------------
 
 # A standing figure in crop pixels (288 x 384), no hands or face.
-FIGURE = {0: (144, 80), 1: (134, 70), 2: (154, 70), 3: (124, 75), 4: (164, 75), 5: (104, 130), 6: (184, 130), 7: (90, 190),
-          8: (198, 190), 9: (84, 240), 10: (204, 240), 11: (118, 230), 12: (170, 230), 13: (114, 300), 14: (174, 300),
-          15: (112, 360), 16: (176, 360), 17: (100, 372), 18: (106, 374), 20: (186, 372), 21: (180, 374)}  # fmt: skip
+FIGURE = {
+    0: (144, 80),
+    1: (134, 70),
+    2: (154, 70),
+    3: (124, 75),
+    4: (164, 75),
+    5: (104, 130),
+    6: (184, 130),
+    7: (90, 190),
+    8: (198, 190),
+    9: (84, 240),
+    10: (204, 240),
+    11: (118, 230),
+    12: (170, 230),
+    13: (114, 300),
+    14: (174, 300),
+    15: (112, 360),
+    16: (176, 360),
+    17: (100, 372),
+    18: (106, 374),
+    20: (186, 372),
+    21: (180, 374),
+}
 
 
 def crafted_pose_config(folder: Path, size: tuple[int, int]) -> PoseConfig:
@@ -86,7 +119,9 @@ def crafted_pose_config(folder: Path, size: tuple[int, int]) -> PoseConfig:
     points = np.full((133, 2), np.nan)
     for k, xy in FIGURE.items():
         points[k] = xy
-    files = build_crafted_models(folder, detector_output_for_boxes(boxes, np.full(2, 0.9), (h, w)), simcc_for_points(points))
+    files = build_crafted_models(
+        folder, detector_output_for_boxes(boxes, np.full(2, 0.9), (h, w)), simcc_for_points(points)
+    )
     return PoseConfig(models="files", detector_path=files[0], pose_model_path=files[1])
 
 
@@ -122,7 +157,9 @@ def reference_draw_pose(frame: OpenPoseFrame, h: int, w: int, style: str) -> np.
                 (xa, ya), (xb, yb) = pts[n, ja - 1] * [w, h], pts[n, jb - 1] * [w, h]
                 length = ((xa - xb) ** 2 + (ya - yb) ** 2) ** 0.5
                 angle = int(math.degrees(math.atan2(ya - yb, xa - xb)))
-                poly = cv2.ellipse2Poly((int((xa + xb) / 2), int((ya + yb) / 2)), (int(length / 2), 4), angle, 0, 360, 1)
+                poly = cv2.ellipse2Poly(
+                    (int((xa + xb) / 2), int((ya + yb) / 2)), (int(length / 2), 4), angle, 0, 360, 1
+                )
                 cv2.fillConvexPoly(canvas, poly, colors[i])
     canvas = (canvas * 0.6).astype(np.uint8)
     for i in range(pts.shape[1]):

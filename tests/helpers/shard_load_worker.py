@@ -36,11 +36,16 @@ def main(folder: str) -> None:
         total += want.numel() * want.element_size()
         if full.dtype != want.dtype or not torch.equal(full, want):
             mismatched.append(name)
-    buffers_ok = all(torch.equal(b, reference[n.removeprefix("dit.transformer.")]) for n, b in model.named_buffers()
-                     if n.removeprefix("dit.transformer.") in reference)  # fmt: skip
+    buffers_ok = all(
+        torch.equal(b, reference[n.removeprefix("dit.transformer.")])
+        for n, b in model.named_buffers()
+        if n.removeprefix("dit.transformer.") in reference
+    )
     # one write: the ranks share torchrun's stdout, and print's separate newline can interleave
-    sys.stdout.write(f"rank {dist.get_rank()} read={read} total={total} mismatched={mismatched} "
-                     f"trained_not_fp32={trained_not_fp32} buffers_ok={buffers_ok}\n")  # fmt: skip
+    sys.stdout.write(
+        f"rank {dist.get_rank()} read={read} total={total} mismatched={mismatched} "
+        f"trained_not_fp32={trained_not_fp32} buffers_ok={buffers_ok}\n"
+    )
     sys.stdout.flush()
     dist.destroy_process_group()
 

@@ -30,8 +30,16 @@ def write_clip_and_poses(spec: SyntheticSpec, folder, seed: int = 0, keep=None):
     return clip, video, folder / "poses.npz", origin
 
 
-def make_workspace(root, num_clips: int = 4, clips_per_source: int = 2, num_frames: int = 12, width: int = 128,
-                   height: int = 96, first_seed: int = 0, **spec_fields):
+def make_workspace(
+    root,
+    num_clips: int = 4,
+    clips_per_source: int = 2,
+    num_frames: int = 12,
+    width: int = 128,
+    height: int = 96,
+    first_seed: int = 0,
+    **spec_fields,
+):
     """A workspace with clips, poses and masks of synthetic two-person clips (ground-truth masks);
     ``spec_fields``: further SyntheticSpec fields (background, motions, walk_speed)."""
     ws = Workspace(root)
@@ -39,24 +47,58 @@ def make_workspace(root, num_clips: int = 4, clips_per_source: int = 2, num_fram
     for i in range(num_clips):
         folder = root / f"src{i}"
         folder.mkdir(parents=True)
-        spec = SyntheticSpec(width=width, height=height, num_frames=num_frames, num_persons=2, seed=first_seed + i,
-                             **spec_fields)
+        spec = SyntheticSpec(
+            width=width, height=height, num_frames=num_frames, num_persons=2, seed=first_seed + i, **spec_fields
+        )
         clip, video, pose_path, origin = write_clip_and_poses(spec, folder, seed=i)
         clip_id = f"{i // clips_per_source:016x}-{i % clips_per_source:03d}"
         ws.clips.mkdir(parents=True, exist_ok=True)
         ws.poses.mkdir(parents=True, exist_ok=True)
         shutil.copy(video, ws.clip_file(clip_id))
         shutil.copy(pose_path, ws.pose_file(clip_id))
-        record = segment_clip(video, clip_id, pose_path, lambda c=clip: GroundTruthSegmenter(c.masks), "ground-truth",
-                              SegmentConfig(), root)
+        record = segment_clip(
+            video,
+            clip_id,
+            pose_path,
+            lambda c=clip: GroundTruthSegmenter(c.masks),
+            "ground-truth",
+            SegmentConfig(),
+            root,
+        )
         sha = hashlib.sha256(ws.clip_file(clip_id).read_bytes()).hexdigest()
         source = f"{i // clips_per_source:064x}"
-        clips.append(ClipRecord(clip_id=clip_id, source_sha256=source, source_path=f"/in/{i}.mp4", clip_index=i % clips_per_source,
-                                start_s=0.0, end_s=num_frames / 25, num_frames=num_frames, fps=25.0, width=width, height=height,
-                                path=ws.relative(ws.clip_file(clip_id)), sha256=sha, size_bytes=1))  # fmt: skip
-        poses.append(PoseRecord(clip_id=clip_id, path=ws.relative(ws.pose_file(clip_id)), sha256="x", num_frames=num_frames,
-                                width=width, height=height, max_persons=2, frames_with_persons=num_frames, frames_over_limit=0,
-                                models="gt", provider="none"))  # fmt: skip
+        clips.append(
+            ClipRecord(
+                clip_id=clip_id,
+                source_sha256=source,
+                source_path=f"/in/{i}.mp4",
+                clip_index=i % clips_per_source,
+                start_s=0.0,
+                end_s=num_frames / 25,
+                num_frames=num_frames,
+                fps=25.0,
+                width=width,
+                height=height,
+                path=ws.relative(ws.clip_file(clip_id)),
+                sha256=sha,
+                size_bytes=1,
+            )
+        )
+        poses.append(
+            PoseRecord(
+                clip_id=clip_id,
+                path=ws.relative(ws.pose_file(clip_id)),
+                sha256="x",
+                num_frames=num_frames,
+                width=width,
+                height=height,
+                max_persons=2,
+                frames_with_persons=num_frames,
+                frames_over_limit=0,
+                models="gt",
+                provider="none",
+            )
+        )
         masks.append(record)
         origins[clip_id] = (clip, origin)
     write_records(clips, ClipRecord, ws.clips_manifest)
