@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/multianimate demo
 
-# headless Chromium and its driver for the UI test (tests/test_deployments.py); not needed by the demo
+# headless Chromium and its driver for the UI test (tests/flows/test_deployments.py); not needed by the demo
 browser:
 	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || \
 		{ echo "installing Debian's chromium and chromium-driver"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }

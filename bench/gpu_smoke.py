@@ -1,10 +1,10 @@
 """The real path on a GPU host, in one command (under 5 minutes on one GPU):
 
-1. the test suites of the real path on CUDA: ``tests/test_real_path.py`` (the tiny profile
+1. the test suites of the real path on CUDA: ``tests/model/test_real_path.py`` (the tiny profile
    with a bf16 base: one AdamW step changes every fp32 trained tensor; per-rank sharded
-   loading), ``tests/test_real_path_e2e.py`` (random weights of the real architecture: weights,
+   loading), ``tests/flows/test_real_path_e2e.py`` (random weights of the real architecture: weights,
    preprocessing, embeddings, 2 training steps under NCCL with a killed rank and a resume,
-   guided generation), and the ``gpu`` tests of ``tests/test_pipeline.py`` (each offload mode
+   guided generation), and the ``gpu`` tests of ``tests/model/test_pipeline.py`` (each offload mode
    gives the no-offload video and leaves no hooks);
 2. generation on the real-architecture profile (bf16 base) with each offload mode: seconds
    and peak GPU memory, the LoRA merged;
@@ -39,9 +39,9 @@ def run_tests() -> int:
         "-x",
         "-p",
         "no:cacheprovider",
-        "tests/test_real_path.py",
-        "tests/test_real_path_e2e.py",
-        "tests/test_pipeline.py",
+        "tests/model/test_real_path.py",
+        "tests/flows/test_real_path_e2e.py",
+        "tests/model/test_pipeline.py",
     ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     print("\n".join(done.stdout.splitlines()[-15:]))

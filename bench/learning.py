@@ -1,6 +1,6 @@
 """Learning check: a small model fine-tuned for a few minutes on synthetic two-person clips,
 against the untrained model and a pose-blind control trained alike, measured in latent space
-on held-out clips with new persons and motion (model/evaluate.py). tests/test_learning.py runs
+on held-out clips with new persons and motion (model/evaluate.py). tests/model/test_learning.py runs
 it in CI and holds it to its margins.
 
     .venv/bin/python bench/learning.py      # LEARNING_STEPS, LEARNING_LR, LEARNING_BASE_STEPS

@@ -173,7 +173,7 @@ def load_adapter(dit: MultiAnimateDiT, folder: Path) -> LoadReport:
         raise CheckpointError(f"{folder}: label pool {config['label_pool']} but the model has {dit.label_pool}")
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(folder / ADAPTER_FILE), framework="pt") as f:
-        for key in f:
+        for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
             tensors[key] = f.get_tensor(key)
     report = LoadReport(source=folder, lora_rank=config["lora_rank"])
     _ensure_lora(dit, config["lora_rank"], config["lora_alpha"], folder)
@@ -226,7 +226,7 @@ def load_released(dit: MultiAnimateDiT, folder: Path) -> LoadReport:
     unplaced: list[str] = []
     for shard in _released_shards(folder):
         with safe_open(str(shard), framework="pt") as f:
-            for key in f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 try:
                     ours = released_name(key)
                 except KeyError:

@@ -59,7 +59,7 @@ def _squashing_processor(size: int) -> CLIPImageProcessor:
 
 # The tiny VAE's own latent normalisation, measured by measure_latent_statistics over 8
 # synthetic two-person clips (9 frames, 64x48; textured and flat backgrounds alternately;
-# re-measured by tests/test_model.py). Wan's published constants belong to the real VAE: on
+# re-measured by tests/model/test_model.py). Wan's published constants belong to the real VAE: on
 # the random tiny one they leave the picture content at ~6 % of the noise's scale, and a
 # tiny model then has almost nothing to learn from.
 TINY_LATENTS_MEAN = (

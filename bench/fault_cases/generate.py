@@ -2,7 +2,7 @@
 (the command line) or at the API (the generate flow's ``jobs``, confined to the allowed
 roots), and two faults: a job past its time limit, and a batch SIGKILLed mid-run then run
 again. Each case takes a fresh temporary folder and returns ``(ok, detail)``; the tests
-(tests/test_faults_generate.py) call the same functions and check more.
+(tests/faults/test_faults_generate.py) call the same functions and check more.
 
 Jobs are driven by ground-truth poses and masks of synthetic clips (no pose models) on the
 tiny profile, so a job takes about a second on a CPU."""

@@ -3,7 +3,7 @@ temporary server per run): a probe that hangs or meets an I/O error then a healt
 (issue case 2), a video with random bytes in its middle (case 3), a container that claims
 ten times its frames, pictures of 1xN, 1x1 and a declared 16000x16000, and two folders
 ingested one after the other into one workspace (case 10). Each case takes a fresh
-temporary folder and returns ``(ok, detail)``; tests/test_faults_ingest.py builds its inputs
+temporary folder and returns ``(ok, detail)``; tests/faults/test_faults_ingest.py builds its inputs
 with the same functions and checks more, in process.
 
 The transient faults are injected as a fake ``ffprobe`` first on PATH: a script that sleeps

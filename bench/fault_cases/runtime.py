@@ -1,7 +1,7 @@
 """The runtime's fault catalogue, on the real command line (a Prefect temporary server per
 run, real ffmpeg): a disk that fills up mid-run, a folder of only broken files, two runs on
 one workspace, and a result file that would run code if it were decoded. Each case takes a
-fresh temporary folder and returns ``(ok, detail)``; tests/test_faults_runtime.py calls the
+fresh temporary folder and returns ``(ok, detail)``; tests/faults/test_faults_runtime.py calls the
 same functions and checks more.
 
 The full disk is injected below the Python level, so that it reaches every writer of the

@@ -41,7 +41,7 @@ radii 4 and line thickness 2 are therefore source pixels: ``draw_pose_resized`` 
 How: every shape is drawn as a palette index into one uint8 channel (``draw_pose_indices``)
 and looked up in ``pose_palette(style)``, whose entries hold the dimmed limb colours and the
 channel order of the style. Drawing is opaque and its pixel coverage does not depend on the
-number of channels, so this gives the pixels of the rules above (tests/test_pose_render.py
+number of channels, so this gives the pixels of the rules above (tests/preprocess/test_pose_render.py
 compares the two on random poses) with a third of the memory traffic; the training loader
 looks indices up straight into its channel planes.
 """
@@ -283,7 +283,7 @@ def draw_pose_rows(
     """The non-black rows of ``draw_pose_resized``'s image: (first row, uint8 [n, W, 3]).
 
     Same pixels, less work: torch's resize is a horizontal pass (rows independent) then a
-    vertical one (columns independent), each rounded to uint8 (tests/test_pose_scale.py
+    vertical one (columns independent), each rounded to uint8 (tests/preprocess/test_pose_scale.py
     checks the split is exact), so the horizontal pass runs over the drawn rows only and the
     vertical pass over the columns that hold something. ``canvas``: an optional reusable
     uint8 [h, w] buffer of the source size (its content is overwritten).

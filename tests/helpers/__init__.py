@@ -7,5 +7,5 @@ fixtures (those stay in tests/conftest.py). Grouped by theme:
 - ``models``: tiny-model randomisers, the released checkpoint layout, a training config
 - ``poses``: crafted persons and pose models, the literal pose-drawing reference, resize and
   tolerance checks, driving files, the expected ONNX provider
-- ``shard_load_worker``: a script run under torchrun by tests/test_real_path.py
+- ``shard_load_worker``: a script run under torchrun by tests/model/test_real_path.py
 """

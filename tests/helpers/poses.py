@@ -1,6 +1,6 @@
 """Poses for tests: a crafted person with hand-placed joints, crafted DWPose models that always
 find two standing persons, the pose-drawing rules applied literally (spec A.6), the resize and
-tolerance of the release's pose images (tests/test_pose_scale.py), driving files made from a
+tolerance of the release's pose images (tests/preprocess/test_pose_scale.py), driving files made from a
 synthetic clip's ground truth, and the ONNX provider the runner should pick on this host."""
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def reference_draw_pose(frame: OpenPoseFrame, h: int, w: int, style: str) -> np.
 
 
 # One rounding step between resize kernels, on a fraction of a percent of the values
-# (the docstring of tests/test_pose_scale.py gives the reasons).
+# (the docstring of tests/preprocess/test_pose_scale.py gives the reasons).
 MAX_DIFF, MEAN_DIFF = 1, 0.02
 
 

@@ -27,7 +27,7 @@ from model.train import FAULT_ENV
 from preprocess.synthetic import SyntheticSpec, make_synthetic_video, write_demo_job_inputs
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "flows.cli"]
 
 
@@ -100,7 +100,7 @@ def test_the_real_path_on_real_architecture_weights(tmp_path, real_architecture)
         config["dit"]["num_attention_heads"] * config["dit"]["attention_head_dim"],
     ) == (8, 128, 5120)
     with safe_open(str(run / "final" / "adapter.safetensors"), framework="pt") as f:
-        dtypes = {f.get_slice(k).get_dtype() for k in f}
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
         assert dtypes == {"F32"}
         assert f.get_slice("transformer.blocks.1.attn1.to_q.lora_A.default.weight").get_shape() == [128, 5120]
 

@@ -42,7 +42,7 @@ from tests.helpers.models import run_config
 from tests.helpers.poses import crafted_pose_config, driving_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

@@ -282,7 +282,7 @@ def _nearest(start: int, length: int, out: int) -> np.ndarray:
 def _check_against_references(s: dict, c: Clip, height: int, width: int, style: str) -> None:
     """Every output against an independent computation from the documented conventions: labels
     by nearest neighbour, pose images as the release made them (drawn at the clip's size,
-    cropped, resized by torchvision; tolerance of tests/test_pose_scale.py), frames by the
+    cropped, resized by torchvision; tolerance of tests/preprocess/test_pose_scale.py), frames by the
     reference resize (up to the uint8 rounding)."""
     x0, y0, x1, y1 = crop = tuple(s[B.CROP_BOX].tolist())
     idx = s[B.FRAME_INDICES].numpy()

@@ -18,7 +18,7 @@ from model.dit import MultiAnimateDiT, build_transformer
 from model.train import NUM_TRAIN_TIMESTEPS, build_training_model, seen_timestep_index, training_sigmas
 from tests.helpers.models import released_tensors, write_released
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_real_profiles_default_to_a_bf16_base_and_tiny_to_fp32(tmp_path):

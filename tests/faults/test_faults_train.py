@@ -16,7 +16,7 @@ import pytest
 from bench.fault_cases import train as faults
 from model.run_folder import LAUNCHER_ENV, OWNER_FILE, RunFolderBusy, identity, own_run_folder, process_start
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ from preprocess.video import (
     video_record,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_ingest(folder: Path, workspace: Path, config: IngestConfig = IngestConfig()):

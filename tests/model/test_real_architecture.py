@@ -30,7 +30,7 @@ NUM_LAYERS = 2
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env["PYTHONPATH"] = str(Path(__file__).parents[1])
+    env["PYTHONPATH"] = str(Path(__file__).parents[2])
     env["COLUMNS"] = "400"  # rich wraps error boxes at the terminal width
     return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True)
 
@@ -86,7 +86,7 @@ def test_transformer_loads_sharded_bf16_with_the_real_sizes(written):
     assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     for shard in shards_of(folder / "diffusion_pytorch_model.safetensors.index.json"):
         with safe_open(str(folder / shard), framework="pt") as f:
-            assert {f.get_slice(k).get_dtype() for k in f} == {"BF16"}
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118 - safe_open is not iterable
 
 
 @pytest.mark.slow  # the module's write takes about a minute
@@ -160,7 +160,7 @@ def test_released_checkpoint_loads_onto_the_real_dit(written):
     assert report.widened == {"identifier_adapter.0.weight": (4, 8)}
     assert report.placed == NUM_LAYERS * 20 + 14 + 14 + 12  # 10 LoRA pairs a block; the three encoders
     with safe_open(str(written / MULTIANIMATE_FOLDER / "model-00001-of-00008.safetensors"), framework="pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f} == {"F32"}
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}  # noqa: SIM118 - safe_open is not iterable
     # the adapter changes what a layer computes (B is not PEFT's zero init)
     layer = dit.transformer.blocks[0].ffn.net[2]
     x = torch.randn(3, 13824, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)

@@ -32,7 +32,7 @@ from model.text_encoder import (
     profile_encoder_id,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LONG_TEXT = " ".join(["two person are dancing on a stage"] * 120)  # ~840 tokens: truncated to 512
 TEXTS = [
     "two person are dancing",

@@ -157,7 +157,7 @@ def test_bad_arguments_get_clear_errors(tmp_path):
 def test_weights_verb_names_every_missing_file(tmp_path):
     done = subprocess.run([*CLI, "weights"], env=cli_env(), capture_output=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr.decode()
-    repo = Path(__file__).parents[1]
+    repo = Path(__file__).parents[2]
     done = subprocess.run(
         [*CLI, "weights", "-c", str(repo / "configs" / "real.yaml")], env=cli_env(), capture_output=True, cwd=tmp_path
     )

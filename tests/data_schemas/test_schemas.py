@@ -173,16 +173,16 @@ def test_config_validation_and_yaml(tmp_path):
 def test_shipped_default_profile_is_the_built_in_default():
     from pathlib import Path
 
-    assert load_config(Path(__file__).parents[1] / "configs" / "default.yaml") == load_config(None)
+    assert load_config(Path(__file__).parents[2] / "configs" / "default.yaml") == load_config(None)
 
 
 def test_real_profile_names_the_dwpose_files():
     from pathlib import Path
 
-    pose = load_config(Path(__file__).parents[1] / "configs" / "real.yaml").pose
+    pose = load_config(Path(__file__).parents[2] / "configs" / "real.yaml").pose
     assert pose.models == "files" and pose.detector_path.name == "yolox_l.onnx"
     assert pose.pose_model_path.name == "dw-ll_ucoco_384.onnx"
-    segment = load_config(Path(__file__).parents[1] / "configs" / "real.yaml").segment
+    segment = load_config(Path(__file__).parents[2] / "configs" / "real.yaml").segment
     assert segment.models == "files"
     with pytest.raises(
         ValueError, match=r"(?s)SAM2 weights missing: .*sam2.1-hiera-large.*facebook/sam2.1-hiera-large"
