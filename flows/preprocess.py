@@ -39,6 +39,8 @@ def _preprocess(folder: Path, workspace: Path, config: ProjectConfig) -> Preproc
 
     refs = {i: ClipRef(c, ws) for i, c in clips.items()}
     poses, masks, failures = pose_and_segment(refs, config, models, ws)
+    # by clip id, not in the order tasks finished: manifests and reports are then the same bytes every run
+    poses, masks = dict(sorted(poses.items())), dict(sorted(masks.items()))
     failed = list(failures)
     for clip_id in failed:
         logger.error("clip %s failed, see its task run", clip_id)

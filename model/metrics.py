@@ -27,6 +27,7 @@ from scipy.optimize import linear_sum_assignment
 
 from data_schemas.evaluation import PROTOCOL_VERSION, ClipScores, EvalSummary, Protocol
 from model.feature_nets import R3D_MEAN
+from model.pipeline import latent_windows  # the pipeline's own rule (spec D.8), not a copy
 
 BODY_KEYPOINTS = np.arange(17)  # COCO-WholeBody 0..16
 Appearance = Callable[[np.ndarray], np.ndarray]  # crops uint8 [N, S, S, 3] -> features [N, D]
@@ -603,17 +604,6 @@ def background_stability(
 
 
 # ------------------------------------------------------------------------------- seams
-def release_windows(num_latents: int, size: int, overlap: int) -> list[list[int]]:
-    """Latent windows as the pipeline makes them (model/pipeline.py: latent_windows, spec D.8):
-    starts 0, size - overlap, ... while start < n - overlap, the last one the final ``size``."""
-    if num_latents <= size:
-        return [list(range(num_latents))]
-    starts = list(range(0, num_latents - overlap, size - overlap))
-    windows = [list(range(s, s + size)) for s in starts]
-    windows[-1] = list(range(num_latents - size, num_latents))
-    return windows
-
-
 def window_joins(windows: Sequence[Sequence[int]], num_frames: int) -> list[int]:
     """Frames where the set of windows covering a frame changes (latent 0 is frame 0, latent j >= 1
     frames 4j-3..4j): a window's first frame and the frame after the previous window's last."""
@@ -628,7 +618,7 @@ def window_joins(windows: Sequence[Sequence[int]], num_frames: int) -> list[int]
 def protocol_joins(num_frames: int, protocol: Protocol = Protocol()) -> list[int]:
     """Joins of a video generated with the protocol's (the release's) windows."""
     num_latents = (num_frames - 1) // 4 + 1
-    windows = release_windows(num_latents, protocol.seam_window_latents, protocol.seam_overlap_latents)
+    windows = latent_windows(num_latents, protocol.seam_window_latents, protocol.seam_overlap_latents)
     return window_joins(windows, num_frames)
 
 

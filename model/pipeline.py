@@ -230,7 +230,7 @@ def lora_merged(dit: nn.Module, merged: bool) -> Iterator[None]:
     """Within the block, the DiT's LoRA is folded into the base weights (``merged``) or kept
     as separate matmuls; every layer is put back as it was after. On a base that is not
     float32, merge + unmerge rounds the base weights (about one ulp each time): a pipeline
-    that generates many videos merges once (tasks/generate.py) instead."""
+    that generates many videos merges once (model/generate.py: load_pipeline) instead."""
     toggled = [layer for layer in lora_layers(dit.transformer) if layer.merged != merged]
     if not toggled:
         yield

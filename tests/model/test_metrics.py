@@ -22,6 +22,7 @@ from model.feature_nets import (
     load_eval_networks,
     tiny_lpips,
 )
+from model.pipeline import latent_windows
 from preprocess.synthetic import SyntheticSpec, ground_truth_poses, render_clip
 
 # small frames: the protocol's short side is set to the clips' own, so nothing is resized
@@ -319,7 +320,7 @@ def test_background_stability_sees_flicker_outside_the_persons(clip):
 
 
 def test_window_joins_follow_the_release_windows():
-    windows = metrics.release_windows(41, 21, 4)
+    windows = latent_windows(41, 21, 4)
     assert windows == [list(range(21)), list(range(17, 38)), list(range(20, 41))]
     assert metrics.window_joins(windows, 161) == [65, 77, 81, 149]
     assert metrics.protocol_joins(161) == [65, 77, 81, 149]
