@@ -25,10 +25,12 @@ browser:
 	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || \
 		{ echo "installing Debian's chromium and chromium-driver"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-# ruff's lint rules and its formatter (pyproject.toml: [tool.ruff]); CI runs both through `make test`
+# ruff's lint rules and its formatter, mypy on data_schemas (pyproject.toml: [tool.ruff], [tool.mypy]);
+# CI runs them through `make test`
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: setup browser lint
 	$(VENV)/bin/python -m pytest -ra

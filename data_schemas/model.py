@@ -156,6 +156,7 @@ class ModelConfig(BaseModel):
         """The frozen base's ``torch.dtype``."""
         import torch
 
+        assert self.dtype is not None  # filled by the profile's default before validation
         return getattr(torch, self.dtype)
 
     def digest(self) -> str:

@@ -36,7 +36,7 @@ def hold_for_reading(shards: list[Path]) -> list[IO]:
     """Shared locks on the sets that ``shards`` (through the ``shards`` link) belong to, for
     as long as the returned handles stay open (a training run holds them for its life): a
     newer set's publication leaves these sets in place, removed by a later one."""
-    held = []
+    held: list[IO] = []
     for set_dir in sorted({Path(os.path.realpath(p)).parent for p in shards}):
         if set_dir.parent.name != SHARD_SETS:
             continue  # shards outside a workspace's sets: nobody removes them

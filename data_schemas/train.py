@@ -64,7 +64,7 @@ class LoaderConfig(BaseModel):
     @field_validator("height", "width")
     @classmethod
     def _multiple_of_16(cls, v: int, info: ValidationInfo) -> int:
-        return check_wan_size(v, info.field_name)
+        return check_wan_size(v, info.field_name or "size")
 
     @model_validator(mode="after")
     def _strides(self) -> LoaderConfig:
