@@ -13,13 +13,14 @@ Legend: N texts, L = 512 tokens, D = encoder width.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from data_schemas.atomic import atomic_path
 from data_schemas.embedding import (
@@ -92,8 +93,20 @@ def _write_entry(
     # The metadata makes a lone entry file self-describing; the index stays the authority.
     metadata = {"encoder_id": encoder_id, "text": text, "num_tokens": str(num_tokens)}
     with atomic_path(Path(folder) / record.file) as tmp:
-        save_file({TENSOR_NAME: embedding_LD.to(dtype).contiguous()}, tmp, metadata=metadata)
+        Path(tmp).write_bytes(
+            sorted_header(save({TENSOR_NAME: embedding_LD.to(dtype).contiguous()}, metadata=metadata))
+        )
     return record
+
+
+def sorted_header(data: bytes) -> bytes:
+    """A safetensors file with its JSON header's keys sorted: safetensors writes metadata in
+    hash-map order, which changes from process to process, so the same embedding would not be
+    the same bytes. The header stays padded to 8 bytes; the tensor bytes are untouched."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + size :]
 
 
 def _publish_index(folder: Path, new: list[EmbeddingRecord]) -> Path:
