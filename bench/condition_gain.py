@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.learning import FRAMES, HEIGHT, STRIDE, WIDTH, prepare
 from data_schemas.model import ModelConfig
 from data_schemas.train import TrainConfig
+from data_schemas.workspace import Workspace
 from model.components import build_components
 from model.data import LoaderConfig, make_loader
 from model.pipeline import MultiAnimatePipeline
@@ -73,7 +74,7 @@ def main() -> None:
         shape = {"num_frames": FRAMES, "height": HEIGHT, "width": WIDTH, "max_stride": STRIDE, "min_stride": STRIDE}
         with_conditions = TrainConfig(workspace=ws, loader=shape, image_dropout=0.0, pose_dropout=0.0)
         without = with_conditions.model_copy(update={"pose_condition": False})
-        cache = EmbeddingCache(ws / "embeddings", profile_encoder_id("tiny"))
+        cache = EmbeddingCache(Workspace(ws).embeddings, profile_encoder_id("tiny"))
         loader_cfg = LoaderConfig(
             num_frames=FRAMES,
             height=HEIGHT,
@@ -84,7 +85,7 @@ def main() -> None:
             seed=0,
             shuffle_buffer=64,
         )
-        shards = sorted(str(p) for p in (ws / "shards").glob("*.tar"))
+        shards = sorted(str(p) for p in Workspace(ws).shards.glob("*.tar"))
         batches = iter(make_loader(shards, loader_cfg, args.batch_size, 0, epoch_samples=args.steps * args.batch_size))
         shift = comps.config.shift
         sigmas, weights = training_sigmas(shift), training_weights(shift)

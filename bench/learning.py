@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_schemas.config import ShardConfig
 from data_schemas.model import ModelConfig
 from data_schemas.train import TrainConfig
+from data_schemas.workspace import Workspace
 from model.components import build_components
 from model.data import LoaderConfig, make_dataset
 from model.evaluate import (
@@ -114,10 +115,8 @@ def prepare(tmp_path: Path, num_clips: int = 64) -> tuple[Path, Path, Path]:
     write_shards(ws, ShardConfig(val_fraction=0.0, target_shard_bytes=200_000))
     write_shards(held_out, ShardConfig(val_fraction=0.0))
     encoder = build_tiny_text_encoder()
-    texts = captions_from_shards(ws / "shards" / "index.parquet") + captions_from_shards(
-        held_out / "shards" / "index.parquet"
-    )
-    fill_cache(ws / "embeddings", encoder, texts + [WAN_NEGATIVE_PROMPT])
+    texts = captions_from_shards(Workspace(ws).shards_index) + captions_from_shards(Workspace(held_out).shards_index)
+    fill_cache(Workspace(ws).embeddings, encoder, texts + [WAN_NEGATIVE_PROMPT])
 
     base = tmp_path / "tiny-base"
     shape = TrainConfig(workspace=ws, loader=SHAPE, grad_clip=1.0)
@@ -141,9 +140,9 @@ def run(tmp_path: Path) -> tuple[dict[str, EvalResult], dict[str, float]]:
         shuffle_buffer=0,
     )
     samples = list(
-        make_dataset(sorted(str(p) for p in (held_out / "shards").glob("*.tar")), loader_cfg, rank=0, world_size=1)
+        make_dataset(sorted(str(p) for p in Workspace(held_out).shards.glob("*.tar")), loader_cfg, rank=0, world_size=1)
     )
-    cache = EmbeddingCache(ws / "embeddings", profile_encoder_id("tiny"))
+    cache = EmbeddingCache(Workspace(ws).embeddings, profile_encoder_id("tiny"))
     prompts, negative = [cache.get(s["caption"]) for s in samples], cache.get(WAN_NEGATIVE_PROMPT)
     sampling = SamplingConfig(steps=10, guidance_scale=GUIDANCE, progress=False)
 

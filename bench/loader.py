@@ -47,6 +47,7 @@ def build_data(root: Path, num_clips: int) -> None:
     from data_schemas import ClipRecord, IngestConfig, PoseRecord, write_records
     from data_schemas.config import SegmentConfig, ShardConfig
     from data_schemas.mask import MaskRecord
+    from data_schemas.workspace import Workspace
     from preprocess.media import write_video
     from preprocess.pose.convert import wholebody_to_openpose
     from preprocess.pose.render import draw_pose
@@ -57,6 +58,7 @@ def build_data(root: Path, num_clips: int) -> None:
     from preprocess.video import ingest_video, sha256_file
 
     workspace = root / "ours"
+    ws = Workspace(workspace)
     clips, poses, masks = [], [], []
     for i in range(num_clips):
         spec = SyntheticSpec(
@@ -89,7 +91,7 @@ def build_data(root: Path, num_clips: int) -> None:
         result = ingest_video(raw, sha, IngestConfig(max_side=WIDTH, max_clip_s=60), workspace)
         (record,) = result.clips
         clips.append(record)
-        pose_path = workspace / "poses" / f"{record.clip_id}.npz"
+        pose_path = ws.pose_file(record.clip_id)
         pose_path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
@@ -97,7 +99,7 @@ def build_data(root: Path, num_clips: int) -> None:
         poses.append(
             PoseRecord(
                 clip_id=record.clip_id,
-                path=f"poses/{pose_path.name}",
+                path=ws.relative(pose_path),
                 sha256=sha,
                 num_frames=SOURCE_FRAMES,
                 width=WIDTH,
@@ -120,9 +122,9 @@ def build_data(root: Path, num_clips: int) -> None:
                 workspace,
             )
         )
-    write_records(clips, ClipRecord, workspace / "manifests" / "clips.parquet")
-    write_records(poses, PoseRecord, workspace / "manifests" / "poses.parquet")
-    write_records(masks, MaskRecord, workspace / "manifests" / "masks.parquet")
+    write_records(clips, ClipRecord, ws.clips_manifest)
+    write_records(poses, PoseRecord, ws.poses_manifest)
+    write_records(masks, MaskRecord, ws.masks_manifest)
     write_shards(workspace, ShardConfig(val_fraction=0.0, target_shard_bytes=64 * 2**20))
 
 
@@ -171,9 +173,10 @@ def child(kind: str, root: Path, samples: int, workers: int) -> dict:
         folders = sorted((root / "seed").iterdir())
         loader = torch.utils.data.DataLoader(SeedDataset(folders, samples + 2), batch_size=1, num_workers=workers)
     else:
+        from data_schemas.workspace import Workspace
         from model.data import LoaderConfig, make_loader
 
-        urls = [str(p) for p in sorted((root / "ours" / "shards").glob("train-*.tar"))]
+        urls = [str(p) for p in sorted(Workspace(root / "ours").shards.glob("train-*.tar"))]
         cfg = LoaderConfig(num_frames=NUM_FRAMES, height=HEIGHT, width=WIDTH, resampled=True, seed=0)
         loader = make_loader(urls, cfg, batch_size=1, num_workers=workers)
     iterator = iter(loader)
@@ -193,6 +196,8 @@ def child(kind: str, root: Path, samples: int, workers: int) -> dict:
 
 
 def main() -> None:
+    from data_schemas.workspace import Workspace  # after the sys.path line above
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=4)
     parser.add_argument("--samples", type=int, default=12)
@@ -228,7 +233,10 @@ def main() -> None:
         results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     disk = {
         kind: sum(p.stat().st_size for p in folder.rglob(pattern))
-        for kind, folder, pattern in (("seed", root / "seed", "*.pkl"), ("ours", root / "ours" / "shards", "*.tar"))
+        for kind, folder, pattern in (
+            ("seed", root / "seed", "*.pkl"),
+            ("ours", Workspace(root / "ours").shards, "*.tar"),
+        )
     }
     for kind in ("seed", "ours"):
         r = results[kind]

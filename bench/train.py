@@ -23,11 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_schemas.config import ShardConfig
 from data_schemas.train import TrainConfig
-from model.text_cache import captions_from_shards, fill_cache
-from model.text_encoder import WAN_NEGATIVE_PROMPT, build_tiny_text_encoder
 from model.train import launch_command
-from preprocess.shards import write_shards
-from tests.helpers.workspaces import make_workspace
+from tests.helpers.workspaces import make_train_workspace
 
 
 def run(ws: Path, nproc: int, steps: int, frames: int, height: int, width: int) -> dict:
@@ -69,13 +66,8 @@ def main() -> None:
     height, width = (int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
         ws = Path(tmp)
-        make_workspace(ws, num_clips=8, clips_per_source=1, num_frames=40)
-        write_shards(ws, ShardConfig(val_fraction=0.0, target_shard_bytes=100_000))
-        fill_cache(
-            ws / "embeddings",
-            build_tiny_text_encoder(),
-            captions_from_shards(ws / "shards" / "index.parquet") + [WAN_NEGATIVE_PROMPT],
-        )
+        shards = ShardConfig(val_fraction=0.0, target_shard_bytes=100_000)
+        make_train_workspace(ws, shards, num_clips=8, clips_per_source=1, num_frames=40)
         results = [run(ws, n, args.steps, args.frames, height, width) for n in (1, 2)]
     for r in results:
         print(

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from data_schemas.evaluation import EvalConfig
 from data_schemas.job import GenerateConfig
 from data_schemas.model import ModelConfig
 
@@ -322,6 +323,10 @@ class ProjectConfig(_Config):
     model: ModelConfig = Field(default_factory=ModelConfig, description="the model: profile, weights, constants")
     generate: GenerateConfig = Field(
         default_factory=GenerateConfig, description="batch generation: input roots, job time limit, input bounds"
+    )
+    evaluate: EvalConfig = Field(
+        default_factory=EvalConfig,
+        description="held-out evaluation: the protocol, the feature networks' files, the generation of each clip",
     )
 
 

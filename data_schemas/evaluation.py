@@ -363,3 +363,65 @@ class EvalSummary(BaseModel):
     background_change_truth: float | None = Field(description="mean of the clips' background_change_truth")
     seam_drift: float | None = Field(description="mean seam_drift of the clips that have joins")
     seam_drift_truth: float | None = Field(description="mean seam_drift_truth of the same clips")
+
+
+class EvalConfig(BaseModel):
+    """The profile's ``evaluate:`` section: the protocol, the feature networks' files, and how
+    ``multianimate evaluate`` generates each held-out clip (its first frame, poses and label map)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    networks: EvalNetworks = Field(
+        default_factory=EvalNetworks, description="local files of LPIPS, I3D (FVD) and 3-D ResNet-50 (FID-VID)"
+    )
+    protocol: Protocol = Field(
+        default_factory=Protocol, description="the protocol's constants (changing one changes the digest)"
+    )
+    steps: int = Field(50, ge=1, le=1000, description="denoising steps of each generated clip (the release: 50)")
+    guidance_scale: float = Field(1.5, ge=1.0, le=20.0, description="classifier-free guidance (the release: 1.5)")
+    seed: int = Field(0, ge=0, description="seed of every clip's initial noise")
+    max_frames: int = Field(
+        81, ge=1, description="frames generated per clip at most; each clip gets the most of the form 4k+1 it has"
+    )
+    short_side: int | None = Field(
+        480,
+        ge=16,
+        description="generated at the clip's aspect with this shorter side (both sides rounded down to "
+        "multiples of 16); None: the clip's own size, rounded down likewise",
+    )
+
+
+EvalStatus = Literal["ok", "missing", "undecodable", "failed"]
+
+
+class EvalRow(BaseModel):
+    """A row of evals/<name>/per_clip.parquet: one per held-out clip (person 0, the clip's measures)
+    and one per person of a scored clip (person k, the measures that exist per person)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+    clip_id: str = Field(description="the held-out clip")
+    person: int = Field(description="0: the whole clip; k: person k (label k of the truth label map)")
+    status: EvalStatus = Field(
+        description="ok: scored; missing: no video; undecodable: the video did not decode cleanly; "
+        "failed: scoring failed (see reason)"
+    )
+    reason: str = Field(description="why the clip was not scored ('' when ok)")
+    video: str = Field(description="the generated video scored")
+    resampling: str = Field(description="what the conform rule did to each video ('' when nothing)")
+    protocol_version: int = Field(description="PROTOCOL_VERSION the scores were made under")
+    protocol_digest: str = Field(description="Protocol.digest() of the protocol used")
+    networks: str = Field(description="which networks made the scores")
+    tiny_networks: bool = Field(description="some network was a tiny random one: the numbers are no scores")
+    num_frames: int | None = Field(description="frames compared")
+    psnr: float | None = Field(description="PSNR in dB (per person: over the person's truth pixels)")
+    ssim: float | None = Field(description="SSIM (per person: mean SSIM map over the person's pixels)")
+    lpips: float | None = Field(description="LPIPS (clip rows only)")
+    pck: float | None = Field(description="PCK of the re-detected poses (None: not measured)")
+    swap_rate: float | None = Field(description="identity swap rate")
+    swapped_with: int | None = Field(description="person rows: the person most often looked like (0: none)")
+    background_change: float | None = Field(description="clip rows: background change of the generated video")
+    background_change_truth: float | None = Field(description="clip rows: the same for the truth")
+    seam_drift: float | None = Field(description="clip rows: seam jump over within-window change (1: no seam)")
+    seam_drift_truth: float | None = Field(description="clip rows: the same ratio on the truth")

@@ -213,6 +213,14 @@ class Workspace:
         """``evals/<name>/metrics.parquet``: the aggregates of one evaluation."""
         return self.eval(name) / "metrics.parquet"
 
+    def eval_reference(self, name: str, clip_id: str) -> Path:
+        """A held-out clip's first frame, the reference image its evaluation job animates."""
+        return self.eval(name) / "references" / f"{clip_id}.png"
+
+    def eval_preview(self, name: str) -> Path:
+        """The worst and best clips of an evaluation: truth | generated | error map."""
+        return self.eval(name) / "preview.png"
+
     @property
     def samples(self) -> Path:
         return self.root / SAMPLES

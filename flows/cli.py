@@ -452,6 +452,135 @@ def generate(
         raise typer.Exit(1)
 
 
+def _eval_config(config: Path | None, stages: tuple[str, ...]):
+    """The profile, with the weight files it names for ``stages`` and the evaluation's feature
+    networks checked before anything starts (one message for whatever is missing)."""
+    from data_schemas import load_config
+    from model.scoring import eval_networks
+
+    try:
+        cfg = load_config(config)
+        _check_weights(cfg, stages)
+        eval_networks(cfg.evaluate.networks, cfg.evaluate.protocol.lpips_backbone)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    return cfg
+
+
+def _eval_name(name: str) -> str:
+    from model.scoring import check_name
+
+    try:
+        return check_name(name)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--name") from exc
+
+
+def _print_evaluation(workspace: Path, outcome) -> None:
+    """The aggregates, which networks made them, what was not scored or was resampled, where
+    the files are; NothingDone when no clip was scored."""
+    from rich.markup import escape
+
+    from model.scoring import COMPARED, read_summary
+
+    if outcome.metrics is not None:
+        summary = read_summary(workspace, outcome.name)
+        table = Table(title=f"evaluation {outcome.name}: {outcome.num_scored}/{outcome.num_clips} clip(s) scored")
+        table.add_column("measure")
+        table.add_column("value", justify="right")
+        for measure in COMPARED:
+            value = getattr(summary, measure)
+            table.add_row(measure, "-" if value is None else f"{value:.4f}")
+        console.print(table)
+    console.print(f"networks: {outcome.networks}", markup=False, highlight=False)
+    if outcome.tiny_networks:
+        console.print(
+            "[yellow]tiny random feature networks: these numbers are a smoke test, not scores "
+            "(evaluate.networks of the profile names the real files)[/yellow]"
+        )
+    for clip, how in outcome.resampled.items():
+        console.print(f"{clip}: resampled: {escape(how)}", highlight=False)
+    for clip, why in outcome.not_scored.items():
+        console.print(f"[red]{clip}: not scored:[/red] {escape(why)}", highlight=False)
+    console.print(f"per clip: {outcome.per_clip}\nmetrics:  {outcome.metrics}\npreview:  {outcome.preview}")
+    if outcome.num_scored == 0:
+        raise NothingDone(f"none of the {outcome.num_clips} held-out clip(s) was scored; reasons: {outcome.per_clip}")
+
+
+@app.command()
+def score(
+    video_dir: Annotated[Path, typer.Argument(help="folder of generated videos named <clip_id>.mp4")],
+    workspace: WorkspaceOpt = Path("workspace"),
+    config: ConfigOpt = None,
+    name: Annotated[
+        str | None, typer.Option(help="the evaluation's folder under evals/ (default: VIDEO_DIR's name)")
+    ] = None,
+    wait: WaitOpt = False,
+) -> None:
+    """Score generated videos against the workspace's held-out clips (the val split) into evals/<name>/."""
+    if not video_dir.is_dir():
+        raise typer.BadParameter(f"{video_dir}: not a folder", param_hint="VIDEO_DIR")
+    name = _eval_name(name or video_dir.absolute().name)
+    cfg = _eval_config(config, ("pose",))
+    workspace = use_workspace(workspace, wait)
+    from flows.evaluate import score as score_flow
+
+    _print_evaluation(workspace, score_flow(workspace, video_dir.absolute(), name, cfg))
+
+
+@app.command()
+def evaluate(
+    workspace: WorkspaceOpt = Path("workspace"),
+    config: ConfigOpt = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(help="a training run's name (runs/<run>/final), a weights folder, or 'base' (no fine-tuning)"),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="the evaluation's folder under evals/ (default: the checkpoint's name)")
+    ] = None,
+    compare: Annotated[
+        tuple[str, str] | None,
+        typer.Option(metavar="A B", help="instead: the aggregates of evaluations A and B side by side, with B - A"),
+    ] = None,
+    wait: WaitOpt = False,
+) -> None:
+    """Generate every held-out clip (the val split) with a checkpoint and score it into evals/<name>/."""
+    if (checkpoint is None) == (compare is None):
+        raise typer.BadParameter("give --checkpoint (to evaluate) or --compare A B", param_hint="--checkpoint")
+    if compare is not None:
+        for one in compare:
+            _eval_name(one)
+        workspace = use_workspace(workspace, wait)
+        from flows.evaluate import compare as compare_flow
+
+        rows, notes = compare_flow(workspace, *compare)
+        table = Table(title=f"{compare[0]} vs {compare[1]}")
+        for column in rows[0]:
+            table.add_column(column, justify="left" if column == "measure" else "right")
+        for row in rows:
+            table.add_row(*("-" if v is None else v if isinstance(v, str) else f"{v:.4g}" for v in row.values()))
+        console.print(table)
+        for note in notes:
+            console.print(f"[yellow]{note}[/yellow]", highlight=False)
+        return
+    assert checkpoint is not None
+    name = _eval_name(name or Path(checkpoint).name)
+    cfg = _eval_config(config, ("pose", "model"))
+    from model.scoring import resolve_checkpoint
+
+    try:
+        resolve_checkpoint(Workspace(Path(workspace).absolute()), cfg.model, checkpoint)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--checkpoint") from exc
+    workspace = use_workspace(workspace, wait)
+    from flows.evaluate import evaluate as evaluate_flow
+
+    outcome = evaluate_flow(workspace, checkpoint, name, cfg)
+    console.print(f"jobs: {len(outcome.generated)} generated, {len(outcome.finished_before)} finished before")
+    _print_evaluation(workspace, outcome)
+
+
 @app.command()
 def embed(
     workspace: WorkspaceOpt = Path("workspace"),

@@ -62,5 +62,5 @@ def deploy(gpu_slots: int = 1) -> list[str]:
     proc = subprocess.run(cmd, cwd=PROJECT_DIR, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"prefect deploy failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    done.append("deployments: preprocess, embed, train, generate (prefect.yaml)")
+    done.append("deployments: preprocess, embed, train, generate, evaluate (prefect.yaml)")
     return done

@@ -173,7 +173,7 @@ def _prepare_driving(
     return out
 
 
-def _run_job(
+def run_job_and_publish(
     workspace: Path,
     job_id: str,
     spec: JobSpec | BaseException,
@@ -275,7 +275,7 @@ def _generate(
 
     records = []
     for job_id, spec in pending.items():
-        record = _run_job(workspace, job_id, spec, inputs.get(job_id), config, pose_files, prepare_s)
+        record = run_job_and_publish(workspace, job_id, spec, inputs.get(job_id), config, pose_files, prepare_s)
         if record.status == "failed":
             logger.error("job %s failed (%s): %s", job_id, record.reason, record.error)
         records.append(record)

@@ -35,19 +35,9 @@ def prefect_api():
 @pytest.fixture(scope="session")
 def train_workspace(tmp_path_factory) -> Path:
     """A workspace with shards of four synthetic two-person clips and their embeddings."""
-    from data_schemas.config import ShardConfig
-    from data_schemas.workspace import Workspace
-    from model.text_cache import captions_from_shards, fill_cache
-    from model.text_encoder import WAN_NEGATIVE_PROMPT, build_tiny_text_encoder
-    from preprocess.shards import write_shards
-    from tests.helpers.workspaces import make_workspace
+    from tests.helpers.workspaces import make_train_workspace
 
-    ws = tmp_path_factory.mktemp("train-ws")
-    make_workspace(ws, num_clips=4)
-    write_shards(ws, ShardConfig(val_fraction=0.0))
-    texts = captions_from_shards(Workspace(ws).shards_index) + [WAN_NEGATIVE_PROMPT]
-    fill_cache(Workspace(ws).embeddings, build_tiny_text_encoder(), texts)
-    return ws
+    return make_train_workspace(tmp_path_factory.mktemp("train-ws"), num_clips=4)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from data_schemas.workspace import Workspace
+from tests.helpers.cli import cli_env
+
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 64  # the reference image and the driving clip (pixels, square)
 
@@ -135,20 +138,12 @@ def submit(args: list[str]) -> tuple[int, str]:
     return result.exit_code, " ".join(text.split())
 
 
-def cli_env() -> dict[str, str]:
-    """The environment of a ``multianimate`` child: no Prefect settings of ours (it points
-    Prefect's home at its workspace itself) but the API's address when one is set (the tests
-    share their server instead of each child starting its own)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") or k == "PREFECT_API_URL"}
-    return env | {"PYTHONPATH": str(REPO), "COLUMNS": "400"}
-
-
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """``multianimate ARGS`` as a child process."""
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *map(str, args)],
         cwd=REPO,
-        env=cli_env(),
+        env=cli_env(keep_api_url=True),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -201,7 +196,8 @@ def _refused(tmp: Path, args: list, expect: str) -> tuple[bool, str]:
     and nothing was queued."""
     workspace = tmp / "ws"
     code, out = submit([*args, "-w", workspace])
-    queued = list((workspace / "queue").glob("*.json")) if (workspace / "queue").is_dir() else []
+    queue = Workspace(workspace).queue
+    queued = list(queue.glob("*.json")) if queue.is_dir() else []
     ok = code != 0 and expect in out and not queued
     return ok, f"exit {code}, {len(queued)} queued: {out.partition(' Error ')[2][:300]}"
 
@@ -338,7 +334,8 @@ def _api_refused(tmp: Path, reference: Path, expect: str) -> tuple[bool, str]:
     try:
         queue_jobs(workspace, [spec], ProjectConfig())
     except ValueError as exc:
-        queued = list((workspace / "queue").glob("*.json")) if (workspace / "queue").is_dir() else []
+        queue = Workspace(workspace).queue
+        queued = list(queue.glob("*.json")) if queue.is_dir() else []
         return expect in str(exc) and not queued, f"{len(queued)} queued: {exc}"
     return False, "queued"
 
@@ -362,7 +359,7 @@ def case_symlink_api(tmp: Path) -> tuple[bool, str]:
 
 def _output_folders(workspace: Path) -> dict[str, list[str]]:
     """Every entry of outputs/ (temporary ones included) with its files."""
-    folder = workspace / "outputs"
+    folder = Workspace(workspace).outputs
     return {p.name: sorted(q.name for q in p.iterdir()) for p in sorted(folder.iterdir())} if folder.is_dir() else {}
 
 
@@ -387,12 +384,12 @@ def case_killed_batch(tmp: Path) -> tuple[bool, str]:
     workspace = tmp / "ws"
     inputs = job_inputs(tmp / "in")
     ids = queue_small_jobs(workspace, inputs, seeds=[1, 2, 3], steps=8)
-    first = workspace / "outputs" / ids[0] / "job.json"
+    first = Workspace(workspace).output(ids[0]) / "job.json"
     with open(tmp / "first-run.log", "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "generate", "-w", str(workspace)],
             cwd=REPO,
-            env=cli_env(),
+            env=cli_env(keep_api_url=True),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -11,13 +11,14 @@ past the probe timeout, or one that answers as ffprobe does when read(2) fails w
 
 from __future__ import annotations
 
-import os
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
 from bench.fault_cases.generate import corrupt_middle, driving_video
+from data_schemas.workspace import Workspace
+from tests.helpers.cli import cli_env
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 600
@@ -134,20 +135,11 @@ PROFILE = "ingest:\n  probe_timeout_s: 1.0\n"  # a hanging probe costs a second 
 # ---- the command line ------------------------------------------------------------------
 
 
-def cli_env(path_prefix: Path | None = None) -> dict[str, str]:
-    """A ``multianimate`` child's environment: no Prefect settings of ours (it homes Prefect
-    in its workspace) but the API's address when one is set (tests share their server)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") or k == "PREFECT_API_URL"}
-    if path_prefix is not None:
-        env["PATH"] = f"{path_prefix}{os.pathsep}{env.get('PATH', '')}"
-    return env | {"PYTHONPATH": str(REPO), "COLUMNS": "400"}
-
-
 def cli(*args: object, path_prefix: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *map(str, args)],
         cwd=REPO,
-        env=cli_env(path_prefix),
+        env=cli_env(keep_api_url=True, path_prefix=path_prefix),
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
@@ -163,14 +155,14 @@ def manifest(workspace: Path) -> dict[str, object]:
     """Videos manifest rows by file name."""
     from data_schemas import VideoRecord, read_records
 
-    path = workspace / "manifests" / "videos.parquet"
+    path = Workspace(workspace).videos_manifest
     return {Path(r.path).name: r for r in read_records(path, VideoRecord)} if path.exists() else {}
 
 
 def clips(workspace: Path) -> list:
     from data_schemas import ClipRecord, read_records
 
-    path = workspace / "manifests" / "clips.parquet"
+    path = Workspace(workspace).clips_manifest
     return read_records(path, ClipRecord) if path.exists() else []
 
 
@@ -322,7 +314,7 @@ def case_two_folders(tmp: Path) -> tuple[bool, str]:
     first = cli("ingest", week1, "-w", workspace)
     second = cli("preprocess", week2, "-w", workspace, "-c", profile)
     rows = {Path(r.path).relative_to(tmp).as_posix(): r for r in manifest(workspace).values()}
-    index = workspace / "shards" / "index.parquet"
+    index = Workspace(workspace).shards_index
     sources = {s.source_sha256 for s in read_records(index, ShardSample)} if index.exists() else set()
     contents = {r.sha256 for r in rows.values() if r.status == "ok"}
     ok = (

@@ -22,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from data_schemas.workspace import Workspace
+from tests.helpers.cli import cli_env, temp_files
+
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "flows.cli"]
 TIMEOUT_S = 300
@@ -67,18 +70,6 @@ ssize_t pwritev(int fd, const struct iovec *v, int c, off_t o) { NEXT(pwritev); 
 
 
 # ---- helpers ----------------------------------------------------------------------------
-
-
-def cli_env(api_url: str | None = None, **extra: str) -> dict[str, str]:
-    """A user's environment: no Prefect settings of the caller, so the command uses the
-    workspace's home and a temporary server of its own, or the server at ``api_url``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    return env | {
-        "PYTHONPATH": str(REPO),
-        "COLUMNS": "400",
-        **({"PREFECT_API_URL": api_url} if api_url else {}),
-        **extra,
-    }
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
@@ -153,12 +144,6 @@ def make_broken_files(folder: Path) -> Path:
     return folder
 
 
-def temp_files(root: Path) -> list[Path]:
-    from data_schemas.atomic import is_temp_name
-
-    return sorted(p for p in root.rglob("*") if is_temp_name(p.name))
-
-
 def ingest_problems(workspace: Path, folder: Path) -> list[str]:
     """What is inconsistent after ingesting ``folder``: a file listed other than once, a clip
     missing or not the bytes its manifest names, a temporary left behind, a result file that
@@ -168,17 +153,18 @@ def ingest_problems(workspace: Path, folder: Path) -> list[str]:
     from tasks.common import foreign_result
 
     problems = []
-    videos = read_records(workspace / "manifests" / "videos.parquet", VideoRecord)
+    ws = Workspace(workspace)
+    videos = read_records(ws.videos_manifest, VideoRecord)
     listed = sorted(Path(v.path).name for v in videos if Path(v.path).parent == folder.absolute())
     found = sorted(p.name for p in folder.iterdir() if p.is_file())
     if listed != found:
         problems.append(f"the videos manifest lists {listed}, the folder holds {found}")
-    for clip in read_records(workspace / "manifests" / "clips.parquet", ClipRecord):
-        path = workspace / clip.path
+    for clip in read_records(ws.clips_manifest, ClipRecord):
+        path = ws.resolve(clip.path)
         if not path.is_file() or sha256_file(path) != clip.sha256:
             problems.append(f"{path}: missing or not the clip its manifest names")
-    problems += [f"{p}: temporary left behind" for p in temp_files(workspace)]
-    results = workspace / ".prefect" / "results"
+    problems += [f"{p}: temporary left behind" for p in sorted(temp_files(workspace))]
+    results = ws.results
     problems += [f"{p}: {why}" for p in (results.iterdir() if results.is_dir() else []) if (why := foreign_result(p))]
     return problems
 
@@ -355,7 +341,7 @@ def run_planted_pickle(tmp: Path, api_url: str | None = None) -> dict:
     pickle at one cached result's key, and ingest again."""
     folder, workspace, marker = make_broken_files(tmp / "in"), tmp / "ws", tmp / "code-ran"
     first = cli("ingest", str(folder), "-w", str(workspace), env=cli_env(api_url))
-    results = sorted((workspace / ".prefect" / "results").iterdir())
+    results = sorted(Workspace(workspace).results.iterdir())
     if not results:
         raise RuntimeError(f"the first run cached nothing: {last_line(first.stderr)!r}")
     plant_pickle_result(results[0], marker)

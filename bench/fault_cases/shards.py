@@ -29,6 +29,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from data_schemas.workspace import CLIPS, MANIFESTS, MASKS, POSES, Workspace
+
 REPO = Path(__file__).resolve().parents[2]
 HUGE = 2**62
 
@@ -56,7 +58,7 @@ def make_inputs(root: Path, num_clips: int = 4) -> Path:
 
 
 def copy_inputs(source: Path, dest: Path) -> Path:
-    for name in ("manifests", "clips", "poses", "masks"):
+    for name in (MANIFESTS, CLIPS, POSES, MASKS):
         shutil.copytree(source / name, dest / name)
     return dest
 
@@ -72,7 +74,7 @@ def reference_digests(inputs: Path, scratch: Path) -> dict[str, str]:
 
     ws = copy_inputs(inputs, scratch)
     write_shards(ws, shard_config(NEW))
-    return set_digests(ws / "shards")
+    return set_digests(Workspace(ws).shards)
 
 
 def set_problems(ws: Path, expected: dict[str, str], when: str) -> list[str]:
@@ -80,7 +82,7 @@ def set_problems(ws: Path, expected: dict[str, str], when: str) -> list[str]:
     from data_schemas.atomic import is_temp_name
     from preprocess.shards import verify_shard_set
 
-    link, sets = ws / "shards", ws / "shard-sets"
+    link, sets = Workspace(ws).shards, Workspace(ws).shard_sets
     if not link.is_symlink():
         return [f"{when}: {link} is not the link to a shard set"]
     problems = [f"{when}: {p}" for p in verify_shard_set(link)]
@@ -106,7 +108,7 @@ def published_old_set(
     ws = copy_inputs(inputs, tmp / "ws") if inputs is not None else make_inputs(tmp / "ws")
     write_shards(ws, shard_config(OLD))
     expected = expected if expected is not None else reference_digests(ws, tmp / "reference")
-    old = set_digests(ws / "shards")
+    old = set_digests(Workspace(ws).shards)
     assert old != expected, "the fault must interrupt a set that differs from the published one"
     return ws, old, expected
 
@@ -117,9 +119,8 @@ def rerun_problems(ws: Path, expected: dict[str, str]) -> list[str]:
 
     write_shards(ws, shard_config(NEW))
     problems = set_problems(ws, expected, "after the rerun")
-    leftovers = sorted(
-        p.name for p in (ws / "shard-sets").iterdir() if p.name != ".lock" and p.resolve() != (ws / "shards").resolve()
-    )
+    link, sets = Workspace(ws).shards, Workspace(ws).shard_sets
+    leftovers = sorted(p.name for p in sets.iterdir() if p.name != ".lock" and p.resolve() != link.resolve())
     if leftovers:
         problems.append(f"after the rerun: leftovers {leftovers}")
     return problems
@@ -219,7 +220,7 @@ def disk_full_at(tmp: Path, budget: int, **reuse) -> tuple[bool, str]:
     else:
         return False, f"the set fitted in {budget} bytes: no fault happened"
     problems = set_problems(ws, old, "after ENOSPC")
-    temps = [p.name for p in (ws / "shard-sets").iterdir() if p.name.startswith(".") and p.name != ".lock"]
+    temps = [p.name for p in Workspace(ws).shard_sets.iterdir() if p.name.startswith(".") and p.name != ".lock"]
     if temps:
         problems.append(f"after ENOSPC: temporaries not removed: {temps}")
     problems += rerun_problems(ws, expected)
@@ -276,7 +277,7 @@ def kill_after(tmp: Path, budget: int, **reuse) -> tuple[bool, str]:
         if child.poll() is None:
             child.kill()
             child.wait()
-    temps = [p.name for p in (ws / "shard-sets").iterdir() if p.name.startswith(".") and p.name != ".lock"]
+    temps = [p.name for p in Workspace(ws).shard_sets.iterdir() if p.name.startswith(".") and p.name != ".lock"]
     problems = set_problems(ws, old, "after SIGKILL")
     if not temps:
         problems.append("after SIGKILL: no temporary folder: the kill did not land mid-set")
@@ -300,7 +301,7 @@ def real_shard(tmp: Path) -> Path:
 
     ws = make_inputs(tmp / "ws")
     write_shards(ws, shard_config({"val_fraction": 0.0}))
-    return (ws / "shards" / "train-000000.tar").resolve()
+    return (Workspace(ws).shards / "train-000000.tar").resolve()
 
 
 def with_huge_member(shard: Path, dest: Path, member_suffix: str = ".ref.png", sample: int = 1) -> Path:

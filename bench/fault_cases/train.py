@@ -32,6 +32,10 @@ import sys
 import time
 from pathlib import Path
 
+from tests.helpers.cli import cli_env
+from tests.helpers.models import run_config
+from tests.helpers.workspaces import make_train_workspace
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
 START_TIMEOUT_S = 300
@@ -41,38 +45,19 @@ GONE_WITHIN_S = 5.0  # how long a rank may outlive its launcher (PDEATHSIG: at o
 # --------------------------------------------------------------------------- set-up
 
 
-def make_workspace(root: Path) -> Path:
-    """Shards of two synthetic two-person clips and their prompt embeddings."""
-    from data_schemas.config import ShardConfig
-    from model.text_cache import captions_from_shards, fill_cache
-    from model.text_encoder import WAN_NEGATIVE_PROMPT, build_tiny_text_encoder
-    from preprocess.shards import write_shards
-    from tests.helpers.workspaces import make_workspace as make_clips
-
-    ws = Path(root) / "ws"
-    ws.mkdir(parents=True)
-    make_clips(ws, num_clips=2, num_frames=12, width=64, height=48)
-    write_shards(ws, ShardConfig(val_fraction=0.0))
-    texts = captions_from_shards(ws / "shards" / "index.parquet") + [WAN_NEGATIVE_PROMPT]
-    fill_cache(ws / "embeddings", build_tiny_text_encoder(), texts)
-    return ws
-
-
-def run_config(ws: Path, name: str):
-    """A 3-step run that checkpoints every step (all kept, to compare them)."""
-    from data_schemas.train import TrainConfig
-
-    return TrainConfig(
-        workspace=ws,
-        run_name=name,
-        loader={"num_frames": 5, "height": 32, "width": 32},
-        max_steps=STEPS,
-        checkpoint_every=1,
-        keep_checkpoints=STEPS,
-        num_workers=0,
-        nproc=2,
-        warmup_steps=1,
-    )
+# The cases' workspace (make_train_workspace): shards of two synthetic two-person clips and
+# their prompt embeddings.
+CLIPS = {"num_clips": 2, "num_frames": 12, "width": 64, "height": 48}
+# The cases' runs (run_config's overrides): 3 steps, a checkpoint every step (all kept, to compare them).
+RUN = {
+    "loader": {"num_frames": 5, "height": 32, "width": 32},
+    "max_steps": STEPS,
+    "checkpoint_every": 1,
+    "keep_checkpoints": STEPS,
+    "num_workers": 0,
+    "nproc": 2,
+    "warmup_steps": 1,
+}
 
 
 def config_file(cfg) -> Path:
@@ -89,12 +74,7 @@ def base_env(api_url: str | None = None, **extra: str) -> dict[str, str]:
     from model.train import FAULT_ENV, STALL_ENV
 
     drop = {SAVE_FAULT_ENV, FAULT_ENV, LAUNCHER_ENV, STALL_ENV}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k not in drop}
-    env["PYTHONPATH"] = str(REPO)
-    env["COLUMNS"] = "400"
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    return env | extra
+    return {k: v for k, v in cli_env(api_url).items() if k not in drop} | extra
 
 
 def cli_train(cfg, env: dict[str, str], **popen) -> subprocess.Popen:
@@ -125,7 +105,7 @@ def run_torchrun(cfg, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 def reference_run(ws: Path, env: dict[str, str] | None = None) -> Path:
     """The uninterrupted run the faulted ones must equal; returns its run folder."""
-    cfg = run_config(ws, "uninterrupted")
+    cfg = run_config(ws, "uninterrupted", **RUN)
     done = run_torchrun(cfg, env or base_env())
     if done.returncode != 0:
         raise RuntimeError(f"the uninterrupted run failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
@@ -285,7 +265,7 @@ def _verdict(problems: list[str], ok_detail: str) -> tuple[bool, str]:
 
 
 def launcher_killed(ws: Path, reference: Path, env: dict[str, str], name: str = "killed-launcher") -> tuple[bool, str]:
-    cfg = run_config(ws, name)
+    cfg = run_config(ws, name, **RUN)
     problems = kill_launcher(cfg, env)
     problems += checkpoint_problems(cfg.run_dir, [1])
     problems += rerun(cfg, env, resume_from=1) or product_problems(cfg.run_dir, reference)
@@ -299,7 +279,7 @@ def launcher_killed(ws: Path, reference: Path, env: dict[str, str], name: str = 
 def disk_full_in_checkpoint(
     ws: Path, reference: Path, env: dict[str, str], name: str = "disk-full"
 ) -> tuple[bool, str]:
-    cfg = run_config(ws, name)
+    cfg = run_config(ws, name, **RUN)
     problems = fill_disk_in_save(cfg, env)
     problems += checkpoint_problems(cfg.run_dir, [1])  # step 1 whole, no step 2, no temporary left
     problems += rerun(cfg, env, resume_from=1) or product_problems(cfg.run_dir, reference)
@@ -314,7 +294,7 @@ def killed_in_checkpoint(
 ) -> tuple[bool, str]:
     from model.checkpoint import checkpoint_dir, temp_checkpoint_dir
 
-    cfg = run_config(ws, name)
+    cfg = run_config(ws, name, **RUN)
     problems = kill_in_save(cfg, env)
     problems += checkpoint_problems(cfg.run_dir, [1], temporaries=True)
     if not temp_checkpoint_dir(checkpoint_dir(cfg.run_dir, 2)).is_dir():
@@ -328,17 +308,17 @@ def killed_in_checkpoint(
 
 
 def case_launcher_killed(tmp: Path) -> tuple[bool, str]:
-    ws = make_workspace(tmp)
+    ws = make_train_workspace(tmp / "ws", **CLIPS)
     return launcher_killed(ws, reference_run(ws), base_env())
 
 
 def case_disk_full_in_checkpoint(tmp: Path) -> tuple[bool, str]:
-    ws = make_workspace(tmp)
+    ws = make_train_workspace(tmp / "ws", **CLIPS)
     return disk_full_in_checkpoint(ws, reference_run(ws), base_env())
 
 
 def case_killed_in_checkpoint(tmp: Path) -> tuple[bool, str]:
-    ws = make_workspace(tmp)
+    ws = make_train_workspace(tmp / "ws", **CLIPS)
     return killed_in_checkpoint(ws, reference_run(ws), base_env())
 
 

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from bench.fault_cases import generate as cases
 from data_schemas import ProjectConfig
 from data_schemas.job import GenerateConfig, JobSpec, describe_validation_error, queue_path, read_record, submit_job
+from data_schemas.workspace import Workspace
 
 HOSTILE = [(name, function) for name, kind, function in cases.CASES if kind == "hostile"]
 
@@ -195,9 +196,9 @@ def test_time_limit_diverged_weights_and_api_jobs(tmp_path, prefect_api):
     nan = read_record(workspace, diverged.job_id)
     assert nan.reason == "degenerate_output" and "non-finite latents (NaN or inf) after denoising step 1/2" in nan.error
     for failed in (runaway, diverged):
-        assert [p.name for p in (workspace / "outputs" / failed.job_id).iterdir()] == ["job.json"]
-    assert sorted(p.name for p in (workspace / "outputs" / healthy.job_id).iterdir()) == cases.COMPLETE
-    assert not [p for p in (workspace / "outputs").iterdir() if p.name.startswith(".")]
+        assert [p.name for p in Workspace(workspace).output(failed.job_id).iterdir()] == ["job.json"]
+    assert sorted(p.name for p in Workspace(workspace).output(healthy.job_id).iterdir()) == cases.COMPLETE
+    assert not [p for p in Workspace(workspace).outputs.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.slow

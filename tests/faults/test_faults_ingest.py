@@ -32,6 +32,7 @@ from bench.fault_cases.ingest import (
 )
 from data_schemas import ClipRecord, IngestConfig, VideoRecord, load_config, read_records
 from data_schemas.video import FailureReason, VideoStatus
+from data_schemas.workspace import Workspace
 from preprocess import media
 from preprocess.video import (
     FoundFile,
@@ -52,7 +53,7 @@ def run_ingest(folder: Path, workspace: Path, config: IngestConfig = IngestConfi
 
 
 def rows_by_name(workspace: Path) -> dict[str, VideoRecord]:
-    return {Path(r.path).name: r for r in read_records(workspace / "manifests/videos.parquet", VideoRecord)}
+    return {Path(r.path).name: r for r in read_records(Workspace(workspace).videos_manifest, VideoRecord)}
 
 
 # ---- case 2: a passing failure is no verdict --------------------------------------------
@@ -87,7 +88,7 @@ def test_a_failing_probe_is_retried_never_cached_and_a_rerun_processes_the_file(
     summary = run_ingest(folder, workspace, config.ingest)
     row = rows_by_name(workspace)["good.mp4"]
     assert (row.status, row.reason, summary.num_passing) == (VideoStatus.ok, None, 0)
-    clips = read_records(workspace / "manifests/clips.parquet", ClipRecord)
+    clips = read_records(Workspace(workspace).clips_manifest, ClipRecord)
     assert len(clips) == 1 and (workspace / clips[0].path).is_file()
     assert len(stored()) == 1  # the verdict about the content is cached now
     assert calls(fake) == 3
@@ -116,7 +117,7 @@ def test_a_video_with_random_bytes_in_its_middle_is_rejected_with_its_damaged_fr
     assert (result.status, result.reason) == (VideoStatus.failed, FailureReason.undecodable)
     assert result.damaged_frames and result.damaged_frames > 0 and result.num_frames == 100
     assert str(video) in result.error and "damaged frame(s)" in result.error and "only a clean decode" in result.error
-    assert list((tmp_path / "ws" / "clips").iterdir()) == []
+    assert list(Workspace(tmp_path / "ws").clips.iterdir()) == []
     record = video_record(FoundFile(video, video.stat().st_size), "x", result)
     assert record.damaged_frames == result.damaged_frames and record.num_frames == 100
 
@@ -183,7 +184,7 @@ def test_a_second_folder_adds_to_the_workspace_and_the_shards_hold_both(tmp_path
 
     rows = {
         Path(r.path).relative_to(tmp_path).as_posix(): r
-        for r in read_records(workspace / "manifests/videos.parquet", VideoRecord)
+        for r in read_records(Workspace(workspace).videos_manifest, VideoRecord)
     }
     assert {name: (r.status.value, r.folder) for name, r in rows.items()} == {
         "week1/a.mp4": ("ok", str(week1)),
@@ -196,7 +197,7 @@ def test_a_second_folder_adds_to_the_workspace_and_the_shards_hold_both(tmp_path
         week1 / "a.mp4"
     )  # present before: a duplicate, not a replacement
     assert (summary.num_files, summary.num_ok, summary.num_duplicates, summary.num_sources) == (2, 1, 1, 5)
-    clips = read_records(workspace / "manifests/clips.parquet", ClipRecord)
+    clips = read_records(Workspace(workspace).clips_manifest, ClipRecord)
     assert {c.source_path for c in clips} == {str(week1 / "a.mp4"), str(week1 / "b.mp4"), str(week2 / "c.mp4")}
     assert summary.num_clips == len(clips) == 3
     pose_and_mask_every_clip(workspace)
@@ -206,15 +207,15 @@ def test_a_second_folder_adds_to_the_workspace_and_the_shards_hold_both(tmp_path
     }
 
     # Last week's folder again: nothing of this week's is dropped, nothing changes.
-    before = read_records(workspace / "manifests/videos.parquet", VideoRecord)
+    before = read_records(Workspace(workspace).videos_manifest, VideoRecord)
     run_ingest(week1, workspace)
-    assert read_records(workspace / "manifests/videos.parquet", VideoRecord) == before
-    assert read_records(workspace / "manifests/clips.parquet", ClipRecord) == clips
+    assert read_records(Workspace(workspace).videos_manifest, VideoRecord) == before
+    assert read_records(Workspace(workspace).clips_manifest, ClipRecord) == clips
 
     # Removing is a command that says what it removes; a dry run removes nothing.
     b_clip = next(c for c in clips if c.source_path == str(week1 / "b.mp4"))
     b_pose = next(
-        p for p in read_records(workspace / "manifests/poses.parquet", PoseRecord) if p.clip_id == b_clip.clip_id
+        p for p in read_records(Workspace(workspace).poses_manifest, PoseRecord) if p.clip_id == b_clip.clip_id
     )
     dry = remove_cli(week1, workspace, "--dry-run")
     assert (
@@ -222,20 +223,20 @@ def test_a_second_folder_adds_to_the_workspace_and_the_shards_hold_both(tmp_path
         and "nothing removed" in dry
         and f"kept, now under {week2 / 'copy of a.mp4'}" in dry
     )
-    assert read_records(workspace / "manifests/videos.parquet", VideoRecord) == before
+    assert read_records(Workspace(workspace).videos_manifest, VideoRecord) == before
     out = remove_cli(week1, workspace, "--yes")
     assert "removed 3 file(s) from the manifest, 1 clip(s), 3 product file(s)" in out, out
     rows = {
         Path(r.path).relative_to(tmp_path).as_posix(): r
-        for r in read_records(workspace / "manifests/videos.parquet", VideoRecord)
+        for r in read_records(Workspace(workspace).videos_manifest, VideoRecord)
     }
     assert {name: r.status.value for name, r in rows.items()} == {"week2/c.mp4": "ok", "week2/copy of a.mp4": "ok"}
     assert rows["week2/copy of a.mp4"].num_clips == 1  # it inherited a.mp4's verdict and clip
-    left = read_records(workspace / "manifests/clips.parquet", ClipRecord)
+    left = read_records(Workspace(workspace).clips_manifest, ClipRecord)
     assert {c.source_path for c in left} == {str(week2 / "c.mp4"), str(week2 / "copy of a.mp4")}
     assert not (workspace / b_clip.path).exists() and not (workspace / b_pose.path).exists()
     assert all((workspace / c.path).exists() for c in left)
-    assert b_clip.clip_id not in {p.clip_id for p in read_records(workspace / "manifests/poses.parquet", PoseRecord)}
+    assert b_clip.clip_id not in {p.clip_id for p in read_records(Workspace(workspace).poses_manifest, PoseRecord)}
     assert "no file listed" in remove_cli(week1, workspace, "--yes", code=1)
 
 
@@ -250,7 +251,7 @@ def pose_and_mask_every_clip(workspace: Path) -> None:
     from preprocess.pose.onnx_models import build_crafted_models, detector_output_for_boxes, simcc_for_points
     from preprocess.segment import stage as segment_stage
 
-    clips = read_records(workspace / "manifests/clips.parquet", ClipRecord)
+    clips = read_records(Workspace(workspace).clips_manifest, ClipRecord)
     box = np.array([[10, 5, 60, 60]], np.float32)
     crop = np.stack([np.linspace(20, 260, 133), np.linspace(30, 350, 133)], axis=1)
     files = build_crafted_models(
@@ -266,14 +267,14 @@ def pose_and_mask_every_clip(workspace: Path) -> None:
         )
         for c, p in zip(clips, poses)
     ]
-    write_records(poses, PoseRecord, workspace / "manifests/poses.parquet")
-    write_records(masks, MaskRecord, workspace / "manifests/masks.parquet")
+    write_records(poses, PoseRecord, Workspace(workspace).poses_manifest)
+    write_records(masks, MaskRecord, Workspace(workspace).masks_manifest)
 
 
 def shard_index(workspace: Path) -> list:
     from data_schemas.shard import ShardSample
 
-    return read_records(workspace / "shards" / "index.parquet", ShardSample)
+    return read_records(Workspace(workspace).shards_index, ShardSample)
 
 
 def remove_cli(target: Path, workspace: Path, *flags: str, code: int = 0) -> str:
@@ -389,7 +390,7 @@ def test_a_long_clip_streams_through_pose_and_segmentation_with_bounded_memory(t
         tmp_path / "models", detector_output_for_boxes(box, np.full(1, 0.9), (height, width)), simcc_for_points(crop)
     )
     done = subprocess.run(
-        [sys.executable, "-m", "tests.test_faults_ingest", str(tmp_path), *map(str, models)],
+        [sys.executable, "-m", "tests.faults.test_faults_ingest", str(tmp_path), *map(str, models)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -440,7 +441,7 @@ def _child(folder: Path, detector: Path, pose_model: Path) -> dict:
         record = segment_stage.segment_clip(
             folder / f"{name}.mp4",
             name,
-            workspace / f"poses/{name}.npz",
+            Workspace(workspace).pose_file(name),
             _BoxSegmenter,
             "box",
             SegmentConfig(),

@@ -23,6 +23,7 @@ from bench.fault_cases.shards import (
     with_huge_member,
 )
 from data_schemas import batch as B
+from data_schemas.workspace import Workspace
 from model.data import LoaderConfig, LoaderStalled, make_dataset, make_loader
 from preprocess.shards import write_shards
 
@@ -32,7 +33,7 @@ def shard(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     """(workspace, its one train shard, the shard's keys in order)."""
     ws = make_inputs(tmp_path_factory.mktemp("ws"))
     write_shards(ws, shard_config({"val_fraction": 0.0}))
-    path = ws / "shards" / "train-000000.tar"
+    path = Workspace(ws).shards / "train-000000.tar"
     with tarfile.open(path) as tar:
         keys = sorted({m.name.split(".")[0] for m in tar})
     return ws, path, keys

@@ -22,8 +22,10 @@ from pathlib import Path
 import pytest
 
 from bench.fault_cases import runtime as cases
+from data_schemas.workspace import Workspace
 from flows import runtime
 from tasks.common import foreign_result, remove_foreign_results, remove_incomplete_results
+from tests.helpers.cli import cli_env, temp_files
 
 # ---- the cause on one line -------------------------------------------------------------------
 
@@ -93,7 +95,7 @@ def test_a_failing_disk_is_named_when_the_chain_only_holds_the_api_error(tmp_pat
         line
         == f"File too large [EFBIG] writing under {tmp_path} (the run failed with: the Prefect API answered 500 Internal Server Error (POST /api/flow_runs/1/set_state))"
     )
-    assert cases.temp_files(tmp_path) == []  # the probe cleans up after itself
+    assert temp_files(tmp_path) == []  # the probe cleans up after itself
 
 
 def test_a_verb_on_a_disk_that_takes_no_writes_stops_before_prefect_starts(tmp_path):
@@ -103,7 +105,7 @@ def test_a_verb_on_a_disk_that_takes_no_writes_stops_before_prefect_starts(tmp_p
     limit = runtime.PROBE_BYTES // 4
     done = subprocess.run(
         [*cases.CLI, "ingest", str(folder), "-w", str(tmp_path / "ws")],
-        env=cases.cli_env(),
+        env=cli_env(),
         cwd=cases.REPO,
         capture_output=True,
         text=True,
@@ -112,7 +114,7 @@ def test_a_verb_on_a_disk_that_takes_no_writes_stops_before_prefect_starts(tmp_p
     )
     assert done.returncode == 1, done.stderr[-3000:]
     assert cases.last_line(done.stderr) == f"error: File too large [EFBIG]: {tmp_path / 'ws'}"
-    assert "temporary server" not in done.stderr and cases.temp_files(tmp_path / "ws") == []
+    assert "temporary server" not in done.stderr and temp_files(tmp_path / "ws") == []
 
 
 def test_the_temporary_server_gets_minutes_to_start_unless_the_user_said_otherwise(tmp_path):
@@ -125,7 +127,7 @@ def test_the_temporary_server_gets_minutes_to_start_unless_the_user_said_otherwi
         ({"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "45"}, "45"),
     ):
         done = subprocess.run(
-            [sys.executable, "-c", show], env=cases.cli_env(**extra), cwd=tmp_path, capture_output=True, text=True
+            [sys.executable, "-c", show], env=cli_env(**extra), cwd=tmp_path, capture_output=True, text=True
         )
         assert done.stdout.strip() == expected, done.stderr[-2000:]
 
@@ -257,11 +259,11 @@ def test_a_planted_pickle_never_runs_and_all_broken_inputs_exit_non_zero(tmp_pat
         assert line.startswith(
             f"error: all 3 input file(s) under {tmp_path / 'in'} failed (2 not_a_video, 1 undecodable); e.g. "
         ), line
-        assert line.endswith(f"every file's reason: {run['workspace'] / 'manifests' / 'videos.parquet'}")
+        assert line.endswith(f"every file's reason: {Workspace(run['workspace']).videos_manifest}")
     assert not run["code_ran"]
     assert f"removed {run['planted']}: written with serializer 'pickle'" in run["second"].stderr
     assert foreign_result(run["planted"]) is None
-    for path in (run["workspace"] / ".prefect" / "results").iterdir():  # every result is our JSON, no pickle anywhere
+    for path in Workspace(run["workspace"]).results.iterdir():  # every result is our JSON, no pickle anywhere
         record = json.loads(path.read_text())
         assert record["metadata"]["serializer"]["type"] == "json" and json.loads(record["result"])[
             "__class__"
@@ -282,7 +284,7 @@ with workspace_lock(Path(sys.argv[1])):
 
 def test_the_workspace_lock_refuses_or_waits_and_is_reentrant(tmp_path):
     with runtime.workspace_lock(tmp_path), runtime.workspace_lock(tmp_path):  # a verb, then its flow, in one process
-        assert tmp_path / ".lock" in tmp_path.iterdir()
+        assert Workspace(tmp_path).lock in tmp_path.iterdir()
     env = os.environ | {"PYTHONPATH": str(cases.REPO)}
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(tmp_path), "3"], env=env, stdout=subprocess.PIPE, text=True

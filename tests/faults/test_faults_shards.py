@@ -29,6 +29,7 @@ from bench.fault_cases.shards import (
 from data_schemas import read_records, write_records
 from data_schemas.atomic import temp_path_for
 from data_schemas.shard import ShardSample
+from data_schemas.workspace import INDEX, Workspace
 from preprocess.shards import verify_shard_set, write_shards
 
 SET_BYTES = 4 * 51_200  # the NEW set's four tars (one ~40 KB sample each, padded to 10 KB records)
@@ -71,7 +72,7 @@ def test_disk_full_while_writing_the_index(inputs, tmp_path, monkeypatch):
         write_shards(ws, shard_config(NEW))
     monkeypatch.undo()
     assert set_problems(ws, old, "after ENOSPC") == []
-    assert [p.name for p in (ws / "shard-sets").iterdir() if p.name.startswith(".") and p.name != ".lock"] == []
+    assert [p.name for p in Workspace(ws).shard_sets.iterdir() if p.name.startswith(".") and p.name != ".lock"] == []
     assert not rerun_problems(ws, expected)
 
 
@@ -102,15 +103,16 @@ def test_killed_between_rename_and_link_swap(inputs, tmp_path):
     """The new set is whole under its final name, the temporary link not yet swapped in."""
     root, expected = inputs
     ws = copy_inputs(root, tmp_path / "ws")
+    layout = Workspace(ws)
     write_shards(ws, shard_config(OLD))
-    old = set_digests(ws / "shards")
+    old = set_digests(layout.shards)
     scratch = copy_inputs(root, tmp_path / "scratch")
     new_set = Path(write_shards(scratch, shard_config(NEW)).set_dir)
     shutil.copytree(scratch / new_set, ws / new_set)
-    os.symlink(str(new_set), dead_writer_name(ws / "shard-sets" / "shards"))
+    os.symlink(str(new_set), dead_writer_name(layout.shard_sets / layout.shards.name))
     # Readers still see the old set, whole (the unlinked one is under a final name: the state
     # of a writer killed between the two steps, which set_problems names).
-    assert not verify_shard_set(ws / "shards") and set_digests(ws / "shards") == old
+    assert not verify_shard_set(layout.shards) and set_digests(layout.shards) == old
     assert set_problems(ws, old, "killed") == [f"killed: other sets under final names: ['{new_set.name}']"]
     assert not rerun_problems(ws, expected)
 
@@ -118,13 +120,14 @@ def test_killed_between_rename_and_link_swap(inputs, tmp_path):
 def test_a_folder_from_before_shard_sets_is_migrated(inputs, tmp_path):
     root, expected = inputs
     ws = copy_inputs(root, tmp_path / "ws")
+    layout = Workspace(ws)
     write_shards(ws, shard_config(OLD))
     legacy = tmp_path / "legacy"
-    shutil.copytree(ws / "shards", legacy)  # the files, not the link
-    shutil.rmtree(ws / "shard-sets")
-    (ws / "shards").unlink()
-    legacy.rename(ws / "shards")
-    assert (ws / "shards").is_dir() and not (ws / "shards").is_symlink()
+    shutil.copytree(layout.shards, legacy)  # the files, not the link
+    shutil.rmtree(layout.shard_sets)
+    layout.shards.unlink()
+    legacy.rename(layout.shards)
+    assert layout.shards.is_dir() and not layout.shards.is_symlink()
     assert not rerun_problems(ws, expected)
 
 
@@ -136,21 +139,22 @@ def test_killed_while_migrating(inputs, tmp_path):
     new_set = Path(write_shards(scratch, shard_config(NEW)).set_dir)
     shutil.copytree(scratch / new_set, ws / new_set)
     write_shards(copy_inputs(root, tmp_path / "old"), shard_config(OLD))
-    shutil.copytree(tmp_path / "old" / "shards", dead_writer_name(ws / "shard-sets" / "legacy"))
-    assert not (ws / "shards").exists()
+    shutil.copytree(Workspace(tmp_path / "old").shards, dead_writer_name(Workspace(ws).shard_sets / "legacy"))
+    assert not Workspace(ws).shards.exists()
     assert not rerun_problems(ws, expected)
 
 
 def test_rerun_with_the_same_inputs_changes_nothing(inputs, tmp_path):
     root, expected = inputs
     ws = copy_inputs(root, tmp_path / "ws")
+    layout = Workspace(ws)
     first = write_shards(ws, shard_config(NEW))
-    link, stat = os.readlink(ws / "shards"), os.stat(ws / first.set_dir / "train-000000.tar")
+    link, stat = os.readlink(layout.shards), os.stat(ws / first.set_dir / "train-000000.tar")
     second = write_shards(ws, shard_config(NEW))
-    assert second == first and os.readlink(ws / "shards") == link == first.set_dir
+    assert second == first and os.readlink(layout.shards) == link == first.set_dir
     assert os.stat(ws / first.set_dir / "train-000000.tar").st_ino == stat.st_ino  # the published files were kept
-    assert set_digests(ws / "shards") == expected
-    assert sorted(p.name for p in (ws / "shard-sets").iterdir()) == sorted([".lock", Path(first.set_dir).name])
+    assert set_digests(layout.shards) == expected
+    assert sorted(p.name for p in layout.shard_sets.iterdir()) == sorted([".lock", Path(first.set_dir).name])
 
 
 def test_the_consistency_check_finds_what_disagrees(inputs, tmp_path):
@@ -158,7 +162,7 @@ def test_the_consistency_check_finds_what_disagrees(inputs, tmp_path):
     root, _ = inputs
     ws = copy_inputs(root, tmp_path / "ws")
     summary = write_shards(ws, shard_config(NEW))
-    assert verify_shard_set(ws / "shards") == []
+    assert verify_shard_set(Workspace(ws).shards) == []
 
     def damaged(name: str, change) -> list[str]:
         copy = tmp_path / name
@@ -166,18 +170,16 @@ def test_the_consistency_check_finds_what_disagrees(inputs, tmp_path):
         change(copy)
         return verify_shard_set(copy)
 
-    rows = read_records(ws / "shards" / "index.parquet", ShardSample)
+    rows = read_records(Workspace(ws).shards_index, ShardSample)
     shifted = [rows[0].model_copy(update={"offset": rows[0].offset + 512}), *rows[1:]]
-    assert "the index says" in " ".join(
-        damaged("offset", lambda d: write_records(shifted, ShardSample, d / "index.parquet"))
-    )
+    assert "the index says" in " ".join(damaged("offset", lambda d: write_records(shifted, ShardSample, d / INDEX)))
     assert "does not list" in " ".join(
         damaged("extra", lambda d: shutil.copy(d / "train-000000.tar", d / "train-000009.tar"))
     )
     assert "missing" in " ".join(damaged("gone", lambda d: (d / "val-000001.tar").unlink()))
     cut = lambda d: (d / "train-000001.tar").write_bytes((d / "train-000001.tar").read_bytes()[:30_000])
     assert damaged("cut", cut)
-    assert "index.parquet" in " ".join(damaged("noindex", lambda d: (d / "index.parquet").unlink()))
+    assert "index.parquet" in " ".join(damaged("noindex", lambda d: (d / INDEX).unlink()))
 
 
 def test_a_set_being_read_outlives_its_replacement(inputs, tmp_path):
@@ -187,15 +189,16 @@ def test_a_set_being_read_outlives_its_replacement(inputs, tmp_path):
     from data_schemas.shard import hold_for_reading
 
     ws = copy_inputs(inputs[0], tmp_path / "ws")
+    layout = Workspace(ws)
     first = Path(write_shards(ws, shard_config(OLD)).set_dir)
-    reading = hold_for_reading(sorted((ws / "shards").glob("*.tar")))
+    reading = hold_for_reading(sorted(layout.shards.glob("*.tar")))
     second = Path(write_shards(ws, shard_config(NEW)).set_dir)
-    assert second != first and os.readlink(ws / "shards") == str(second)
-    assert verify_shard_set(ws / first) == [] and verify_shard_set(ws / "shards") == []
+    assert second != first and os.readlink(layout.shards) == str(second)
+    assert verify_shard_set(ws / first) == [] and verify_shard_set(layout.shards) == []
     for handle in reading:
         handle.close()
     write_shards(
         ws, shard_config(OLD)
     )  # publishes the first set again: the held-then-freed one is reused or rebuilt whole
     write_shards(ws, shard_config(NEW))
-    assert sorted(p.name for p in (ws / "shard-sets").iterdir() if not p.name.startswith(".")) == [second.name]
+    assert sorted(p.name for p in layout.shard_sets.iterdir() if not p.name.startswith(".")) == [second.name]

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from bench.fault_cases import train as faults
+from data_schemas.workspace import Workspace
 from model.run_folder import LAUNCHER_ENV, OWNER_FILE, RunFolderBusy, identity, own_run_folder, process_start
+from tests.helpers.models import run_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +36,7 @@ def test_killed_launcher_full_disk_and_kill_in_a_save_each_leave_a_run_that_resu
     unlucky user would meet them; the last rerun equals the uninterrupted run byte for byte."""
     ws, reference = fault_workspace
     env = faults.base_env(prefect_api)
-    cfg = faults.run_config(ws, "three-faults")
+    cfg = run_config(ws, "three-faults", **faults.RUN)
 
     # kill -9 of the CLI's process group while the ranks (own sessions) wait after step 1
     assert faults.kill_launcher(cfg, env) == []
@@ -63,7 +65,7 @@ def test_killed_launcher_full_disk_and_kill_in_a_save_each_leave_a_run_that_resu
 def test_a_run_folder_has_one_owner_and_each_rank_one_process(tmp_path, monkeypatch):
     from model.train import claim_run_folder
 
-    run_dir = tmp_path / "runs" / "r"
+    run_dir = Workspace(tmp_path).run("r")
     with own_run_folder(run_dir) as env:
         assert env == {LAUNCHER_ENV: identity()}
         assert (run_dir / OWNER_FILE).read_text().startswith(identity())

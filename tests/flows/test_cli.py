@@ -15,6 +15,7 @@ import pytest
 from data_schemas import ClipRecord, VideoRecord, read_records
 from data_schemas.mask import MaskRecord
 from data_schemas.shard import ShardSample
+from data_schemas.workspace import Workspace
 from preprocess import media
 from preprocess.synthetic import SyntheticSpec, make_synthetic_video
 from tests.helpers.cli import cli_env, temp_files
@@ -33,7 +34,7 @@ def test_sigkill_mid_run_then_rerun_completes_cleanly(tmp_path):
     proc = subprocess.Popen(
         args, env=cli_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    clips_dir = workspace / "clips"
+    clips_dir = Workspace(workspace).clips
     deadline = time.monotonic() + 120
     while not (clips_dir.exists() and any(clips_dir.iterdir())):  # first staging dir or clip
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -41,20 +42,20 @@ def test_sigkill_mid_run_then_rerun_completes_cleanly(tmp_path):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its ffmpeg children, mid-write
     proc.wait()
-    assert not (workspace / "manifests" / "videos.parquet").exists(), "the run finished before the kill"
+    assert not Workspace(workspace).videos_manifest.exists(), "the run finished before the kill"
     assert temp_files(workspace), "the kill should have interrupted a clip being written"
 
     done = subprocess.run(args, env=cli_env(), capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     assert temp_files(workspace) == []
-    videos = read_records(workspace / "manifests/videos.parquet", VideoRecord)
-    clips = read_records(workspace / "manifests/clips.parquet", ClipRecord)
+    videos = read_records(Workspace(workspace).videos_manifest, VideoRecord)
+    clips = read_records(Workspace(workspace).clips_manifest, ClipRecord)
     assert [v.status.value for v in videos] == ["ok"] * 6 and len(clips) == 6
     for clip in clips:
         assert media.count_and_check_frames(workspace / clip.path) == (clip.num_frames, clip.width, clip.height)
         assert clip.num_frames == 100
     assert sorted(p.name for p in clips_dir.iterdir()) == sorted(Path(c.path).name for c in clips)
-    for result in (workspace / ".prefect" / "results").iterdir():
+    for result in Workspace(workspace).results.iterdir():
         json.loads(result.read_bytes())  # Prefect's own result files are whole too
 
 
@@ -67,7 +68,7 @@ def test_demo_produces_the_documented_files(tmp_path):
     produced = {p.relative_to(workspace).as_posix() for p in workspace.rglob("*") if p.is_file()}
     hidden = {p for p in produced if p.startswith(".")}  # Prefect's home and results, the workspace lock
     assert all(p.startswith(".prefect/") or p == ".lock" for p in hidden)  # the truth models build no tiny ONNX files
-    clips = read_records(workspace / "manifests/clips.parquet", ClipRecord)
+    clips = read_records(Workspace(workspace).clips_manifest, ClipRecord)
     samples = {f"samples/raw/sample_{i:02d}.{ext}" for i in range(4) for ext in ("mp4", "gt.npz")}
     manifests = {f"manifests/{name}.parquet" for name in ("videos", "clips", "poses", "masks", "quality")} | {
         "manifests/.lock"
@@ -75,12 +76,12 @@ def test_demo_produces_the_documented_files(tmp_path):
     per_clip = {f"{stage}/{c.clip_id}.npz" for c in clips for stage in ("poses", "masks")}
     reports = {"reports/pose-contact-sheet.png", "reports/mask-overlays.png", "reports/data-card.md"}
     reports |= {p for p in produced if p.startswith("reports/data-card/") and p.endswith(".png")}
-    current = os.readlink(workspace / "shards")  # the link to the current shard set
+    current = os.readlink(Workspace(workspace).shards)  # the link to the current shard set
     shards = {p for p in produced if p.startswith(f"{current}/") and p.endswith(".tar")}
     assert shards and {p.split("/")[-1].split("-")[0] for p in shards} <= {"train", "val"}
     embeddings = {p for p in produced if p.startswith("embeddings/") and p.endswith(".safetensors")}
     assert len(embeddings) >= 2  # the captions and the negative prompt
-    job_ids = [p.name.removesuffix(".json") for p in (workspace / "queue").iterdir()]
+    job_ids = [p.name.removesuffix(".json") for p in Workspace(workspace).queue.iterdir()]
     assert len(job_ids) == 1
     job = f"outputs/{job_ids[0]}"
     run = "runs/demo"
@@ -128,11 +129,11 @@ def test_demo_produces_the_documented_files(tmp_path):
     assert frames == 17
     # Sample 2 has a scene cut: four videos give five clips.
     assert len(clips) == 5 and all(
-        v.status == "ok" for v in read_records(workspace / "manifests/videos.parquet", VideoRecord)
+        v.status == "ok" for v in read_records(Workspace(workspace).videos_manifest, VideoRecord)
     )
     # The truth models: every person of every clip (samples have 1, 2, 3, 1 persons), and
     # the default filters keep the clips of two or more.
-    masks = read_records(workspace / "manifests/masks.parquet", MaskRecord)
+    masks = read_records(Workspace(workspace).masks_manifest, MaskRecord)
     assert sorted(m.num_persons for m in masks) == [1, 1, 2, 3, 3] and {m.source for m in masks} == {"truth"}
     assert len(read_records(workspace / current / "index.parquet", ShardSample)) == 3
     for clip in clips:

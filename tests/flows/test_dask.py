@@ -7,6 +7,7 @@ import os
 import pytest
 
 from data_schemas import ClipRecord, IngestConfig, VideoRecord, read_records
+from data_schemas.workspace import Workspace
 from preprocess.synthetic import SyntheticSpec, make_synthetic_video
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -32,12 +33,12 @@ def test_ingest_on_a_dask_cluster(tmp_path, prefect_api, monkeypatch):
             summary = ingest.with_options(task_runner=runner)(folder, workspace, IngestConfig())
     # Every hash and ingest task ran on the cluster's workers, and both took part.
     assert len(stream.data) == 4 + 4 and len({task["worker"] for task in stream.data}) == 2
-    videos = read_records(workspace / "manifests/videos.parquet", VideoRecord)
+    videos = read_records(Workspace(workspace).videos_manifest, VideoRecord)
     assert sorted((os.path.basename(v.path), v.status.value) for v in videos) == [
         ("broken.mp4", "failed"),
         ("v0.mp4", "ok"),
         ("v1.mp4", "ok"),
         ("v2.mp4", "ok"),
     ]
-    clips = read_records(workspace / "manifests/clips.parquet", ClipRecord)
+    clips = read_records(Workspace(workspace).clips_manifest, ClipRecord)
     assert summary.num_clips == len(clips) == 3 and all((workspace / c.path).exists() for c in clips)

@@ -37,6 +37,7 @@ from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
 from data_schemas.job import JobSpec, submit_job
+from data_schemas.workspace import Workspace
 from preprocess.synthetic import SyntheticSpec, render_clip
 from tests.helpers.models import run_config
 from tests.helpers.poses import crafted_pose_config, driving_files
@@ -161,7 +162,7 @@ def test_deploy_then_train_and_generate_through_a_worker(deployed, train_workspa
     config = json.loads(run_config(train_workspace, "from-ui", nproc=1, max_steps=2).model_dump_json())
     result = run_deployment(server, "train/train", {"config": config})
     assert result["state"] == "COMPLETED", (result, worker_log_tail(server))
-    assert (train_workspace / "runs" / "from-ui" / "final" / "adapter.safetensors").is_file()
+    assert (Workspace(train_workspace).run("from-ui") / "final" / "adapter.safetensors").is_file()
 
     ws, inputs = server["tmp"] / "gen-ws", server["tmp"] / "inputs"
     inputs.mkdir()
@@ -179,7 +180,7 @@ def test_deploy_then_train_and_generate_through_a_worker(deployed, train_workspa
         server, "generate/generate", {"workspace": str(ws), "config": {"pose": json.loads(pose_cfg.model_dump_json())}}
     )
     assert result["state"] == "COMPLETED", (result, worker_log_tail(server))
-    assert sorted(p.name for p in (ws / "outputs" / job_id).iterdir()) == [
+    assert sorted(p.name for p in Workspace(ws).output(job_id).iterdir()) == [
         "job.json",
         "preview.mp4",
         "preview.png",
@@ -320,4 +321,4 @@ def test_train_run_started_from_the_ui_form(deployed, train_workspace, tmp_path,
         ) from e
     finally:
         browser.quit()
-    assert (train_workspace / "runs" / name / "final" / "adapter.safetensors").is_file()
+    assert (Workspace(train_workspace).run(name) / "final" / "adapter.safetensors").is_file()

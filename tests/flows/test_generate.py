@@ -14,6 +14,7 @@ import torch
 from data_schemas.config import ProjectConfig
 from data_schemas.job import JobRecord, JobSpec, queue_path, record_path, submit_job
 from data_schemas.model import ModelConfig
+from data_schemas.workspace import Workspace
 from preprocess import retarget
 from preprocess.retarget import BODY_SEGMENTS, ROOT, PersonTransform
 from preprocess.synthetic import SyntheticSpec, ground_truth_poses, make_synthetic_video, render_clip
@@ -226,7 +227,7 @@ def test_submitting_twice_queues_one_job(tmp_path):
     assert first.exit_code == second.exit_code == 0, first.output + second.output
     job_id = first.stdout.strip().splitlines()[-1]
     assert second.stdout.strip().splitlines()[-1] == job_id
-    assert [p.name for p in (tmp_path / "ws" / "queue").iterdir()] == [f"{job_id}.json"]
+    assert [p.name for p in Workspace(tmp_path / "ws").queue.iterdir()] == [f"{job_id}.json"]
     spec = JobSpec.model_validate_json(queue_path(tmp_path / "ws", job_id).read_bytes())
     assert spec.job_id == job_id and spec.steps == 2 and spec.person_map == {1: 2, 2: 1}
     bad = CliRunner().invoke(
@@ -399,7 +400,7 @@ def test_generate_runs_the_queue_records_failures_and_never_redoes_a_finished_jo
     failed = JobRecord.model_validate_json(record_path(workspace, bad.job_id).read_bytes())
     assert failed.status == "failed" and failed.reason == "invalid_input"
     assert failed.error == f"reference: {inputs / 'missing.png'}: reference image not found"
-    folder = workspace / "outputs" / good.job_id
+    folder = Workspace(workspace).output(good.job_id)
     assert sorted(p.name for p in folder.iterdir()) == ["job.json", "preview.mp4", "preview.png", "video.mp4"]
     record = JobRecord.model_validate_json((folder / "job.json").read_bytes())
     assert (

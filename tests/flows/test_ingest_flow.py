@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from data_schemas import ClipRecord, IngestConfig, VideoRecord, read_records
+from data_schemas.workspace import Workspace
 from preprocess import media
 from tests.helpers.cli import task_states, temp_files
 from tests.helpers.media import CLIPS, EXPECTED, build_media_folder
@@ -24,7 +25,7 @@ def run_ingest(folder: Path, workspace: Path, config: IngestConfig | None = None
 
 
 def clip_stats(workspace: Path) -> dict[str, tuple[int, int]]:
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (workspace / "clips").iterdir()}
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in Workspace(workspace).clips.iterdir()}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_every_input_gets_its_status_and_reason(media_folder, ingested):
     workspace, summary, _ = ingested
     records = {
         Path(r.path).relative_to(media_folder).as_posix(): r
-        for r in read_records(workspace / "manifests/videos.parquet", VideoRecord)
+        for r in read_records(Workspace(workspace).videos_manifest, VideoRecord)
     }
     assert set(records) == set(EXPECTED)
     got = {name: (r.status.value, r.reason.value if r.reason else None) for name, r in records.items()}
@@ -61,7 +62,7 @@ def test_every_input_gets_its_status_and_reason(media_folder, ingested):
 
 def test_good_files_all_become_decodable_clips(media_folder, ingested):
     workspace, summary, _ = ingested
-    clips = read_records(workspace / "manifests/clips.parquet", ClipRecord)
+    clips = read_records(Workspace(workspace).clips_manifest, ClipRecord)
     by_source: dict[str, list[ClipRecord]] = {}
     for clip in clips:
         by_source.setdefault(Path(clip.source_path).relative_to(media_folder).as_posix(), []).append(clip)
@@ -72,7 +73,7 @@ def test_good_files_all_become_decodable_clips(media_folder, ingested):
         assert media.count_and_check_frames(path) == (clip.num_frames, clip.width, clip.height)
         expected_frames = (clip.end_s - clip.start_s) * clip.fps
         assert abs(clip.num_frames - expected_frames) <= 2, (clip, expected_frames)
-    assert sorted(p.name for p in (workspace / "clips").iterdir()) == sorted(Path(c.path).name for c in clips)
+    assert sorted(p.name for p in Workspace(workspace).clips.iterdir()) == sorted(Path(c.path).name for c in clips)
     assert temp_files(workspace) == []
 
 
@@ -94,7 +95,7 @@ def test_summary_artifact_counts_by_status_and_reason(ingested):
 def test_rerun_redoes_nothing(media_folder, ingested):
     workspace, _, _ = ingested
     before = clip_stats(workspace)
-    manifest_before = read_records(workspace / "manifests/videos.parquet", VideoRecord)
+    manifest_before = read_records(Workspace(workspace).videos_manifest, VideoRecord)
     _, run_id = run_ingest(media_folder, workspace)
     num_contents = len({r.sha256 for r in manifest_before if r.sha256})
     num_hashed = sum(r.sha256 is not None for r in manifest_before)
@@ -103,7 +104,7 @@ def test_rerun_redoes_nothing(media_folder, ingested):
     assert len(ingest_states) == num_contents
     assert set(ingest_states.values()) == {"Cached"}, ingest_states
     assert clip_stats(workspace) == before  # no clip was rewritten
-    assert read_records(workspace / "manifests/videos.parquet", VideoRecord) == manifest_before
+    assert read_records(Workspace(workspace).videos_manifest, VideoRecord) == manifest_before
 
 
 def test_file_changed_in_place_is_processed_again(tmp_path, prefect_api):
@@ -113,17 +114,17 @@ def test_file_changed_in_place_is_processed_again(tmp_path, prefect_api):
     make_synthetic_video(SyntheticSpec(num_frames=30, seed=5), folder, "a")
     make_synthetic_video(SyntheticSpec(num_frames=30, seed=6), folder, "b")
     run_ingest(folder, workspace)
-    first = {r.path: r.sha256 for r in read_records(workspace / "manifests/videos.parquet", VideoRecord)}
+    first = {r.path: r.sha256 for r in read_records(Workspace(workspace).videos_manifest, VideoRecord)}
     make_synthetic_video(SyntheticSpec(num_frames=40, seed=7), folder, "a")  # same name, new content
     _, run_id = run_ingest(folder, workspace)
     ingest_states = {
         name: state for name, state in task_states(run_id, expected=4).items() if name.startswith("ingest ")
     }
     assert ingest_states == {"ingest a.mp4": "Completed", "ingest b.mp4": "Cached"}
-    second = {r.path: r.sha256 for r in read_records(workspace / "manifests/videos.parquet", VideoRecord)}
+    second = {r.path: r.sha256 for r in read_records(Workspace(workspace).videos_manifest, VideoRecord)}
     a = str(folder / "a.mp4")
     assert second[a] != first[a] and second[str(folder / "b.mp4")] == first[str(folder / "b.mp4")]
-    (clip,) = [c for c in read_records(workspace / "manifests/clips.parquet", ClipRecord) if c.source_path == a]
+    (clip,) = [c for c in read_records(Workspace(workspace).clips_manifest, ClipRecord) if c.source_path == a]
     assert clip.num_frames == 40
 
 
@@ -133,7 +134,7 @@ def test_deleted_clips_are_made_again(tmp_path, prefect_api):
     folder, workspace = tmp_path / "in", tmp_path / "ws"
     make_synthetic_video(SyntheticSpec(num_frames=30, seed=5), folder, "a")
     run_ingest(folder, workspace)
-    (clip_file,) = (workspace / "clips").iterdir()
+    (clip_file,) = Workspace(workspace).clips.iterdir()
     clip_file.unlink()
     run_ingest(folder, workspace)
     assert clip_file.exists()

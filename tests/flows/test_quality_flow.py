@@ -32,11 +32,11 @@ def test_filters_leave_out_clips_by_their_measures(tmp_path, prefect_api):
     rows = {r.clip_id: r for r in read_records(Workspace(workspace).quality_manifest, ClipQuality)}
     assert sorted(r.num_visible_persons for r in rows.values()) == [1, 2, 3]
     (alone,) = [i for i, r in rows.items() if r.num_visible_persons == 1]
-    index = read_records(workspace / "shards" / "index.parquet", ShardSample)
+    index = read_records(Workspace(workspace).shards_index, ShardSample)
     assert {s.key for s in index} == set(rows) - {alone}
     assert (summary.num_samples, summary.num_left_out, summary.left_out) == (2, 1, {"min_persons": 1})
-    card = (workspace / "reports" / "data-card.md").read_text()
-    assert "| min_persons | 1 |" in card and (workspace / "reports" / "data-card" / "motion.png").is_file()
+    card = Workspace(workspace).data_card.read_text()
+    assert "| min_persons | 1 |" in card and (Workspace(workspace).data_card_figures / "motion.png").is_file()
 
     # New filter values: the shards again, every measure from the cache.
     state = preprocess(
@@ -49,7 +49,7 @@ def test_filters_leave_out_clips_by_their_measures(tmp_path, prefect_api):
     states = task_states(state.state_details.flow_run_id, expected=len(rows) * 4 + 2)
     assert {n: s for n, s in states.items() if n.startswith("quality ")} == {f"quality {i}": "Cached" for i in rows}
     assert (second.num_samples, second.left_out) == (2, {"max_persons": 1})
-    assert {s.key for s in read_records(workspace / "shards" / "index.parquet", ShardSample)} == {
+    assert {s.key for s in read_records(Workspace(workspace).shards_index, ShardSample)} == {
         i for i, r in rows.items() if r.num_visible_persons <= 2
     }
 
@@ -63,4 +63,4 @@ def test_filters_leave_out_clips_by_their_measures(tmp_path, prefect_api):
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    assert "| min_persons | 2 |" in (workspace / "reports" / "data-card.md").read_text()
+    assert "| min_persons | 2 |" in Workspace(workspace).data_card.read_text()

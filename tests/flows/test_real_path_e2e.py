@@ -60,7 +60,7 @@ def test_the_real_path_on_real_architecture_weights(tmp_path, real_architecture)
     truth = yaml.safe_load(profile.read_text()) | {"pose": {"models": "truth"}, "segment": {"models": "truth"}}
     (tmp_path / "truth.yaml").write_text(yaml.safe_dump(truth))
     cli("preprocess", str(ws / "raw"), "-w", str(ws), "-c", str(tmp_path / "truth.yaml"))
-    assert list((ws / "shards").glob("train-*.tar"))
+    assert list(Workspace(ws).shards.glob("train-*.tar"))
     cli("embed", "-w", str(ws), "-c", str(profile))
 
     # the last rank kills itself at step 1, after the first checkpoint; the task's retry resumes.
@@ -88,7 +88,7 @@ def test_the_real_path_on_real_architecture_weights(tmp_path, real_architecture)
         "1",
         env={FAULT_ENV: f"{nproc - 1}:1"},
     )
-    run = ws / "runs" / "real"
+    run = Workspace(ws).run("real")
     assert (run / ".fault-fired").is_file()
     with (run / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))

@@ -2,7 +2,8 @@
 fixtures (those stay in tests/conftest.py). Grouped by theme:
 
 - ``media``: ffmpeg, test videos, the folder of good and bad inputs with their expected outcomes
-- ``workspaces``: synthetic clips with poses and masks, and whole workspaces of them
+- ``workspaces``: synthetic clips with poses and masks, whole workspaces of them, and training
+  workspaces (their shards and prompt embeddings too)
 - ``cli``: the CLI's environment, temp files left behind, Prefect task states
 - ``models``: tiny-model randomisers, the released checkpoint layout, a training config
 - ``poses``: crafted persons and pose models, the literal pose-drawing reference, resize and

@@ -12,12 +12,28 @@ from data_schemas.atomic import is_temp_name
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def cli_env() -> dict[str, str]:
-    """The user's environment: no test Prefect home or API, so the CLI uses the workspace's."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+def cli_env(
+    api_url: str | None = None,
+    *,
+    keep_api_url: bool = False,
+    path_prefix: Path | str | None = None,
+    **extra: str,
+) -> dict[str, str]:
+    """The user's environment: no test Prefect home or API, so the CLI uses the workspace's.
+
+    ``api_url``: a running Prefect API to use instead; ``keep_api_url``: keep the caller's
+    ``PREFECT_API_URL`` (tests share their server rather than each child starting its own);
+    ``path_prefix``: a folder put first on PATH (fake tools); ``extra``: further variables."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") or (keep_api_url and k == "PREFECT_API_URL")
+    }
+    if path_prefix is not None:
+        env["PATH"] = f"{path_prefix}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(ROOT)
     env["COLUMNS"] = "400"  # rich wraps error boxes at the terminal width
-    return env
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env | extra
 
 
 def temp_files(root: Path) -> list[Path]:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
+from pathlib import Path
 
 import numpy as np
 
 from data_schemas import ClipRecord, PoseRecord, write_records
-from data_schemas.config import SegmentConfig
+from data_schemas.config import SegmentConfig, ShardConfig
 from data_schemas.mask import MaskRecord
 from data_schemas.workspace import Workspace
 from preprocess.segment.ground_truth import GroundTruthSegmenter
@@ -105,3 +106,19 @@ def make_workspace(
     write_records(poses, PoseRecord, ws.poses_manifest)
     write_records(masks, MaskRecord, ws.masks_manifest)
     return origins
+
+
+def make_train_workspace(root, shard_config=None, num_clips: int = 4, **clip_fields) -> Path:
+    """A training workspace: make_workspace's clips (``num_clips``, ``clip_fields``), their shards
+    (``shard_config``, by default no validation split) and the prompt embeddings of their captions."""
+    # model imports (torch, transformers) only where a test trains
+    from model.text_cache import captions_from_shards, fill_cache
+    from model.text_encoder import WAN_NEGATIVE_PROMPT, build_tiny_text_encoder
+    from preprocess.shards import write_shards
+
+    ws = Workspace(root)
+    make_workspace(ws.root, num_clips=num_clips, **clip_fields)
+    write_shards(ws.root, shard_config or ShardConfig(val_fraction=0.0))
+    texts = captions_from_shards(ws.shards_index) + [WAN_NEGATIVE_PROMPT]
+    fill_cache(ws.embeddings, build_tiny_text_encoder(), texts)
+    return ws.root

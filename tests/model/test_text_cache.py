@@ -266,7 +266,7 @@ def _sample(key: str, persons: int) -> ShardSample:
 def write_shards_index(workspace: Path) -> Path:
     """The shards index alone (the embed flow reads nothing else): three samples, two captions."""
     samples = [_sample("a-000", 2), _sample("a-001", 2), _sample("b-000", 3)]
-    return write_records(samples, ShardSample, workspace / "shards" / "index.parquet")
+    return write_records(samples, ShardSample, Workspace(workspace).shards_index)
 
 
 def test_captions_from_shards_are_distinct_and_sorted(tmp_path):

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_schemas.train import TrainConfig
+from data_schemas.workspace import Workspace
 from model.train import FAULT_ENV, training_sigmas, training_weights
 from tests.helpers.models import run_config
 
@@ -76,9 +77,9 @@ def test_train_flow_checks_its_inputs(train_workspace, tmp_path, prefect_api):
     with pytest.raises(ValueError, match="no training shards"):
         train(run_config(tmp_path, "nothing"))
     empty = tmp_path / "ws"
-    (empty / "shards").mkdir(parents=True)
-    for f in (train_workspace / "shards").iterdir():
-        (empty / "shards" / f.name).write_bytes(f.read_bytes())
+    Workspace(empty).shards.mkdir(parents=True)
+    for f in Workspace(train_workspace).shards.iterdir():
+        (Workspace(empty).shards / f.name).write_bytes(f.read_bytes())
     with pytest.raises(ValueError, match="person are dancing.*run the embed flow"):
         train(run_config(empty, "no-embeddings"))
 

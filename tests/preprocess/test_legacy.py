@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_schemas.workspace import Workspace
 from preprocess import legacy
 from preprocess.legacy import LegacyImportError, find_legacy, import_demo_folder, import_training_video
 from preprocess.media import count_and_check_frames, read_frames
@@ -369,9 +370,9 @@ def test_import_legacy_command_refuses_pickles_unless_trusted(tmp_path: Path, cl
     done = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--trust-pickles" in done.stderr and "frames.pkl" in done.stderr
-    assert [c.kind for c in read_records(tmp_path / "ws" / "manifests" / "legacy.parquet", LegacyClip)] == ["demo"]
+    assert [c.kind for c in read_records(Workspace(tmp_path / "ws").manifest("legacy"), LegacyClip)] == ["demo"]
     done = subprocess.run([*command, "--trust-pickles"], env=cli_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    clips = read_records(tmp_path / "ws" / "manifests" / "legacy.parquet", LegacyClip)
+    clips = read_records(Workspace(tmp_path / "ws").manifest("legacy"), LegacyClip)
     assert sorted(c.kind for c in clips) == ["demo", "training"]
     assert all((tmp_path / "ws" / c.masks_path).exists() for c in clips)

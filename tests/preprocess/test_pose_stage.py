@@ -11,6 +11,7 @@ import pytest
 
 from data_schemas import PoseConfig, PoseRecord, ProjectConfig, read_records
 from data_schemas.mask import MaskRecord
+from data_schemas.workspace import Workspace
 from preprocess.pose import stage
 from preprocess.pose.onnx_models import build_crafted_models, detector_output_for_boxes, simcc_for_points
 from preprocess.synthetic import SyntheticSpec, make_synthetic_video, render_clip
@@ -127,15 +128,13 @@ def test_preprocess_flow_writes_poses_and_masks_and_caches_them(tmp_path, prefec
         make_synthetic_video(SyntheticSpec(num_frames=30, num_persons=2, seed=i), folder, f"v{i}")
     first = preprocess(folder, workspace, ProjectConfig(), return_state=True)
     summary = first.result()
-    records = read_records(workspace / "manifests/poses.parquet", PoseRecord)
+    records = read_records(Workspace(workspace).poses_manifest, PoseRecord)
     assert "data:image/jpeg;base64," in contact_sheet_artifact(first.state_details.flow_run_id)
-    masks = read_records(workspace / "manifests/masks.parquet", MaskRecord)
+    masks = read_records(Workspace(workspace).masks_manifest, MaskRecord)
     assert summary.num_segmented == len(masks) == 2 and all((workspace / m.path).exists() for m in masks)
-    assert {m.source for m in masks} == {"sam2-tiny"} and (workspace / "reports/mask-overlays.png").exists()
+    assert {m.source for m in masks} == {"sam2-tiny"} and Workspace(workspace).mask_overlays.exists()
     assert summary.num_posed == len(records) == summary.num_clips == 2 and summary.failed_clips == []
-    assert (
-        all((workspace / r.path).exists() for r in records) and (workspace / "reports/pose-contact-sheet.png").exists()
-    )
+    assert all((workspace / r.path).exists() for r in records) and Workspace(workspace).pose_contact_sheet.exists()
     state = preprocess(folder, workspace, ProjectConfig(), return_state=True)
     states = task_states(state.state_details.flow_run_id, expected=4)
     assert {name: s for name, s in states.items() if name.startswith(("pose ", "segment "))} == {

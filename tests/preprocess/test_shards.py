@@ -16,6 +16,7 @@ from data_schemas import read_records
 from data_schemas.atomic import is_temp_name
 from data_schemas.config import ShardConfig
 from data_schemas.shard import ShardSample
+from data_schemas.workspace import Workspace
 from preprocess.segment.stage import load_masks
 from preprocess.shards import split_of, write_shards
 from tests.helpers.workspaces import make_workspace
@@ -35,9 +36,9 @@ def test_round_trip_through_webdataset(workspace):
     assert [s["__key__"] for s in samples] == sorted(origins)
     for sample in samples:
         key = sample["__key__"]
-        assert sample["mp4"] == (root / "clips" / f"{key}.mp4").read_bytes()
+        assert sample["mp4"] == Workspace(root).clip_file(key).read_bytes()
         labels = np.load(io.BytesIO(sample["mask.npz"]))["label_map"]
-        np.testing.assert_array_equal(labels, load_masks(root / "masks" / f"{key}.npz")["label_map"])
+        np.testing.assert_array_equal(labels, load_masks(Workspace(root).mask_file(key))["label_map"])
         meta = json.loads(sample["json"])
         assert meta["clip_id"] == key and meta["persons"] == 2 and sample["txt"] == b"two person are dancing"
         # Row k of the poses is the figure of label k+1 in every frame: its nose keypoint
@@ -68,13 +69,13 @@ def test_shards_are_byte_identical_and_atomic(workspace, tmp_path):
     assert not [n for _, _, files in os.walk(root) for n in files if is_temp_name(n)]
     # A later run with bigger shards replaces them all; stale shard files go.
     third = write_shards(root, ShardConfig(val_fraction=0.5))
-    assert sorted(p.name for p in (root / "shards").glob("*.tar")) == sorted(s.split("/")[1] for s in third.shards)
+    assert sorted(p.name for p in Workspace(root).shards.glob("*.tar")) == sorted(s.split("/")[1] for s in third.shards)
 
 
 def test_split_is_by_source_and_reproducible(workspace):
     root, _ = workspace
     write_shards(root, ShardConfig(val_fraction=0.5, seed=3))
-    index = read_records(root / "shards" / "index.parquet", ShardSample)
+    index = read_records(Workspace(root).shards_index, ShardSample)
     sides: dict[str, set[str]] = {}
     for row in index:
         sides.setdefault(row.source_sha256, set()).add(row.split)
@@ -89,8 +90,8 @@ def test_split_is_by_source_and_reproducible(workspace):
 def test_index_offsets_point_at_the_samples(workspace):
     root, _ = workspace
     write_shards(root, ShardConfig(val_fraction=0.0, target_shard_bytes=10**9))
-    for row in read_records(root / "shards" / "index.parquet", ShardSample):
-        with open(root / "shards" / row.shard, "rb") as f:
+    for row in read_records(Workspace(root).shards_index, ShardSample):
+        with open(Workspace(root).shards / row.shard, "rb") as f:
             f.seek(row.offset)
             header = tarfile.TarInfo.frombuf(f.read(512), "utf-8", "surrogateescape")
         assert header.name == f"{row.key}.json" and row.size_bytes > 0

@@ -9,6 +9,7 @@ import decord
 import numpy as np
 import pytest
 
+from data_schemas.workspace import Workspace
 from preprocess.media import read_frames, write_video
 from preprocess.synthetic import OPENPOSE_TO_WHOLEBODY, SyntheticSpec, make_synthetic_video, render_clip
 from preprocess.truth import MissingTruthError, TruthPoses, clip_truth, source_frames
@@ -145,11 +146,11 @@ def test_preprocess_with_truth_models(tmp_path, prefect_api):
     config = ProjectConfig.model_validate({"pose": {"models": "truth"}, "segment": {"models": "truth"}})
     summary = preprocess(folder, workspace, config)
 
-    clips = {c.clip_id: c for c in read_records(workspace / "manifests/clips.parquet", ClipRecord)}
+    clips = {c.clip_id: c for c in read_records(Workspace(workspace).clips_manifest, ClipRecord)}
     by_name = {c.source_path.rsplit("/", 1)[-1].removesuffix(".mp4"): c for c in clips.values()}
     assert summary.failed_clips == [by_name["lost"].clip_id]
-    poses = {r.clip_id: r for r in read_records(workspace / "manifests/poses.parquet", PoseRecord)}
-    masks = {r.clip_id: r for r in read_records(workspace / "manifests/masks.parquet", MaskRecord)}
+    poses = {r.clip_id: r for r in read_records(Workspace(workspace).poses_manifest, PoseRecord)}
+    masks = {r.clip_id: r for r in read_records(Workspace(workspace).masks_manifest, MaskRecord)}
     assert {(r.models, r.provider) for r in poses.values()} == {("truth", "truth")} and {
         m.source for m in masks.values()
     } == {"truth"}

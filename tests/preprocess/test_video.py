@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from data_schemas import IngestConfig
+from data_schemas.workspace import Workspace
 from preprocess import media
 from preprocess.synthetic import SyntheticSpec, make_synthetic_video, render_clip
 from preprocess.video import find_videos, ingest_video, plan_clips, sha256_file, target_size
@@ -141,7 +142,7 @@ def test_clips_are_cut_on_the_scene_change_and_normalised(tmp_path):
     stream = json.loads(probe.stdout)["streams"]
     assert len(stream) == 1  # audio dropped
     assert (stream[0]["codec_name"], stream[0]["pix_fmt"], stream[0]["avg_frame_rate"]) == ("h264", "yuv420p", "25/1")
-    assert sorted(os.listdir(tmp_path / "ws" / "clips")) == [c.clip_id + ".mp4" for c in result.clips]
+    assert sorted(os.listdir(Workspace(tmp_path / "ws").clips)) == [c.clip_id + ".mp4" for c in result.clips]
 
 
 def test_fps_and_max_side_are_applied(tmp_path):
