@@ -34,6 +34,13 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="profile 
 WaitOpt = Annotated[
     bool, typer.Option("--wait", help="when another run holds the workspace, wait for it to end instead of refusing")
 ]
+DaskOpt = Annotated[
+    str | None, typer.Option("--dask-address", help="run tasks on a Dask cluster, e.g. tcp://127.0.0.1:8786")
+]
+GpusOpt = Annotated[
+    int | None,
+    typer.Option("--gpus", min=1, help="start a local Dask cluster of one worker per GPU (the first N GPUs)"),
+]
 
 EXIT_FAILED, EXIT_BUSY, EXIT_INTERRUPTED = 1, 75, 130
 # click's base of usage errors (typer raises them from its own copy of click in recent versions)
@@ -105,9 +112,7 @@ def ingest(
     folder: Annotated[Path, typer.Argument(help="folder of raw videos, walked recursively")],
     workspace: WorkspaceOpt = Path("workspace"),
     config: ConfigOpt = None,
-    dask_address: Annotated[
-        str | None, typer.Option(help="run tasks on a Dask cluster, e.g. tcp://127.0.0.1:8786")
-    ] = None,
+    dask_address: DaskOpt = None,
     workers: Annotated[int | None, typer.Option(help="local worker threads (default: CPU count)")] = None,
     wait: WaitOpt = False,
 ) -> None:

@@ -290,6 +290,27 @@ def make_task_runner(dask_address: str | None = None, max_workers: int | None = 
     return ThreadPoolTaskRunner(max_workers=max_workers or os.cpu_count() or 1)
 
 
+# The Dask worker resource a GPU stage needs: workers declare one per GPU they own
+# (``dask worker --resources GPU=1``), so a worker runs one GPU task at a time.
+GPU_RESOURCE = "GPU"
+
+
+@contextlib.contextmanager
+def gpu_slot() -> Iterator[None]:
+    """Tasks submitted inside run on a Dask worker that owns a GPU, one at a time per GPU;
+    on the local thread pool (no Dask), nothing changes."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or type(context.task_runner).__name__ != "DaskTaskRunner":
+        yield
+        return
+    import dask
+
+    with dask.annotate(resources={GPU_RESOURCE: 1}):
+        yield
+
+
 def run_cached(task, workspace: Path, arguments: dict, products: Callable[[Any], Iterable[str]], label: str) -> dict:
     """Submit a cached task once per key of ``arguments``; returns each key's record, or the
     exception its task ended with (the others go on).
