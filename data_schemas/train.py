@@ -121,6 +121,16 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1, description="resumable checkpoints kept (oldest deleted)")
     seed: int = Field(0, description="seed of data order, noise, timesteps, dropout and identifier draws")
     nproc: int = Field(1, ge=1, description="processes (GPUs) per node for torchrun")
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="optimizer steps between held-out evaluations (val_loss, val_loss_pose_off and "
+        "val_pose_gain in metrics.csv, model/held_out.py); None = off",
+    )
+    eval_clips: int = Field(4, ge=1, description="held-out clips each evaluation scores")
+    eval_shards: str = Field(
+        "shards/val-*.tar", description="held-out shards (the validation split), a glob relative to the workspace"
+    )
 
     @model_validator(mode="before")
     @classmethod

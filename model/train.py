@@ -84,6 +84,7 @@ from model.checkpoint import (
 from model.components import Components, build_components
 from model.conditions import stack_channels, training_channels
 from model.data import make_loader
+from model.held_out import held_out_losses, prepare_held_out
 from model.loading import base_bytes, check_files, load_sharded
 from model.pipeline import MultiAnimatePipeline, sampling_sigmas
 from model.run_folder import LAUNCHER_ENV, die_with_launcher, hold_rank, own_run_folder
@@ -97,6 +98,8 @@ FAILURE_PREFIX = (
     "multianimate-train-failure "  # a failed rank's last line: this prefix, then JSON (the launcher reads it)
 )
 METRIC_FIELDS = ("step", "loss", "lr", "grad_norm", "step_time_s", "samples_per_s", "peak_mem_gib")
+# Filled on the steps a held-out evaluation ran (TrainConfig.eval_every), empty on the others.
+EVAL_FIELDS = ("val_loss", "val_loss_pose_off", "val_pose_gain")
 
 
 def launch_command(config_path: Path, nproc: int) -> list[str]:
@@ -391,11 +394,11 @@ def _metrics_writer(run_dir: Path, resume_step: int):
         with path.open() as fh:
             rows = [r for r in csv.DictReader(fh) if _whole_row(r) and int(r["step"]) <= resume_step]
     with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, METRIC_FIELDS)
+        writer = csv.DictWriter(fh, METRIC_FIELDS + EVAL_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     fh = path.open("a", newline="")
-    return fh, csv.DictWriter(fh, METRIC_FIELDS)
+    return fh, csv.DictWriter(fh, METRIC_FIELDS + EVAL_FIELDS)
 
 
 def _whole_row(row: dict) -> bool:
@@ -444,8 +447,17 @@ def check_inputs(cfg: TrainConfig) -> list[Path]:
     shards = sorted(cfg.workspace.glob(cfg.shards))
     if not shards:
         raise ValueError(f"no training shards match {cfg.workspace / cfg.shards} (run the preprocess flow first)")
+    if cfg.eval_every and not eval_shards(cfg):
+        raise ValueError(
+            f"eval_every is set, but no held-out shards match {cfg.workspace / cfg.eval_shards} (preprocess with "
+            "shards.val_fraction above 0, or leave eval_every unset)"
+        )
     cfg.model.require_weights()
     return shards
+
+
+def eval_shards(cfg: TrainConfig) -> list[Path]:
+    return [Path(os.path.realpath(p)) for p in sorted(cfg.workspace.glob(cfg.eval_shards))]
 
 
 def _rss_bytes() -> int:
@@ -604,6 +616,9 @@ def _train(cfg: TrainConfig, shards: list[Path], rank: int, world: int, device: 
         if rank == 0:
             print(f"resumed from {resume} at step {step}", flush=True)
     sigmas, weights = training_sigmas(cfg.model.shift), training_weights(cfg.model.shift)
+    held = None
+    if cfg.eval_every:
+        held = prepare_held_out(cfg, eval_shards(cfg), pipe, cache, device, dtype, rank, world)
     loader_cfg = cfg.run_loader(len(shards), cfg.seed)
     readers = max(1, cfg.num_workers)
     metrics_fh = metrics = None
@@ -656,6 +671,9 @@ def _train(cfg: TrainConfig, shards: list[Path], rank: int, world: int, device: 
                     total /= world
                 last_loss = float(total)
                 elapsed = time.perf_counter() - t0
+                figures = {}
+                if held is not None and step % cfg.eval_every == 0:
+                    figures = held_out_losses(model, comps.dit.label_pool, held, sigmas, device)
                 if metrics is not None:
                     metrics.writerow(
                         {
@@ -667,9 +685,12 @@ def _train(cfg: TrainConfig, shards: list[Path], rank: int, world: int, device: 
                             "samples_per_s": f"{samples_per_step / elapsed:.3f}",
                             "peak_mem_gib": f"{_peak_mem_gib(device):.3f}",
                         }
+                        | {k: f"{v:.6f}" for k, v in figures.items()}
                     )
                     metrics_fh.flush()
                     print(f"step {step}/{cfg.max_steps} loss {last_loss:.5f} ({elapsed:.2f} s)", flush=True)
+                    if figures:
+                        print(", ".join(f"{k} {v:.5f}" for k, v in figures.items()), flush=True)
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                     _save_checkpoint(run_dir, step, model, optimizer, scheduler, rank, cfg.keep_checkpoints)
             del batches, loader
