@@ -33,7 +33,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 test: setup browser lint
-	$(VENV)/bin/python -m pytest -ra
+	$(VENV)/bin/python -m pytest -ra --durations=30
 
 bench: setup
 	$(VENV)/bin/python bench/ingest.py
