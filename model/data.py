@@ -709,8 +709,17 @@ class ClipDataset(IterableDataset):
             return sample
 
         # webdataset's stages, with our own tar reader in place of its opener, expander and grouper.
+        # ResampledShards mixes the time and the pid into its draws unless told to be
+        # deterministic: seeded here by shard_seed, which already holds (seed, epoch, rank, worker).
+        resampled = wds.ResampledShards(
+            self.urls,
+            seed=shard_seed,
+            worker_seed=lambda: 0,
+            deterministic=cfg.seed is not None,
+            empty_check=False,
+        )
         stages: list[Any] = [
-            wds.ResampledShards(self.urls, empty_check=False) if cfg.resampled else wds.SimpleShardList(self.urls),
+            resampled if cfg.resampled else wds.SimpleShardList(self.urls),
             self._split_by_rank,
             self._split_by_worker,
         ]

@@ -418,6 +418,20 @@ def test_resampled_epoch_samples(data: dict) -> None:
     assert len(ids) == 6 and set(ids) <= set(data["clips"])
 
 
+def test_resampled_shard_draws_follow_the_seed(data: dict) -> None:
+    # training draws shards with replacement: a resumed run must draw what the first one drew
+    # (webdataset's ResampledShards mixes in the time and pid unless told otherwise)
+    def run(seed: int, epoch: int) -> list[str]:
+        ds = make_dataset(data["shards"], cfg_for(resampled=True, seed=seed), epoch_samples=16, rank=0, world_size=1)
+        ds.set_epoch(epoch)
+        return [s[B.CLIP_ID] for s in ds]
+
+    first = run(0, 0)
+    assert len(first) == 16 and len(set(first)) > 2
+    assert run(0, 0) == first
+    assert run(0, 1) != first and run(1, 0) != first
+
+
 # ------------------------------------------------------------------------ corrupt data
 
 
