@@ -37,6 +37,7 @@ MODELS = ".models"  # tiny random-weight models built for the tiny profile
 REFERENCES = "references"  # reference images of imported legacy clips
 INDEX = "index.parquet"  # the index file of shards/ and embeddings/
 LOCK = ".lock"  # the workspace lock (flows/runtime.py): one writing run at a time
+CLAIMS = ".claims"  # per-job claim files of generation (data_schemas/job.py): held by the process running the job
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,11 @@ class Workspace:
         return self.embeddings / INDEX
 
     @property
+    def embeddings_lock(self) -> Path:
+        """Held while a generation job fills the cache (parallel jobs would overwrite each other's index rows)."""
+        return self.embeddings / LOCK
+
+    @property
     def runs(self) -> Path:
         return self.root / RUNS
 
@@ -192,6 +198,14 @@ class Workspace:
     @property
     def driving(self) -> Path:
         return self.root / DRIVING
+
+    @property
+    def claims(self) -> Path:
+        return self.root / CLAIMS
+
+    def job_claim(self, job_id: str) -> Path:
+        """The file whose flock the process running the job holds (kept: unlinking a lock file races)."""
+        return self.claims / f"{job_id}.lock"
 
     def driving_at(self, fps: float) -> Path:
         """Driving videos' clips, poses and masks at one frame rate, apart from training clips."""

@@ -198,14 +198,21 @@ def preprocess(
     config: ConfigOpt = None,
     workers: Annotated[int | None, typer.Option(help="local worker threads (default: CPU count)")] = None,
     wait: WaitOpt = False,
+    dask_address: DaskOpt = None,
+    gpus: GpusOpt = None,
 ) -> None:
-    """Ingest a folder of raw videos, extract poses of every clip, then track every person."""
+    """Ingest a folder of raw videos, extract poses of every clip, then track every person
+    (on a Dask cluster's GPU workers with --dask-address, on this node's GPUs with --gpus)."""
     cfg = _checked_config(folder, config)
     workspace = use_workspace(workspace, wait)
     from flows.preprocess import preprocess as preprocess_flow
     from flows.runtime import make_task_runner
 
-    summary = preprocess_flow.with_options(task_runner=make_task_runner(None, workers))(folder, workspace, cfg)
+    try:  # a cluster without GPU workers is refused here, before the flow starts
+        runner = make_task_runner(dask_address, workers, gpus, gpu_stages=True)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    summary = preprocess_flow.with_options(task_runner=runner)(folder, workspace, cfg)
     _print_preprocess(summary)
     _require_usable_input(workspace, folder)
     if summary.num_samples == 0:
@@ -423,8 +430,11 @@ def generate(
             "as failed (timeout); default: the profile's generate.job_timeout_s",
         ),
     ] = None,
+    dask_address: DaskOpt = None,
+    gpus: GpusOpt = None,
 ) -> None:
-    """Generate every queued job that is not finished yet (outputs/<job_id>/)."""
+    """Generate every queued job that is not finished yet (outputs/<job_id>/): one at a time, or
+    one per GPU worker at once on a Dask cluster (--dask-address) or on this node's GPUs (--gpus)."""
     from data_schemas import load_config
 
     try:
@@ -440,11 +450,12 @@ def generate(
     from data_schemas.job import read_record
     from flows.generate import generate as generate_flow
 
-    summary = generate_flow(workspace, cfg, retry_failed=retry_failed)
+    summary = _on_cluster(generate_flow, dask_address, gpus)(workspace, cfg, retry_failed=retry_failed)
     table = Table(title="generate")
-    for column in ("queued", "finished before", "ok", "failed"):
+    for column in ("queued", "finished before", "ok", "failed", "done by another run"):
         table.add_column(column, justify="right")
-    table.add_row(*(str(v) for v in (summary.num_queued, len(summary.skipped), len(summary.ok), len(summary.failed))))
+    counts = (summary.num_queued, len(summary.skipped), len(summary.ok), len(summary.failed), len(summary.elsewhere))
+    table.add_row(*(str(v) for v in counts))
     console.print(table)
     console.print(f"outputs: {summary.outputs_dir}")
     for job_id in summary.failed:
@@ -586,13 +597,29 @@ def evaluate(
     _print_evaluation(workspace, outcome)
 
 
+def _on_cluster(flow, dask_address: str | None, gpus: int | None):
+    """The flow on the Dask cluster (--dask-address) or the local GPU workers (--gpus) its
+    GPU tasks need; unchanged without them. Bad options are refused before it starts."""
+    if not (dask_address or gpus):
+        return flow
+    from flows.runtime import make_task_runner
+
+    try:
+        return flow.with_options(task_runner=make_task_runner(dask_address=dask_address, gpus=gpus, gpu_stages=True))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
 @app.command()
 def embed(
     workspace: WorkspaceOpt = Path("workspace"),
     config: ConfigOpt = None,
     wait: WaitOpt = False,
+    dask_address: DaskOpt = None,
+    gpus: GpusOpt = None,
 ) -> None:
-    """Cache the text embeddings of every caption of the shards (and of the negative prompt)."""
+    """Cache the text embeddings of every caption of the shards (and of the negative prompt),
+    on a GPU worker with --dask-address or --gpus."""
     from data_schemas import load_config
 
     try:
@@ -603,7 +630,7 @@ def embed(
     workspace = use_workspace(workspace, wait)
     from flows.embed import embed as embed_flow
 
-    summary = embed_flow(workspace, model.profile, model.wan_folder)
+    summary = _on_cluster(embed_flow, dask_address, gpus)(workspace, model.profile, model.wan_folder)
     console.print(
         f"{summary.num_texts} text(s) for encoder {summary.encoder_id}: {summary.num_new} new, {summary.num_existing} cached"
     )

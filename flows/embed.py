@@ -1,4 +1,6 @@
-"""The embed flow: captions of the shards + the negative prompt -> cached UMT5 embeddings."""
+"""The embed flow: captions of the shards + the negative prompt -> cached UMT5 embeddings.
+
+The encoder runs in one task: on a Dask cluster, on a GPU worker (``gpu_slot``)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from prefect import flow
 
 from data_schemas.embedding import EmbeddingSummary
 from data_schemas.workspace import Workspace
-from flows.runtime import run_cached, workspace_lock
+from flows.runtime import gpu_slot, run_cached, workspace_lock
 from model.text_encoder import Profile, profile_encoder_id
 from tasks.embed import embed_captions
 
@@ -36,7 +38,8 @@ def _embed(workspace: Path, profile: Profile, weights: Path | None) -> Embedding
     def products(summary: EmbeddingSummary) -> list[str]:
         return [ws.relative(ws.embeddings_index)] + [ws.relative(ws.embeddings / name) for name in summary.files]
 
-    summary = run_cached(embed_captions, workspace, arguments, products, "embedding")["embed"]
+    with gpu_slot():
+        summary = run_cached(embed_captions, workspace, arguments, products, "embedding")["embed"]
     if isinstance(summary, BaseException):
         raise summary
     return summary

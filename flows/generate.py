@@ -13,21 +13,35 @@ means finished: never redone; failed jobs are tried again unless ``retry_failed`
    ``driving/<fps>fps/{clips,poses,masks}/``, apart from the training clips, whose
    manifests and files a driving video must not touch (the same source in both places
    would otherwise be re-cut under the same clip id);
-3. one job at a time (the GPU's): the reference pose, retargeting, prompt embeddings,
-   sampling and the outputs (model.generate.run_job, in the task tasks.generate), into a staging folder, within
-   the job's time limit (``generate.job_timeout_s``);
+3. the jobs (the task tasks.generate.generate_job): on the local thread pool one at a time
+   (one GPU); on a Dask cluster (``make_task_runner(dask_address=...)``, ``--gpus``) in
+   parallel, one per GPU worker (``gpu_slot``). Each is claimed by the process that runs it
+   (an flock on ``.claims/<job_id>.lock``, data_schemas.job.claim_job), its record looked at
+   again, then the reference pose, retargeting, prompt embeddings, sampling and the outputs
+   (model.generate.run_job) written into a staging folder, within the job's time limit
+   (``generate.job_timeout_s``);
 4. ``job.json`` LAST, ok or failed with a reason and the error, and the staging folder
    swapped in as ``outputs/<job_id>/`` by one rename; the other jobs go on after a failure.
    A run killed mid-job leaves only a staging folder (removed by the next run) and the
-   next run redoes that job alone: every job's outputs appear once, whole;
+   next run redoes that job alone: every job's outputs appear once, whole. A Dask worker
+   killed mid-job drops its claim with it; Dask runs the task again on another worker and
+   the flow gets that run's result. A job another process is running (another flow's
+   worker) is waited for, then taken only if that process died without publishing it;
 5. a table artifact of the jobs run and a markdown artifact of their previews.
+
+The workspace lock (``workspace_lock``) already keeps two flows of one workspace apart when
+their processes lock the same file, one at a time; the claims make "once" hold without it:
+for a Dask task run twice (a worker taken for dead while it still runs), two flows of one
+process (the lock is re-entrant), or runs whose locks differ (a workspace reached through
+another lock file, a verb that does not lock). Claims and locks are flocks: across hosts
+they need a shared filesystem whose locks every client sees (NFSv4, most cluster
+filesystems).
 """
 
 from __future__ import annotations
 
-import shutil
+import queue
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow
@@ -38,25 +52,26 @@ from data_schemas.atomic import remove_stale_temps
 from data_schemas.config import IngestConfig
 from data_schemas.job import (
     GenerateSummary,
-    GenerationResult,
-    JobFailureReason,
     JobRecord,
+    JobRun,
     JobSpec,
-    JobTimeout,
-    publish_job,
+    claim_job,
     queued_files,
     read_queue_entry,
     read_record,
-    staging_folder,
     submit_job,
 )
 from data_schemas.workspace import ClipRef, Workspace
-from flows.runtime import run_cached, workspace_lock
+from flows.runtime import _dask_runner, gpu_slot, run_cached, submission_window, workspace_lock
 from flows.stages import StageModels, pose_and_segment
-from model.pipeline import DegenerateOutputError
 from preprocess.job_inputs import check_job_inputs
 from preprocess.pose.stage import resolve_models
-from tasks.generate import generate_video, publish_jobs
+from tasks.generate import (
+    generate_job,
+    publish_jobs,
+    run_claimed_job,
+    run_job_and_publish,  # noqa: F401 - the evaluate flow runs its jobs with it, from here
+)
 from tasks.ingest import hash_file, ingest_video
 
 
@@ -66,20 +81,6 @@ def driving_ingest_config(base: IngestConfig, fps: float) -> IngestConfig:
     return base.model_copy(
         update={"fps": fps, "scene_threshold": 1.0, "min_clip_s": 1.0 / fps, "max_clip_s": base.max_duration_s}
     )
-
-
-def _error(exc: BaseException) -> str:
-    # Our ValueErrors and timeouts name the file or job and the reason; anything else is a
-    # bug: keep its type.
-    return str(exc) if isinstance(exc, (ValueError, JobTimeout)) else f"{type(exc).__name__}: {exc}"
-
-
-def _reason(exc: BaseException) -> JobFailureReason:
-    if isinstance(exc, JobTimeout):
-        return "timeout"
-    if isinstance(exc, DegenerateOutputError):  # a ValueError too: first
-        return "degenerate_output"
-    return "invalid_input" if isinstance(exc, ValueError) else "internal_error"
 
 
 def queue_jobs(workspace: Path, jobs: list[JobSpec], config: ProjectConfig) -> list[str]:
@@ -99,9 +100,11 @@ def queue_jobs(workspace: Path, jobs: list[JobSpec], config: ProjectConfig) -> l
 
 def _pending_jobs(
     workspace: Path, retry_failed: bool, config: ProjectConfig
-) -> tuple[dict[str, JobSpec | BaseException], list[str], int]:
-    """(job id -> spec, or why it cannot run; finished job ids; queue length)."""
+) -> tuple[dict[str, JobSpec | BaseException], dict[str, JobRecord | None], list[str], int]:
+    """(job id -> spec, or why it cannot run; job id -> its record as read (None: none);
+    finished job ids; queue length)."""
     pending: dict[str, JobSpec | BaseException] = {}
+    seen: dict[str, JobRecord | None] = {}
     skipped: list[str] = []
     entries = queued_files(workspace)
     for path in entries:
@@ -110,6 +113,7 @@ def _pending_jobs(
         if record is not None and (record.status == "ok" or not retry_failed):
             skipped.append(job_id)
             continue
+        seen[job_id] = record
         try:
             spec = read_queue_entry(path)
             if spec.job_id != job_id:
@@ -122,7 +126,7 @@ def _pending_jobs(
             pending[job_id] = spec
         except ValueError as exc:
             pending[job_id] = exc
-    return pending, skipped, len(entries)
+    return pending, seen, skipped, len(entries)
 
 
 def _prepare_driving(
@@ -173,65 +177,6 @@ def _prepare_driving(
     return out
 
 
-def run_job_and_publish(
-    workspace: Path,
-    job_id: str,
-    spec: JobSpec | BaseException,
-    driving: tuple[Path, Path] | BaseException | None,
-    config: ProjectConfig,
-    pose_files: tuple[Path, Path],
-    prepare_s: float,
-) -> JobRecord:
-    """Generate one job whose inputs are ready, or record why it cannot run; publish its
-    folder (outputs and job.json, or job.json alone for a failure) in one rename."""
-    started, clock = datetime.now(UTC).isoformat(timespec="seconds"), time.perf_counter()
-    outcome = spec if isinstance(spec, BaseException) else driving
-    staging = staging_folder(workspace, job_id)
-    try:
-        if isinstance(outcome, tuple):
-            poses, masks = outcome
-            timeout = config.generate.timeout_for(spec.model)
-            outcome = generate_video(
-                job_id, spec, poses, masks, config.pose, pose_files, workspace, staging, timeout, return_state=True
-            ).result(raise_on_failure=False)
-        ws = Workspace(workspace)
-        fields = dict(
-            job_id=job_id,
-            queue_file=ws.relative(ws.queue_file(job_id)),
-            started_at=started,
-            spec=spec if isinstance(spec, JobSpec) else None,
-        )
-        if not isinstance(outcome, GenerationResult):
-            for partial in staging.iterdir():  # a failed job publishes its record alone
-                partial.unlink()
-            record = JobRecord(
-                **fields,
-                status="failed",
-                reason=_reason(outcome),
-                error=_error(outcome),
-                seconds=time.perf_counter() - clock,
-            )
-        else:
-            shared = (
-                {"prepare_driving_s": prepare_s} if spec.driving_video is not None else {}
-            )  # the run's driving-video stages
-            record = JobRecord(
-                **fields,
-                status="ok",
-                seconds=time.perf_counter() - clock,
-                timings=shared | outcome.timings,
-                outputs=outcome.outputs,
-                num_persons=outcome.num_persons,
-                person_map=outcome.person_map,
-                prompt=outcome.prompt,
-            )
-        publish_job(workspace, record, staging)  # last: the marker of a finished job, with its files
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return record
-
-
 @flow(name="generate", flow_run_name="generate {workspace}")
 def generate(
     workspace: Path,
@@ -258,7 +203,7 @@ def _generate(
         for stale in remove_stale_temps(folder):
             logger.info("removed %s, left by an interrupted run", stale)
     queued = queue_jobs(workspace, jobs, config) if jobs else []
-    pending, skipped, num_queued = _pending_jobs(workspace, retry_failed, config)
+    pending, seen, skipped, num_queued = _pending_jobs(workspace, retry_failed, config)
     logger.info("%d queued job(s): %d finished, %d to run", num_queued, len(skipped), len(pending))
     pose_files = (
         resolve_models(config.pose, workspace) if pending else ()
@@ -273,13 +218,23 @@ def _generate(
     inputs |= {i: (s.poses, s.masks) for i, s in ready.items() if s.driving_video is None}
     prepare_s = round(time.perf_counter() - start, 3)
 
-    records = []
+    runs: dict[str, JobRun] = {}
+    arguments = {}
     for job_id, spec in pending.items():
-        record = run_job_and_publish(workspace, job_id, spec, inputs.get(job_id), config, pose_files, prepare_s)
-        if record.status == "failed":
-            logger.error("job %s failed (%s): %s", job_id, record.reason, record.error)
-        records.append(record)
+        driving = inputs.get(job_id)
+        args = (workspace, job_id, spec, driving, config, pose_files, prepare_s, seen[job_id])
+        if isinstance(spec, JobSpec) and isinstance(driving, tuple):
+            arguments[job_id] = args
+        else:  # fails before any GPU work: its record is published from here
+            runs[job_id] = run_claimed_job(*args)
+    runs |= _run_jobs(arguments)
+    for stale in remove_stale_temps(ws.outputs):  # a killed worker's staging folder, its job done by another
+        logger.info("removed %s, left by a worker that died", stale)
 
+    records = [runs[i].record for i in pending if runs[i].outcome == "ran"]
+    for record in records:
+        if record.status == "failed":
+            logger.error("job %s failed (%s): %s", record.job_id, record.reason, record.error)
     publish_jobs(workspace, records)
     return GenerateSummary(
         num_queued=num_queued,
@@ -287,5 +242,50 @@ def _generate(
         ok=[r.job_id for r in records if r.status == "ok"],
         failed=[r.job_id for r in records if r.status == "failed"],
         queued=queued,
+        elsewhere=[i for i in pending if runs[i].outcome == "done_elsewhere"],
         outputs_dir=str(ws.outputs),
     )
+
+
+def _run_jobs(arguments: dict[str, tuple]) -> dict[str, JobRun]:
+    """Every job of ``arguments`` (job id -> generate_job's arguments) done once. A job that
+    another live process holds is waited for (its claim, here in the flow: no GPU is held
+    meanwhile) and submitted again: that run finds it done, or takes it when its holder
+    died without publishing it."""
+    logger = get_run_logger()
+    runs: dict[str, JobRun] = {}
+    todo = list(arguments)
+    while todo:
+        outcomes = _submit_jobs({i: arguments[i] for i in todo})
+        failures = [o for o in outcomes.values() if isinstance(o, BaseException)]
+        if failures:  # not a job's failure (those are records): the publication or the cluster failed
+            raise failures[0]
+        runs |= {i: r for i, r in outcomes.items() if r.outcome != "claimed_elsewhere"}
+        todo = [i for i, r in outcomes.items() if r.outcome == "claimed_elsewhere"]
+        for job_id in todo:
+            logger.info("job %s is being run by %s: waiting for it to end", job_id, outcomes[job_id].holder)
+            workspace = arguments[job_id][0]
+            with claim_job(workspace, job_id, wait=True):
+                pass
+    return runs
+
+
+def _submit_jobs(arguments: dict[str, tuple]) -> dict[str, JobRun | BaseException]:
+    """generate_job per job: on Dask, up to the submission window at once, each on a GPU
+    worker of its own; on the local thread pool one at a time (one GPU). Returns each job's
+    JobRun, or the exception its task ended with."""
+    window = submission_window() if _dask_runner() is not None else 1
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    in_flight: dict = {}
+    outcomes: dict[str, JobRun | BaseException] = {}
+    todo = iter(arguments)
+    while True:
+        while len(in_flight) < window and (job_id := next(todo, None)) is not None:
+            with gpu_slot():
+                future = generate_job.submit(*arguments[job_id])
+            in_flight[future] = job_id
+            future.add_done_callback(finished.put)
+        if not in_flight:
+            return outcomes
+        future = finished.get()
+        outcomes[in_flight.pop(future)] = future.result(raise_on_failure=False)

@@ -14,8 +14,8 @@ from data_schemas.pose import PreprocessSummary
 from data_schemas.quality import ClipQuality
 from data_schemas.workspace import ClipRef, Workspace
 from flows.ingest import ingest
-from flows.runtime import run_cached, workspace_lock
-from flows.stages import StageModels, pose_and_segment
+from flows.runtime import Stage, run_cached, run_pipeline, workspace_lock
+from flows.stages import StageModels, pose_and_segment_stages, split_failures
 from preprocess.pose.stage import resolve_models
 from tasks.pose import publish_contact_sheet
 from tasks.quality import measure_quality, publish_data_card
@@ -37,23 +37,20 @@ def _preprocess(folder: Path, workspace: Path, config: ProjectConfig) -> Preproc
     ingest(folder, workspace, config.ingest)
     clips = {c.clip_id: c for c in read_records(ws.clips_manifest, ClipRecord)}
 
-    refs = {i: ClipRef(c, ws) for i, c in clips.items()}
-    poses, masks, failures = pose_and_segment(refs, config, models, ws)
+    refs = {i: ClipRef(c, ws) for i, c in sorted(clips.items())}
+    # Per clip: poses, then masks as soon as the poses exist, then quality as soon as the masks do.
+    quality_stage = Stage(measure_quality, lambda i, done: (refs[i], *done, config.quality), lambda row: [], "quality")
+    posed, masked, measured = run_pipeline(
+        [*pose_and_segment_stages(refs, config, models, ws), quality_stage], workspace, refs
+    )
+    (poses, pose_failed), (masks, mask_failed) = split_failures(posed), split_failures(masked)
     # by clip id, not in the order tasks finished: manifests and reports are then the same bytes every run
     poses, masks = dict(sorted(poses.items())), dict(sorted(masks.items()))
-    failed = list(failures)
+    failed = list(pose_failed | mask_failed)
     for clip_id in failed:
         logger.error("clip %s failed, see its task run", clip_id)
-
-    measured = run_cached(
-        measure_quality,
-        workspace,
-        {i: (refs[i], poses[i], m, config.quality) for i, m in masks.items()},
-        lambda row: [],
-        "quality",
-    )
-    quality = {i: q for i, q in measured.items() if not isinstance(q, BaseException)}
-    for clip_id in (i for i, q in measured.items() if isinstance(q, BaseException)):
+    quality, quality_failed = split_failures(measured)
+    for clip_id in quality_failed:
         logger.error("clip %s: quality measures failed, see its task run; the filters leave it out", clip_id)
 
     write_records(list(poses.values()), PoseRecord, ws.poses_manifest)

@@ -3,11 +3,13 @@ cause of a failure, and task runner choice."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
 import json
 import os
+import queue
 import shlex
 import shutil
 import socket
@@ -15,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ def use_workspace(workspace: Path, wait: bool = False, lock: bool = True) -> Pat
     # Analytics off: with it on, a local SQLite database reports "database is locked".
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(SERVER_STARTUP_TIMEOUT_S))
+    check_api_url(os.environ.get("PREFECT_API_URL"))
     if lock:
         _acquire(workspace, wait)  # never released: the process's exit releases it
     from tasks.common import remove_incomplete_results
@@ -64,6 +68,33 @@ def use_workspace(workspace: Path, wait: bool = False, lock: bool = True) -> Pat
                 f"a run needs at least {MIN_FREE_BYTES >> 20} MiB",
             )
     return workspace
+
+
+def check_api_url(url: str | None, timeout_s: float = 10.0) -> None:
+    """ValueError, naming the URL and what to do, when ``PREFECT_API_URL`` is set but nothing
+    answers there (instead of the Prefect client's connection error after its retries).
+
+    With the variable set, a verb uses that server (e.g. ``prefect server start``) instead of
+    starting a temporary one: a run then saves the server's start and stop, several seconds.
+    The workspace stays self-contained all the same: results, caches and the lock live in the
+    workspace; only the run history goes to the server. Any HTTP answer counts (a server
+    that wants a key says so itself); only no answer at all is refused."""
+    if not url:
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ValueError(
+            f"PREFECT_API_URL={url}: no Prefect server answers there ({reason}); start one "
+            "(prefect server start) or unset PREFECT_API_URL to run on a temporary server in the workspace"
+        ) from None
 
 
 # ---- one run per workspace ---------------------------------------------------------------
@@ -277,17 +308,33 @@ def failure_cause(exc: BaseException) -> str:
 # ---- task runners and cached tasks --------------------------------------------------------
 
 
-def make_task_runner(dask_address: str | None = None, max_workers: int | None = None):
-    """A local thread pool (the work runs in ffmpeg child processes), or a Dask cluster."""
-    if dask_address:
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError as exc:
-            raise ValueError("--dask-address needs the 'dask' extra: pip install 'multianimate[dask]'") from exc
-        return DaskTaskRunner(address=dask_address)
-    from prefect.task_runners import ThreadPoolTaskRunner
+def make_task_runner(
+    dask_address: str | None = None, max_workers: int | None = None, gpus: int | None = None, gpu_stages: bool = False
+):
+    """A local thread pool of ``max_workers`` threads (the work runs in ffmpeg child
+    processes); a Dask cluster at ``dask_address`` (``gpu_stages``: the flow has GPU stages,
+    so ValueError, saying how to start them, when none of its workers declares the GPU
+    resource); or, for ``gpus``, a local cluster of one Dask worker per GPU, started with
+    the flow and closed with it."""
+    if dask_address and gpus:
+        raise ValueError("--dask-address and --gpus both choose the cluster: pass one of them")
+    if not (dask_address or gpus):
+        from prefect.task_runners import ThreadPoolTaskRunner
 
-    return ThreadPoolTaskRunner(max_workers=max_workers or os.cpu_count() or 1)
+        return ThreadPoolTaskRunner(max_workers=max_workers or os.cpu_count() or 1)
+    try:
+        from prefect_dask import DaskTaskRunner
+
+        from flows import cluster
+    except ImportError as exc:
+        raise ValueError("--dask-address and --gpus need the 'dask' extra: pip install 'multianimate[dask]'") from exc
+    if gpus:
+        return DaskTaskRunner(
+            cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs=cluster.local_gpu_cluster_kwargs(gpus)
+        )
+    if gpu_stages:
+        cluster.check_address(dask_address)
+    return DaskTaskRunner(address=dask_address)
 
 
 # The Dask worker resource a GPU stage needs: workers declare one per GPU they own
@@ -295,25 +342,73 @@ def make_task_runner(dask_address: str | None = None, max_workers: int | None = 
 GPU_RESOURCE = "GPU"
 
 
-@contextlib.contextmanager
-def gpu_slot() -> Iterator[None]:
-    """Tasks submitted inside run on a Dask worker that owns a GPU, one at a time per GPU;
-    on the local thread pool (no Dask), nothing changes."""
+def _dask_runner():
+    """The running flow's DaskTaskRunner, or None (no flow, or another runner)."""
     from prefect.context import FlowRunContext
 
     context = FlowRunContext.get()
-    if context is None or type(context.task_runner).__name__ != "DaskTaskRunner":
+    runner = context.task_runner if context is not None else None
+    return runner if any(c.__name__ == "DaskTaskRunner" for c in type(runner).__mro__) else None
+
+
+@contextlib.contextmanager
+def gpu_slot() -> Iterator[None]:
+    """Tasks submitted inside run on a Dask worker that owns a GPU, one at a time per GPU;
+    on the local thread pool (no Dask), nothing changes. The first use on a cluster checks
+    that it has GPU workers (flows.cluster.NoGpuWorkers: its tasks would wait forever) and
+    has them free their models when they close."""
+    runner = _dask_runner()
+    if runner is None:
         yield
         return
+    if not getattr(runner, "_gpu_workers_ready", False):
+        from flows.cluster import prepare_gpu_workers
+
+        prepare_gpu_workers(runner.client)
+        runner._gpu_workers_ready = True
     import dask
 
     with dask.annotate(resources={GPU_RESOURCE: 1}):
         yield
 
 
-def run_cached(task, workspace: Path, arguments: dict, products: Callable[[Any], Iterable[str]], label: str) -> dict:
+# Submissions in flight per task slot (a worker thread, a GPU): enough to keep every slot busy
+# while results come back, few enough that 100,000 clips never hold 100,000 futures at once.
+WINDOW_PER_SLOT = 4
+MIN_WINDOW = 8
+
+
+def submission_window() -> int:
+    """How many tasks a flow keeps submitted at once on its runner."""
+    runner = _dask_runner()
+    if runner is not None:
+        slots = sum(runner.client.nthreads().values())
+    else:
+        from prefect.context import FlowRunContext
+
+        context = FlowRunContext.get()
+        slots = getattr(context.task_runner if context else None, "_max_workers", None) or os.cpu_count() or 1
+    return max(MIN_WINDOW, WINDOW_PER_SLOT * slots)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One cached per-key task of a pipeline (``run_pipeline``)."""
+
+    task: Any
+    # (key, the records of the earlier stages for that key) -> the task's positional arguments
+    arguments: Callable[[Any, tuple], tuple]
+    # the files (relative to the run's workspace) a record stands for: a cache hit without them runs again
+    products: Callable[[Any], Iterable[str]]
+    label: str
+    gpu: bool = False  # submitted inside gpu_slot
+
+
+def run_cached(
+    task, workspace: Path, arguments: dict, products: Callable[[Any], Iterable[str]], label: str, gpu: bool = False
+) -> dict:
     """Submit a cached task once per key of ``arguments``; returns each key's record, or the
-    exception its task ended with (the others go on).
+    exception its task ended with (the others go on). A one-stage ``run_pipeline``.
 
     Results persist as JSON under the workspace (``tasks.common.persisted``); a result file
     at a key that is not one our serializer wrote (a pickle, someone else's class) is removed
@@ -321,34 +416,86 @@ def run_cached(task, workspace: Path, arguments: dict, products: Callable[[Any],
     (relative to the workspace) a record stands for: a cache hit whose files have since
     disappeared is computed again. A progress bar shows on a terminal.
     """
-    from prefect.futures import as_completed
+    stage = Stage(task, lambda key, _: arguments[key], products, label, gpu)
+    return run_pipeline([stage], workspace, list(arguments))[0]
+
+
+def run_pipeline(stages: list[Stage], workspace: Path, keys: Iterable, window: int | None = None) -> list[dict]:
+    """Each key through the cached tasks of ``stages`` in turn: a key's next stage is submitted
+    as soon as its previous one finished (not after every key's), at most ``window`` tasks
+    in flight (default ``submission_window``). Returns, per stage, each key's record or the
+    exception its task ended with, in the order of ``keys``; a key whose task failed goes no
+    further, the others go on.
+
+    Caching as ``run_cached``: a result file our serializer did not write is removed first;
+    a cache hit whose ``products`` are gone runs again (refreshing its cache). On Dask, later
+    stages have priority: workers finish clips under way before starting new ones."""
     from prefect.logging import get_run_logger
     from rich.progress import Progress
 
     from tasks.common import persisted, remove_foreign_results
 
     workspace = Path(workspace)
-    for path, why in remove_foreign_results(task, workspace, arguments.values()):
-        get_run_logger().warning("removed %s: %s; it is computed again", path, why)
-    task = persisted(task, workspace)
+    cached = [persisted(s.task, workspace) for s in stages]
+    refreshing = [t.with_options(refresh_cache=True) for t in cached]
+    outcomes: list[dict] = [{} for _ in stages]
+    order: list = []  # keys as they came: the order of the outcomes
+    ready: collections.deque = collections.deque()  # (stage, key, refresh): later stages of started keys first
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    in_flight: dict = {}  # future -> (stage, key, refresh)
+    fresh = iter(keys)
+    window = window or submission_window()
+    lost = [0] * len(stages)
+    on_dask = _dask_runner() is not None
 
-    def run(run_task, keys: list, what: str) -> dict:
-        futures = {run_task.submit(*arguments[key]): key for key in keys}
-        outcomes = {}
-        with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
-            bar = progress.add_task(what, total=len(futures))
-            for future in as_completed(list(futures)):
-                outcomes[futures[future]] = future.result(raise_on_failure=False)
-                progress.advance(bar)
-        return outcomes
+    def submit(i: int, key, refresh: bool) -> None:
+        args = stages[i].arguments(key, tuple(outcomes[j][key] for j in range(i)))
+        if not refresh:
+            for path, why in remove_foreign_results(stages[i].task, workspace, [args]):
+                get_run_logger().warning("removed %s: %s; it is computed again", path, why)
+        with contextlib.ExitStack() as annotations:
+            if stages[i].gpu:
+                annotations.enter_context(gpu_slot())
+            if on_dask:
+                import dask
 
-    outcomes = run(task, list(arguments), label)
-    stale = [
-        k
-        for k, o in outcomes.items()
-        if not isinstance(o, BaseException) and not all((workspace / p).exists() for p in products(o))
-    ]
-    if stale:
-        get_run_logger().warning("%d cached result(s) lost their files; recomputing", len(stale))
-        outcomes |= run(task.with_options(refresh_cache=True), stale, f"{label} (again)")
-    return outcomes
+                annotations.enter_context(dask.annotate(priority=i))
+            future = (refreshing if refresh else cached)[i].submit(*args)
+        in_flight[future] = (i, key, refresh)
+        future.add_done_callback(finished.put)
+
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
+        bars = [progress.add_task(s.label, total=None) for s in stages]
+        while True:
+            while len(in_flight) < window:
+                if ready:
+                    submit(*ready.popleft())
+                    continue
+                key = next(fresh, _END)
+                if key is _END:
+                    break
+                order.append(key)
+                progress.update(bars[0], total=len(order))
+                submit(0, key, False)
+            if not in_flight:
+                break
+            future = finished.get()
+            i, key, refresh = in_flight.pop(future)
+            outcome = future.result(raise_on_failure=False)
+            ok = not isinstance(outcome, BaseException)
+            if ok and not refresh and not all((workspace / p).exists() for p in stages[i].products(outcome)):
+                lost[i] += 1
+                ready.appendleft((i, key, True))
+                continue
+            outcomes[i][key] = outcome
+            progress.advance(bars[i])
+            if ok and i + 1 < len(stages):
+                ready.appendleft((i + 1, key, False))
+                progress.update(bars[i + 1], total=(progress.tasks[i + 1].total or 0) + 1)
+    for stage, count in zip(stages, lost):
+        if count:
+            get_run_logger().warning("%s: %d cached result(s) lost their files; recomputed", stage.label, count)
+    return [{k: o[k] for k in order if k in o} for o in outcomes]
+
+
+_END = object()

@@ -14,16 +14,20 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import onnxruntime as ort
-import torch
-import torchvision
 
-from preprocess.pose.onnx_models import DET_INPUT, SIMCC_RATIO, STRIDES
+if TYPE_CHECKING:  # imported where used: a rerun whose poses are cached loads neither onnxruntime nor torch
+    import onnxruntime as ort
 
 logger = logging.getLogger(__name__)
+
+# The real models' input and output signature (A.3, A.4); the tiny test models share it.
+DET_INPUT = (640, 640)  # (h, w)
+SIMCC_RATIO = 2.0
+STRIDES = (8, 16, 32)
 
 PAD_VALUE = 114  # YOLOX letterbox fill
 POSE_PADDING = 1.25  # box -> crop scale
@@ -52,6 +56,8 @@ class RunTimes:
 
 def make_session(path: Path, provider: str = "auto") -> ort.InferenceSession:
     """An onnxruntime session on CUDA when available (and not refused), else the CPU."""
+    import onnxruntime as ort
+
     available = ort.get_available_providers()
     if provider == "cuda" and "CUDAExecutionProvider" not in available:
         raise ValueError(
@@ -105,6 +111,9 @@ def decode_detections(raw: np.ndarray, ratio: float, pre_threshold: float, nms_i
     but ``threshold`` in float64 (the reference compares after concatenating them with its
     float64 class column), so a score of exactly float32(0.3) passes 0.3.
     """
+    import torch  # imported where used: a rerun whose poses are cached needs no torch
+    import torchvision
+
     scores = raw[:, 4] * raw[:, 5]  # objectness x person probability, float32
     # Greedy NMS never lets a box suppress a higher-scoring one, so boxes that the final
     # threshold will drop cannot change which others survive: dropping them before NMS

@@ -24,12 +24,10 @@ import torch
 from torch import nn
 
 from data_schemas.atomic import atomic_path
+from preprocess.pose.dwpose import DET_INPUT, SIMCC_RATIO, STRIDES  # the runner's signature, which these models share
 
-DET_INPUT = (640, 640)  # (h, w)
 POSE_INPUT = (384, 288)  # (h, w)
 NUM_KEYPOINTS = 133
-SIMCC_RATIO = 2.0
-STRIDES = (8, 16, 32)
 NUM_ANCHORS = sum((DET_INPUT[0] // s) * (DET_INPUT[1] // s) for s in STRIDES)  # 8400
 
 

@@ -55,8 +55,6 @@ from typing import Literal
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from preprocess.pose.convert import (
     BODY_COLORS,
@@ -261,6 +259,9 @@ def draw_pose_sequence(
 def resize_bilinear(image_hwC: np.ndarray, height: int, width: int) -> np.ndarray:
     """uint8 [h, w, C] -> uint8 [height, width, C]: torch's antialiased bilinear uint8 kernel,
     within one rounding step of torchvision's tensor resize and of PIL's bilinear (the release's)."""
+    import torch  # imported where used: drawing and cached reruns need no torch
+    import torch.nn.functional as F
+
     # A channels-last view in, a channels-last result out: no copies around the kernel.
     resized_1CHW = F.interpolate(
         torch.from_numpy(image_hwC)[None].permute(0, 3, 1, 2),

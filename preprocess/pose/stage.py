@@ -14,7 +14,6 @@ from data_schemas.pose import PoseRecord
 from data_schemas.workspace import Workspace
 from preprocess.media import read_frames
 from preprocess.pose.dwpose import DWPose, FramePoses
-from preprocess.pose.onnx_models import build_tiny_models
 from preprocess.truth import TRUTH, TruthPoses
 
 
@@ -24,6 +23,8 @@ def resolve_models(cfg: PoseConfig, workspace: Workspace | Path) -> tuple[Path, 
     if cfg.models == "truth":
         return ()
     if cfg.models == "tiny":
+        from preprocess.pose.onnx_models import build_tiny_models  # exported from torch: loaded only for them
+
         return build_tiny_models(Workspace.of(workspace).tiny_dwpose, seed=cfg.tiny_seed)
     return cfg.model_files()
 
@@ -43,12 +44,32 @@ def models_digest(files: tuple[Path, ...]) -> str:
     return digest.hexdigest()[:16]
 
 
+_builds = 0  # DWPose runners this process built: a Dask worker builds one and keeps it for the next clip
+
+
 @lru_cache(maxsize=2)
 def _runner(detector: Path, pose_model: Path, provider: str, pre: float, iou: float, thr: float, batch: int) -> DWPose:
     # Sessions are costly to build: one per process and model set.
+    global _builds
+    _builds += 1
     return DWPose(
         detector, pose_model, provider=provider, pre_threshold=pre, nms_iou=iou, threshold=thr, batch_size=batch
     )
+
+
+def model_builds() -> int:
+    """How many DWPose runners this process has built."""
+    return _builds
+
+
+def models_held() -> int:
+    """How many models this process keeps for its next clip."""
+    return _runner.cache_info().currsize
+
+
+def release_models() -> None:
+    """Drop the runners this process keeps (a closing worker frees their memory)."""
+    _runner.cache_clear()
 
 
 def runner_for(cfg: PoseConfig, files: tuple[Path, Path]) -> DWPose:

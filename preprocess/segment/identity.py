@@ -23,9 +23,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-import torch
-import torchvision
-from scipy.optimize import linear_sum_assignment
 
 
 class Segmenter(Protocol):
@@ -50,6 +47,9 @@ def mask_boxes(masks: np.ndarray) -> np.ndarray:
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if not len(a) or not len(b):
         return np.zeros((len(a), len(b)), np.float32)
+    import torch  # imported where used: a rerun whose masks are cached loads neither torch nor scipy
+    import torchvision
+
     return torchvision.ops.box_iou(torch.from_numpy(a).float(), torch.from_numpy(b).float()).numpy()
 
 
@@ -66,6 +66,8 @@ def assign_poses(
     owner: np.ndarray, num_objects: int, keypoints: np.ndarray, scores: np.ndarray, boxes: np.ndarray, threshold: float
 ) -> np.ndarray:
     """pose row of each object [K] (-1 where none) for one frame (rule in the module docstring)."""
+    from scipy.optimize import linear_sum_assignment  # imported where used, as torch in box_iou
+
     result = np.full(num_objects, -1, np.int64)
     if not num_objects or not len(keypoints):
         return result

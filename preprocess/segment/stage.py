@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -28,14 +29,38 @@ def _device(cfg: SegmentConfig) -> str:
     return "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
+_builds = 0  # SAM2 models this process built: a Dask worker builds one and keeps it for the next clip
+
+
 @lru_cache(maxsize=2)
 def _model(models: str, folder: Path, seed: int, device: str):
     # Loading SAM2 is costly: once per process and model.
     from preprocess.segment import sam2
 
+    global _builds
+    _builds += 1
+
     if models == "tiny":
         return sam2.build_tiny_sam2(seed)
     return sam2.load_sam2(folder, device=device)
+
+
+def model_builds() -> int:
+    """How many SAM2 models this process has built."""
+    return _builds
+
+
+def models_held() -> int:
+    """How many models this process keeps for its next clip."""
+    return _model.cache_info().currsize
+
+
+def release_models() -> None:
+    """Drop the SAM2 models this process keeps and the GPU memory they held."""
+    _model.cache_clear()
+    torch = sys.modules.get("torch")  # never imported here: nothing to free
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def sam2_digest(cfg: SegmentConfig) -> str:
