@@ -7,6 +7,7 @@ at any time, e.g. after changing the filters."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,11 +71,34 @@ def _thumbnails(ws: Workspace, clips: Sequence[ClipRecord], path: Path) -> None:
     atomic_write_bytes(path, png.tobytes())
 
 
+def _inputs_line(rows: Sequence[ClipQuality], clips: dict[str, ClipRecord], filters: QualityFilters) -> str:
+    """The card's last line: a digest of everything it is drawn from (rows, clips, filters, this code)."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    for record in [*rows, *clips.values(), filters]:
+        digest.update(record.model_dump_json().encode())
+    return f"<!-- drawn from inputs {digest.hexdigest()[:16]} -->"
+
+
+def _is_current(ws: Workspace, inputs: str) -> bool:
+    """The card on disk was drawn from these inputs and its figures are all there."""
+    try:
+        text = ws.data_card.read_text()
+    except OSError:
+        return False
+    figures = [line.split("](", 1)[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    return text.rstrip("\n").endswith(inputs) and all((ws.data_card.parent / f).is_file() for f in figures)
+
+
 def write_data_card(workspace: Workspace | Path, filters: QualityFilters) -> Path:
-    """reports/data-card.md and its figures, from the workspace's manifests; returns its path."""
+    """reports/data-card.md and its figures, from the workspace's manifests; returns its path.
+    A card already drawn from the same manifests' rows and filters is kept as it is (drawing
+    the figures is most of a rerun that has nothing else to do)."""
     ws = Workspace.of(workspace)
     rows = read_records(ws.quality_manifest, ClipQuality)
     clips = {c.clip_id: c for c in read_records(ws.clips_manifest, ClipRecord)}
+    inputs = _inputs_line(rows, clips, filters)
+    if _is_current(ws, inputs):
+        return ws.data_card
     figures = ws.data_card_figures
     link = figures.relative_to(ws.data_card.parent).as_posix()  # the card's links to its figures
     figures.mkdir(parents=True, exist_ok=True)
@@ -118,4 +142,5 @@ def write_data_card(workspace: Workspace | Path, filters: QualityFilters) -> Pat
         ]
         if with_video:
             lines += [f"![worst {field}]({link}/{field}-worst.png)", ""]
+    lines += [inputs]
     return atomic_write_bytes(ws.data_card, ("\n".join(lines) + "\n").encode())

@@ -38,6 +38,17 @@ def test_filters_leave_out_clips_by_their_measures(tmp_path, prefect_api):
     card = Workspace(workspace).data_card.read_text()
     assert "| min_persons | 1 |" in card and (Workspace(workspace).data_card_figures / "motion.png").is_file()
 
+    # The card drawn from the same rows and filters is kept; one drawn from other inputs, or
+    # missing a figure, is drawn again.
+    from preprocess.data_card import write_data_card
+
+    ws, filters = Workspace(workspace), ProjectConfig.model_validate(truth).shards.filters
+    drawn = ws.data_card.stat().st_mtime_ns
+    assert write_data_card(workspace, filters).stat().st_mtime_ns == drawn
+    (ws.data_card_figures / "motion.png").unlink()
+    write_data_card(workspace, filters)
+    assert (ws.data_card_figures / "motion.png").is_file() and ws.data_card.read_text() == card
+
     # New filter values: the shards again, every measure from the cache.
     state = preprocess(
         folder,
@@ -49,6 +60,7 @@ def test_filters_leave_out_clips_by_their_measures(tmp_path, prefect_api):
     states = task_states(state.state_details.flow_run_id, expected=len(rows) * 4 + 2)
     assert {n: s for n, s in states.items() if n.startswith("quality ")} == {f"quality {i}": "Cached" for i in rows}
     assert (second.num_samples, second.left_out) == (2, {"max_persons": 1})
+    assert "| max_persons | 1 |" in ws.data_card.read_text()
     assert {s.key for s in read_records(Workspace(workspace).shards_index, ShardSample)} == {
         i for i, r in rows.items() if r.num_visible_persons <= 2
     }
