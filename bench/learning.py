@@ -61,9 +61,9 @@ from model.train import launch_command
 from preprocess.shards import write_shards
 from tests.helpers.workspaces import make_workspace
 
-STEPS = int(os.environ.get("LEARNING_STEPS", "150"))
+STEPS = int(os.environ.get("LEARNING_STEPS", "100"))
 LR = float(os.environ.get("LEARNING_LR", "1e-3"))
-BASE_STEPS = int(os.environ.get("LEARNING_BASE_STEPS", "300"))
+BASE_STEPS = int(os.environ.get("LEARNING_BASE_STEPS", "200"))
 GUIDANCE = 2.0
 FRAMES, HEIGHT, WIDTH, STRIDE = 9, 48, 64, 2
 SHAPE = {
