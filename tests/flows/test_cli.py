@@ -66,8 +66,9 @@ def test_demo_produces_the_documented_files(tmp_path):
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     produced = {p.relative_to(workspace).as_posix() for p in workspace.rglob("*") if p.is_file()}
-    hidden = {p for p in produced if p.startswith(".")}  # Prefect's home and results, the workspace lock
-    assert all(p.startswith(".prefect/") or p == ".lock" for p in hidden)  # the truth models build no tiny ONNX files
+    # Prefect's home and results, the workspace lock, the generation jobs' claim files
+    hidden = {p for p in produced if p.startswith(".")}
+    assert all(p.startswith((".prefect/", ".claims/")) or p == ".lock" for p in hidden), hidden  # no tiny ONNX files
     clips = read_records(Workspace(workspace).clips_manifest, ClipRecord)
     samples = {f"samples/raw/sample_{i:02d}.{ext}" for i in range(4) for ext in ("mp4", "gt.npz")}
     manifests = {f"manifests/{name}.parquet" for name in ("videos", "clips", "poses", "masks", "quality")} | {
@@ -123,7 +124,8 @@ def test_demo_produces_the_documented_files(tmp_path):
         | {f"{current}/index.parquet", "shard-sets/.lock"}
     )
     expected |= {f"shard-sets/.{current.split('/')[-1]}.readers"}  # the training run's shared lock on the set it read
-    expected |= embeddings | {"embeddings/index.parquet"} | training | generation | driving
+    # the lock a generation job holds while it fills the prompt cache
+    expected |= embeddings | {"embeddings/index.parquet", "embeddings/.lock"} | training | generation | driving
     assert produced - hidden == expected, (sorted(produced - hidden - expected), sorted(expected - produced))
     frames = media.count_and_check_frames(workspace / job / "video.mp4")[0]
     assert frames == 17
