@@ -7,6 +7,7 @@ a later run can tell the leftovers of a killed writer from the files of a live o
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import secrets
@@ -113,3 +114,15 @@ def remove_stale_temps(root: Path) -> list[Path]:
                     target.unlink()
             removed.append(target)
     return removed
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (created, with its folder) for a block: one
+    read-merge-write at a time between processes. The kernel drops it when the file closes
+    or its process dies, so no stale lock is ever left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

@@ -36,7 +36,7 @@ PREFECT = ".prefect"
 MODELS = ".models"  # tiny random-weight models built for the tiny profile
 REFERENCES = "references"  # reference images of imported legacy clips
 INDEX = "index.parquet"  # the index file of shards/ and embeddings/
-LOCK = ".lock"  # the workspace lock (flows/runtime.py): one writing run at a time
+LOCK = ".lock"  # the workspace lock (flows/runtime.py), and embeddings/ fillers' (model/text_cache.py)
 CLAIMS = ".claims"  # per-job claim files of generation (data_schemas/job.py): held by the process running the job
 
 
@@ -167,11 +167,6 @@ class Workspace:
     @property
     def embeddings_index(self) -> Path:
         return self.embeddings / INDEX
-
-    @property
-    def embeddings_lock(self) -> Path:
-        """Held while a generation job fills the cache (parallel jobs would overwrite each other's index rows)."""
-        return self.embeddings / LOCK
 
     @property
     def runs(self) -> Path:

@@ -34,12 +34,12 @@ from data_schemas.atomic import remove_stale_temps
 from data_schemas.job import JobRecord, JobSpec, read_record, submit_job
 from data_schemas.shard import ShardSample
 from data_schemas.workspace import Workspace
-from flows.generate import run_job_and_publish
 from flows.runtime import run_cached, workspace_lock
 from model import scoring
 from model.scoring import ScoredClip
 from preprocess.job_inputs import check_job_inputs
 from tasks.evaluate import publish_comparison, publish_evaluation, score_clip
+from tasks.generate import run_job_and_publish
 
 
 class EvalOutcome(BaseModel):

@@ -16,7 +16,7 @@ means finished: never redone; failed jobs are tried again unless ``retry_failed`
 3. the jobs (the task tasks.generate.generate_job): on the local thread pool one at a time
    (one GPU); on a Dask cluster (``make_task_runner(dask_address=...)``, ``--gpus``) in
    parallel, one per GPU worker (``gpu_slot``). Each is claimed by the process that runs it
-   (an flock on ``.claims/<job_id>.lock``, data_schemas.job.claim_job), its record looked at
+   (a flock on ``.claims/<job_id>.lock``, data_schemas.job.claim_job), its record looked at
    again, then the reference pose, retargeting, prompt embeddings, sampling and the outputs
    (model.generate.run_job) written into a staging folder, within the job's time limit
    (``generate.job_timeout_s``);
@@ -66,12 +66,7 @@ from flows.runtime import _dask_runner, gpu_slot, run_cached, submission_window,
 from flows.stages import StageModels, pose_and_segment
 from preprocess.job_inputs import check_job_inputs
 from preprocess.pose.stage import resolve_models
-from tasks.generate import (
-    generate_job,
-    publish_jobs,
-    run_claimed_job,
-    run_job_and_publish,  # noqa: F401 - the evaluate flow runs its jobs with it, from here
-)
+from tasks.generate import generate_job, publish_jobs, run_claimed_job
 from tasks.ingest import hash_file, ingest_video
 
 

@@ -29,10 +29,8 @@ load, once per batch, is not charged to the job.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -169,36 +167,22 @@ def _make_room_for_text_encoder(logger: Logger) -> None:
     logger.info("moved the loaded pipeline to the CPU while the text encoder runs (%.1f GiB were free)", free_gib)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive flock on ``path`` for a block (dropped by the kernel if the process dies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def prompt_embeddings(
     workspace: Workspace | Path, model: ModelConfig, prompt: str, logger: Logger | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt, negative prompt) embeddings [512, D] from the workspace cache; the profile's
     text encoder is loaded (and released) only when one of them is missing."""
-    ws = Workspace.of(workspace)
-    folder = ws.embeddings
+    folder = Workspace.of(workspace).embeddings
     encoder_id = profile_encoder_id(model.profile, model.wan_folder)
     make_room = None if model.profile == "tiny" else lambda: _make_room_for_text_encoder(logger or _log)
-    with _locked(ws.embeddings_lock):  # jobs on other GPU workers fill the same index
-        ensure_cached(
-            folder,
-            model.profile,
-            model.wan_folder,
-            [prompt, WAN_NEGATIVE_PROMPT],
-            before_load=make_room,
-            encoder_id=encoder_id,
-        )
+    ensure_cached(
+        folder,
+        model.profile,
+        model.wan_folder,
+        [prompt, WAN_NEGATIVE_PROMPT],
+        before_load=make_room,
+        encoder_id=encoder_id,
+    )
     cache = EmbeddingCache(folder, encoder_id)
     return cache.get(prompt), cache.get(WAN_NEGATIVE_PROMPT)
 

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from data_schemas.atomic import atomic_path
+from data_schemas.atomic import atomic_path, exclusive_lock
 from data_schemas.embedding import (
     TENSOR_NAME,
     TEXT_LEN,
@@ -33,7 +33,7 @@ from data_schemas.embedding import (
 )
 from data_schemas.io import read_records, write_records
 from data_schemas.shard import ShardSample
-from data_schemas.workspace import INDEX
+from data_schemas.workspace import INDEX, LOCK
 
 if TYPE_CHECKING:
     from data_schemas.model import Profile
@@ -189,16 +189,21 @@ def ensure_cached(
     texts = list(texts)
     if not missing_texts(folder, encoder_id, texts):
         return cached_summary(folder, encoder_id, texts)
-    if before_load is not None:
-        before_load()
-    encoder = load_profile_encoder(profile, weights)
-    assert encoder.encoder_id == encoder_id, (encoder.encoder_id, encoder_id)
-    try:
-        return fill_cache(folder, encoder, texts)
-    finally:
-        del encoder
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the real encoder is 11 GB; the DiT needs the room
+    # One filler at a time (jobs on several GPU workers fill the same index): the next one
+    # waits, then finds its texts cached instead of loading the encoder again.
+    with exclusive_lock(Path(folder) / LOCK):
+        if not missing_texts(folder, encoder_id, texts):
+            return cached_summary(folder, encoder_id, texts)
+        if before_load is not None:
+            before_load()
+        encoder = load_profile_encoder(profile, weights)
+        assert encoder.encoder_id == encoder_id, (encoder.encoder_id, encoder_id)
+        try:
+            return fill_cache(folder, encoder, texts)
+        finally:
+            del encoder
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the real encoder is 11 GB; the DiT needs the room
 
 
 class EmbeddingCache:

@@ -40,7 +40,7 @@ import logging
 import os
 import shutil
 import tarfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -49,7 +49,7 @@ import numpy as np
 
 from data_schemas import ClipRecord, PoseRecord, read_records, write_records
 from data_schemas.arrays import npz_bytes
-from data_schemas.atomic import fsync_file, remove_stale_temps, temp_path_for
+from data_schemas.atomic import exclusive_lock, fsync_file, remove_stale_temps, temp_path_for
 from data_schemas.config import ShardConfig
 from data_schemas.mask import MaskRecord
 from data_schemas.quality import ClipQuality
@@ -290,17 +290,10 @@ def _fsync_dir(path: Path) -> None:
         fsync_file(path)
 
 
-@contextlib.contextmanager
-def _publication_lock(sets: Path) -> Iterator[None]:
-    with open(sets / ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        yield
-
-
 def _publish(ws: Workspace, building: Path, set_id: str) -> None:
     """Rename the whole set into place, point ``shards`` at it, remove the sets it replaces."""
     sets, link, target = ws.shard_sets, ws.shards, ws.relative(ws.shard_sets / set_id)
-    with _publication_lock(sets):
+    with exclusive_lock(sets / ".lock"):
         try:
             os.rename(building, sets / set_id)
         except OSError as error:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import itertools
 import math
@@ -32,7 +31,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
-from data_schemas.atomic import publish, temp_path_for
+from data_schemas.atomic import exclusive_lock, publish, temp_path_for
 from data_schemas.config import IngestConfig
 from data_schemas.io import SchemaError, read_records, write_records
 from data_schemas.mask import MaskRecord
@@ -346,14 +345,8 @@ def video_record(
 @contextlib.contextmanager
 def manifest_lock(workspace: Workspace | Path) -> Iterator[None]:
     """Serialise read-merge-write of the manifests between processes of this host."""
-    lock = Workspace.of(workspace).manifests_lock
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with exclusive_lock(Workspace.of(workspace).manifests_lock):
+        yield
 
 
 # The columns of schema version 1 (before folders, claimed and damaged frames were recorded).

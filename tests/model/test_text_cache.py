@@ -20,7 +20,7 @@ from data_schemas.embedding import EmbeddingRecord, embedding_key
 from data_schemas.io import read_records, write_records
 from data_schemas.shard import ShardSample
 from data_schemas.workspace import INDEX as INDEX_NAME
-from data_schemas.workspace import Workspace
+from data_schemas.workspace import LOCK, Workspace
 from model.text_cache import EmbeddingCache, MissingEmbeddingError, captions_from_shards, fill_cache, read_index
 from model.text_encoder import (
     TEXT_LEN,
@@ -283,8 +283,8 @@ def test_embed_flow_caches_captions_and_negative_prompt(tmp_path, prefect_api):
     summary = embed(workspace)
     assert (summary.encoder_id, summary.num_texts, summary.num_new) == ("tiny-umt5-d32-s0", 3, 3)
     folder = Workspace(workspace).embeddings
-    assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [INDEX_NAME] + [f"{embedding_key(summary.encoder_id, t)}.safetensors" for t in texts]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(  # LOCK: held by whoever fills the cache
+        [INDEX_NAME, LOCK] + [f"{embedding_key(summary.encoder_id, t)}.safetensors" for t in texts]
     )
     cache = EmbeddingCache(folder, summary.encoder_id)
     # the flow's encoder and this one are two instances: their CPU floats are not bit-equal
