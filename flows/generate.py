@@ -40,7 +40,6 @@ filesystems).
 
 from __future__ import annotations
 
-import queue
 import time
 from pathlib import Path
 
@@ -62,7 +61,7 @@ from data_schemas.job import (
     submit_job,
 )
 from data_schemas.workspace import ClipRef, Workspace
-from flows.runtime import _dask_runner, gpu_slot, run_cached, submission_window, workspace_lock
+from flows.runtime import SubmissionWindow, dask_runner, gpu_slot, run_cached, submission_window, workspace_lock
 from flows.stages import StageModels, pose_and_segment
 from preprocess.job_inputs import check_job_inputs
 from preprocess.pose.stage import resolve_models
@@ -269,18 +268,14 @@ def _submit_jobs(arguments: dict[str, tuple]) -> dict[str, JobRun | BaseExceptio
     """generate_job per job: on Dask, up to the submission window at once, each on a GPU
     worker of its own; on the local thread pool one at a time (one GPU). Returns each job's
     JobRun, or the exception its task ended with."""
-    window = submission_window() if _dask_runner() is not None else 1
-    finished: queue.SimpleQueue = queue.SimpleQueue()
-    in_flight: dict = {}
+    pending = SubmissionWindow(submission_window() if dask_runner() is not None else 1)  # tagged by job id
     outcomes: dict[str, JobRun | BaseException] = {}
     todo = iter(arguments)
     while True:
-        while len(in_flight) < window and (job_id := next(todo, None)) is not None:
+        while pending.has_room() and (job_id := next(todo, None)) is not None:
             with gpu_slot():
-                future = generate_job.submit(*arguments[job_id])
-            in_flight[future] = job_id
-            future.add_done_callback(finished.put)
-        if not in_flight:
+                pending.add(generate_job.submit(*arguments[job_id]), job_id)
+        if not pending:
             return outcomes
-        future = finished.get()
-        outcomes[in_flight.pop(future)] = future.result(raise_on_failure=False)
+        job_id, outcome = pending.next_done()
+        outcomes[job_id] = outcome

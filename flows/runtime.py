@@ -342,7 +342,7 @@ def make_task_runner(
 GPU_RESOURCE = "GPU"
 
 
-def _dask_runner():
+def dask_runner():
     """The running flow's DaskTaskRunner, or None (no flow, or another runner)."""
     from prefect.context import FlowRunContext
 
@@ -357,7 +357,7 @@ def gpu_slot() -> Iterator[None]:
     on the local thread pool (no Dask), nothing changes. The first use on a cluster checks
     that it has GPU workers (flows.cluster.NoGpuWorkers: its tasks would wait forever) and
     has them free their models when they close."""
-    runner = _dask_runner()
+    runner = dask_runner()
     if runner is None:
         yield
         return
@@ -380,7 +380,7 @@ MIN_WINDOW = 8
 
 def submission_window() -> int:
     """How many tasks a flow keeps submitted at once on its runner."""
-    runner = _dask_runner()
+    runner = dask_runner()
     if runner is not None:
         slots = sum(runner.client.nthreads().values())
     else:
@@ -389,6 +389,31 @@ def submission_window() -> int:
         context = FlowRunContext.get()
         slots = getattr(context.task_runner if context else None, "_max_workers", None) or os.cpu_count() or 1
     return max(MIN_WINDOW, WINDOW_PER_SLOT * slots)
+
+
+class SubmissionWindow:
+    """Submitted task futures, at most ``size`` in flight; ``next_done`` waits for whichever
+    finishes first. Each future carries a tag: what the caller needs to know about it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._in_flight: dict = {}  # future -> tag
+        self._finished: queue.SimpleQueue = queue.SimpleQueue()
+
+    def __len__(self) -> int:
+        return len(self._in_flight)
+
+    def has_room(self) -> bool:
+        return len(self._in_flight) < self.size
+
+    def add(self, future, tag) -> None:
+        self._in_flight[future] = tag
+        future.add_done_callback(self._finished.put)
+
+    def next_done(self) -> tuple[Any, Any]:
+        """(tag, the task's result or the exception it ended with) of the next future to finish."""
+        future = self._finished.get()
+        return self._in_flight.pop(future), future.result(raise_on_failure=False)
 
 
 @dataclass(frozen=True)
@@ -441,12 +466,10 @@ def run_pipeline(stages: list[Stage], workspace: Path, keys: Iterable, window: i
     outcomes: list[dict] = [{} for _ in stages]
     order: list = []  # keys as they came: the order of the outcomes
     ready: collections.deque = collections.deque()  # (stage, key, refresh): later stages of started keys first
-    finished: queue.SimpleQueue = queue.SimpleQueue()
-    in_flight: dict = {}  # future -> (stage, key, refresh)
+    pending = SubmissionWindow(window or submission_window())  # tagged (stage, key, refresh)
     fresh = iter(keys)
-    window = window or submission_window()
     lost = [0] * len(stages)
-    on_dask = _dask_runner() is not None
+    on_dask = dask_runner() is not None
 
     def submit(i: int, key, refresh: bool) -> None:
         args = stages[i].arguments(key, tuple(outcomes[j][key] for j in range(i)))
@@ -460,14 +483,12 @@ def run_pipeline(stages: list[Stage], workspace: Path, keys: Iterable, window: i
                 import dask
 
                 annotations.enter_context(dask.annotate(priority=i))
-            future = (refreshing if refresh else cached)[i].submit(*args)
-        in_flight[future] = (i, key, refresh)
-        future.add_done_callback(finished.put)
+            pending.add((refreshing if refresh else cached)[i].submit(*args), (i, key, refresh))
 
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         bars = [progress.add_task(s.label, total=None) for s in stages]
         while True:
-            while len(in_flight) < window:
+            while pending.has_room():
                 if ready:
                     submit(*ready.popleft())
                     continue
@@ -477,11 +498,9 @@ def run_pipeline(stages: list[Stage], workspace: Path, keys: Iterable, window: i
                 order.append(key)
                 progress.update(bars[0], total=len(order))
                 submit(0, key, False)
-            if not in_flight:
+            if not pending:
                 break
-            future = finished.get()
-            i, key, refresh = in_flight.pop(future)
-            outcome = future.result(raise_on_failure=False)
+            (i, key, refresh), outcome = pending.next_done()
             ok = not isinstance(outcome, BaseException)
             if ok and not refresh and not all((workspace / p).exists() for p in stages[i].products(outcome)):
                 lost[i] += 1
