@@ -48,3 +48,9 @@ class PreprocessSummary(BaseModel):
     num_left_out: int = Field(0, description="clips the quality filters (shards.filters) left out of the shards")
     left_out: dict[str, int] = Field(default_factory=dict, description="clips left out by each filter")
     data_card: str | None = Field(default=None, description="path of reports/data-card.md")
+    first_sample_after: int | None = Field(
+        default=None,
+        description="clips through their stages when the shards' first sample was written (samples are written "
+        "as clips finish); None: none written while clips were under way (the published set held them already, "
+        "or the set was written at the end)",
+    )

@@ -17,10 +17,11 @@ from flows.ingest import ingest
 from flows.runtime import Stage, run_cached, run_pipeline, workspace_lock
 from flows.stages import StageModels, pose_and_segment_stages, split_failures
 from preprocess.pose.stage import resolve_models
+from preprocess.shards import SampleEntry, ShardStream, left_out_by
 from tasks.pose import publish_contact_sheet
 from tasks.quality import measure_quality, publish_data_card
 from tasks.segment import publish_overlays
-from tasks.shards import write_shards
+from tasks.shards import shards_recipe, write_shards
 
 
 @flow(name="preprocess", flow_run_name="preprocess {folder}")
@@ -38,11 +39,33 @@ def _preprocess(folder: Path, workspace: Path, config: ProjectConfig) -> Preproc
     clips = {c.clip_id: c for c in read_records(ws.clips_manifest, ClipRecord)}
 
     refs = {i: ClipRef(c, ws) for i, c in sorted(clips.items())}
-    # Per clip: poses, then masks as soon as the poses exist, then quality as soon as the masks do.
+    # Per clip: poses, then masks as soon as the poses exist, then quality as soon as the masks
+    # do, then its sample into the shards as soon as the clips before it are through.
     quality_stage = Stage(measure_quality, lambda i, done: (refs[i], *done, config.quality), lambda row: [], "quality")
-    posed, masked, measured = run_pipeline(
-        [*pose_and_segment_stages(refs, config, models, ws), quality_stage], workspace, refs
-    )
+    with ShardStream(ws, config.shards, refs, shards_recipe(config.shards)) as stream:
+
+        def through(clip_id: str, outcomes: tuple) -> None:
+            if len(outcomes) < 3:  # its poses or masks failed: no sample
+                stream.offer(clip_id, None)
+                return
+            pose, mask, measures = outcomes
+            measures = None if isinstance(measures, BaseException) else measures
+            stream.offer(clip_id, SampleEntry(clips[clip_id], pose, mask, left_out_by(config.shards, measures)))
+
+        posed, masked, measured = run_pipeline(
+            [*pose_and_segment_stages(refs, config, models, ws), quality_stage], workspace, refs, on_final=through
+        )
+        try:
+            streamed = stream.finish()
+        except Exception as error:  # the end-of-run writer below tries again, with its retry
+            logger.warning("writing the shards as clips finished failed (%s); writing them now", error)
+            streamed = None
+    if streamed is not None:
+        logger.info(
+            "shards written as clips finished: the first sample when %d of %d clip(s) were through",
+            stream.through_at_first_write,
+            len(refs),
+        )
     (poses, pose_failed), (masks, mask_failed) = split_failures(posed), split_failures(masked)
     # by clip id, not in the order tasks finished: manifests and reports are then the same bytes every run
     poses, masks = dict(sorted(poses.items())), dict(sorted(masks.items()))
@@ -88,4 +111,5 @@ def _preprocess(folder: Path, workspace: Path, config: ProjectConfig) -> Preproc
         num_left_out=shards.num_left_out,
         left_out=shards.left_out,
         data_card=str(card),
+        first_sample_after=stream.through_at_first_write if streamed is not None else None,
     )

@@ -445,12 +445,20 @@ def run_cached(
     return run_pipeline([stage], workspace, list(arguments))[0]
 
 
-def run_pipeline(stages: list[Stage], workspace: Path, keys: Iterable, window: int | None = None) -> list[dict]:
+def run_pipeline(
+    stages: list[Stage],
+    workspace: Path,
+    keys: Iterable,
+    window: int | None = None,
+    on_final: Callable[[Any, tuple], None] | None = None,
+) -> list[dict]:
     """Each key through the cached tasks of ``stages`` in turn: a key's next stage is submitted
     as soon as its previous one finished (not after every key's), at most ``window`` tasks
     in flight (default ``submission_window``). Returns, per stage, each key's record or the
     exception its task ended with, in the order of ``keys``; a key whose task failed goes no
-    further, the others go on.
+    further, the others go on. ``on_final(key, outcomes)``, when given, is called (in the
+    calling thread) as soon as a key is through: its outcomes of every stage it reached, the
+    last an exception when it failed there.
 
     Caching as ``run_cached``: a result file our serializer did not write is removed first;
     a cache hit whose ``products`` are gone runs again (refreshing its cache). On Dask, later
@@ -511,6 +519,8 @@ def run_pipeline(stages: list[Stage], workspace: Path, keys: Iterable, window: i
             if ok and i + 1 < len(stages):
                 ready.appendleft((i + 1, key, False))
                 progress.update(bars[i + 1], total=(progress.tasks[i + 1].total or 0) + 1)
+            elif on_final is not None:
+                on_final(key, tuple(outcomes[j][key] for j in range(i + 1)))
     for stage, count in zip(stages, lost):
         if count:
             get_run_logger().warning("%s: %d cached result(s) lost their files; recomputed", stage.label, count)

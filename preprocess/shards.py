@@ -41,15 +41,17 @@ import os
 import shutil
 import tarfile
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 import cv2
 import numpy as np
 
 from data_schemas import ClipRecord, PoseRecord, read_records, write_records
 from data_schemas.arrays import npz_bytes
-from data_schemas.atomic import exclusive_lock, fsync_file, remove_stale_temps, temp_path_for
+from data_schemas.atomic import atomic_write_bytes, exclusive_lock, fsync_file, remove_stale_temps, temp_path_for
 from data_schemas.config import ShardConfig
 from data_schemas.mask import MaskRecord
 from data_schemas.quality import ClipQuality
@@ -203,86 +205,197 @@ def manifest_records(workspace: Workspace | Path) -> list[SampleRecords]:
     return [(c, poses[c.clip_id], masks[c.clip_id]) for c in clips if c.clip_id in poses and c.clip_id in masks]
 
 
+# What the published set was built from: its recipe (what besides the clips decides its
+# bytes: the shard config and the code, as the caller names them) and, per clip, a digest of
+# its records and the filters' verdict. A run whose inputs equal these finds the set there.
+INPUTS = "inputs.json"
+
+
+@dataclass(frozen=True)
+class SampleEntry:
+    """One clip as the shard set takes it: its records and the filters it fails (empty: kept)."""
+
+    clip: ClipRecord
+    pose: PoseRecord
+    mask: MaskRecord
+    left_out_by: tuple[str, ...] = ()
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(
+            f"{self.clip.sha256}:{self.pose.sha256}:{self.mask.sha256}:{','.join(self.left_out_by)}".encode()
+        ).hexdigest()[:16]
+
+
+def left_out_by(cfg: ShardConfig, quality: ClipQuality | None) -> tuple[str, ...]:
+    """The filters of ``cfg`` a clip with these measures fails (no measures: ``NO_MEASURES``)."""
+    return (NO_MEASURES,) if quality is None else tuple(cfg.filters.reasons(quality))
+
+
+class ShardSetBuilder:
+    """A new shard set, built sample by sample in clip-id order (``add``) and published whole
+    by ``finish``; ``abandon`` after an error removes what was written. Adding samples as
+    their clips finish gives the same bytes as adding them all at the end."""
+
+    def __init__(
+        self,
+        workspace: Workspace | Path,
+        cfg: ShardConfig,
+        recipe: str | None = None,
+        open_file: Callable[[Path], BinaryIO] = create_file,
+    ) -> None:
+        self.ws, self.cfg, self.recipe = Workspace.of(workspace), cfg, recipe
+        sets = self.ws.shard_sets
+        sets.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(sets)  # what killed writers left; live writers' folders are spared
+        self.building = temp_path_for(sets / "set")
+        self.building.mkdir()
+        self._writers = {s: _SplitWriter(self.building, s, cfg.target_shard_bytes, open_file) for s in ("train", "val")}
+        self._index: list[ShardSample] = []
+        self._entries: dict[str, SampleEntry] = {}
+
+    def add(self, entry: SampleEntry) -> None:
+        """The clip's sample (unless a filter leaves it out); clips come in clip-id order."""
+        clip = entry.clip
+        assert not self._entries or clip.clip_id > next(reversed(self._entries)), "samples come in clip-id order"
+        self._entries[clip.clip_id] = entry
+        if entry.left_out_by:
+            return
+        members, meta = build_sample(self.ws, clip, entry.pose, entry.mask, self.cfg)
+        shard, offset, size = self._writers[meta["split"]].add(clip.clip_id, members)
+        self._index.append(
+            ShardSample(
+                key=clip.clip_id,
+                shard=shard,
+                offset=offset,
+                size_bytes=size,
+                split=meta["split"],
+                source_sha256=clip.source_sha256,
+                num_frames=clip.num_frames,
+                persons=meta["persons"],
+                width=clip.width,
+                height=clip.height,
+                fps=clip.fps,
+                caption=meta["caption"],
+            )
+        )
+
+    def finish(self, filtered: bool = True) -> ShardSummary:
+        """Close the tars, write the index and the inputs, publish the set (``filtered``:
+        count the clips the filters left out)."""
+        try:
+            for writer in self._writers.values():
+                writer.close()
+            write_records(self._index, ShardSample, self.building / INDEX)
+            atomic_write_bytes(self.building / INPUTS, _inputs_json(self.recipe, self._entries.values()))
+            digests = {name: sha for writer in self._writers.values() for name, sha in writer.digests.items()}
+            for name in (INDEX, INPUTS):
+                digests[name] = hashlib.sha256((self.building / name).read_bytes()).hexdigest()
+            set_id = hashlib.sha256(
+                "".join(f"{name}:{sha};" for name, sha in sorted(digests.items())).encode()
+            ).hexdigest()[:16]
+            _fsync_dir(self.building)
+            _publish(self.ws, self.building, set_id)
+        except BaseException:
+            self.abandon()
+            raise
+        return _summary(self.ws, set_id, self._index, self._entries.values() if filtered else ())
+
+    def abandon(self) -> None:
+        for writer in self._writers.values():
+            writer.abandon()
+        shutil.rmtree(self.building, ignore_errors=True)
+
+
+def _inputs_json(recipe: str | None, entries: Iterable[SampleEntry]) -> bytes:
+    clips = {e.clip.clip_id: [e.digest, list(e.left_out_by)] for e in entries}
+    return json.dumps({"recipe": recipe, "clips": clips}, sort_keys=True).encode()
+
+
+def _summary(ws: Workspace, set_id: str, index: list[ShardSample], entries: Iterable[SampleEntry]) -> ShardSummary:
+    left_out: dict[str, int] = {}  # filter -> clips it left out
+    dropped = 0
+    for entry in entries:
+        dropped += bool(entry.left_out_by)
+        for reason in entry.left_out_by:
+            left_out[reason] = left_out.get(reason, 0) + 1
+    return ShardSummary(
+        num_samples=len(index),
+        shards=tuple(ws.relative(ws.shards / name) for name in sorted({s.shard for s in index})),
+        num_train=sum(s.split == "train" for s in index),
+        num_val=sum(s.split == "val" for s in index),
+        index=str(ws.shards_index),
+        set_dir=ws.relative(ws.shard_sets / set_id),
+        num_left_out=dropped,
+        left_out=left_out,
+    )
+
+
+def published_inputs(workspace: Workspace | Path, recipe: str | None) -> dict[str, str]:
+    """Clip id -> sample digest of the published set when it was built by ``recipe``; empty
+    when none is published, it was built otherwise, or ``recipe`` is None."""
+    if recipe is None:
+        return {}
+    try:
+        inputs = json.loads((Workspace.of(workspace).shards / INPUTS).read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(inputs, dict) or inputs.get("recipe") != recipe:
+        return {}
+    return {clip_id: digest for clip_id, (digest, _) in inputs["clips"].items()}
+
+
+def _published_summary(ws: Workspace, recipe: str | None, entries: list[SampleEntry]) -> ShardSummary | None:
+    """The published set's summary when it was built from exactly ``entries`` by ``recipe``
+    and is whole; else None."""
+    if not entries and recipe is None:
+        return None
+    if published_inputs(ws, recipe) != {e.clip.clip_id: e.digest for e in entries} or verify_shard_set(ws.shards):
+        return None
+    set_dir = ws.shards.resolve()
+    return _summary(ws, set_dir.name, read_records(set_dir / INDEX, ShardSample), entries)
+
+
+def sample_entries(
+    records: Iterable[SampleRecords], cfg: ShardConfig, quality: Mapping[str, ClipQuality] | None
+) -> list[SampleEntry]:
+    """The entries of ``records`` in clip-id order, with the filters' verdicts from
+    ``quality`` (None: no measures, no filtering)."""
+    return [
+        SampleEntry(clip, pose, mask, () if quality is None else left_out_by(cfg, quality.get(clip.clip_id)))
+        for clip, pose, mask in sorted(records, key=lambda r: r[0].clip_id)
+    ]
+
+
 def write_shards(
     workspace: Workspace | Path,
     cfg: ShardConfig,
     records: Iterable[SampleRecords] | None = None,
     *,
     quality: Mapping[str, ClipQuality] | None = None,
+    recipe: str | None = None,
     open_file: Callable[[Path], BinaryIO] = create_file,
 ) -> ShardSummary:
     """Every clip of ``records`` (its clip, poses and masks records; None: those the
     workspace's manifests list) becomes one sample, unless ``cfg.filters`` leave it out by its
     ``quality`` measures (manifests/quality.parquet; None: no measures, no filtering); the set
-    is published as one unit (module docstring). ``open_file`` opens each tar of the new set
-    for writing."""
+    is published as one unit (module docstring). With a ``recipe`` (what else decides the
+    bytes: e.g. the config's and the code's digests), a published set built from the same
+    inputs by the same recipe is kept as it is (e.g. the one written as clips finished).
+    ``open_file`` opens each tar of the new set for writing."""
     ws = Workspace.of(workspace)
-    samples = sorted(manifest_records(ws) if records is None else records, key=lambda r: r[0].clip_id)
-    clips = [clip for clip, _, _ in samples]
-    poses = {clip.clip_id: pose for clip, pose, _ in samples}
-    masks = {clip.clip_id: mask for clip, _, mask in samples}
-    left_out: dict[str, int] = {}  # filter -> clips it left out
-    if quality is not None:
-        reasons = {
-            c.clip_id: cfg.filters.reasons(quality[c.clip_id]) if c.clip_id in quality else [NO_MEASURES] for c in clips
-        }
-        for reason in (r for c in clips for r in reasons[c.clip_id]):
-            left_out[reason] = left_out.get(reason, 0) + 1
-        dropped = sum(bool(reasons[c.clip_id]) for c in clips)
-        clips = [c for c in clips if not reasons[c.clip_id]]
-    sets = ws.shard_sets
-    sets.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(sets)  # what killed writers left; live writers' folders are spared
-    building = temp_path_for(sets / "set")
-    building.mkdir()
-    writers = {split: _SplitWriter(building, split, cfg.target_shard_bytes, open_file) for split in ("train", "val")}
-    index: list[ShardSample] = []
+    entries = sample_entries(manifest_records(ws) if records is None else records, cfg, quality)
+    published = _published_summary(ws, recipe, entries)
+    if published is not None:
+        return published if quality is not None else published.model_copy(update={"num_left_out": 0, "left_out": {}})
+    builder = ShardSetBuilder(ws, cfg, recipe, open_file)
     try:
-        for clip in clips:
-            members, meta = build_sample(ws, clip, poses[clip.clip_id], masks[clip.clip_id], cfg)
-            shard, offset, size = writers[meta["split"]].add(clip.clip_id, members)
-            index.append(
-                ShardSample(
-                    key=clip.clip_id,
-                    shard=shard,
-                    offset=offset,
-                    size_bytes=size,
-                    split=meta["split"],
-                    source_sha256=clip.source_sha256,
-                    num_frames=clip.num_frames,
-                    persons=meta["persons"],
-                    width=clip.width,
-                    height=clip.height,
-                    fps=clip.fps,
-                    caption=meta["caption"],
-                )
-            )
-        for writer in writers.values():
-            writer.close()
-        write_records(index, ShardSample, building / INDEX)
-        digests = {name: sha for writer in writers.values() for name, sha in writer.digests.items()}
-        digests[INDEX] = hashlib.sha256((building / INDEX).read_bytes()).hexdigest()
-        set_id = hashlib.sha256(
-            "".join(f"{name}:{sha};" for name, sha in sorted(digests.items())).encode()
-        ).hexdigest()[:16]
-        _fsync_dir(building)
-        _publish(ws, building, set_id)
+        for entry in entries:
+            builder.add(entry)
     except BaseException:
-        for writer in writers.values():
-            writer.abandon()
-        shutil.rmtree(building, ignore_errors=True)
+        builder.abandon()
         raise
-    shards = sorted(name for name in digests if name != INDEX)
-    return ShardSummary(
-        num_samples=len(index),
-        shards=tuple(ws.relative(ws.shards / name) for name in shards),
-        num_train=sum(s.split == "train" for s in index),
-        num_val=sum(s.split == "val" for s in index),
-        index=str(ws.shards_index),
-        set_dir=ws.relative(ws.shard_sets / set_id),
-        num_left_out=dropped if quality is not None else 0,
-        left_out=left_out,
-    )
+    return builder.finish(filtered=quality is not None)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -391,3 +504,90 @@ def verify_shard_set(folder: Path) -> list[str]:
                     f"{path}: sample {row.key} is at byte {start} ({end - start} bytes), the index says {row.offset} ({row.size_bytes})"
                 )
     return problems
+
+
+class ShardStream:
+    """The samples of a set written as their clips finish rather than after the last one:
+    clips are offered in any order (``offer``), held back until every clip before them in
+    clip-id order is in (so the bytes are those of ``write_shards``), and written on a thread
+    of their own while the stages go on. Writing starts at the first clip whose sample is not
+    the published set's (same ``recipe``): a rerun that changes nothing writes nothing, and
+    ``finish`` then returns None (``write_shards`` with the same recipe decides). Use as a
+    context manager: leaving it on an error removes what was written."""
+
+    def __init__(
+        self,
+        workspace: Workspace | Path,
+        cfg: ShardConfig,
+        clip_ids: Iterable[str],
+        recipe: str,
+        open_file: Callable[[Path], BinaryIO] = create_file,
+    ) -> None:
+        self.ws, self.cfg, self.recipe, self.open_file = Workspace.of(workspace), cfg, recipe, open_file
+        self._order = sorted(clip_ids)
+        self._next = 0  # clips of _order released to the writer (or held)
+        self._waiting: dict[str, SampleEntry | None] = {}  # offered out of order
+        self._held: list[SampleEntry] = []  # released, all the published set's: written only once one differs
+        self._published = published_inputs(self.ws, recipe)
+        self._builder: ShardSetBuilder | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shards")
+        self._error: BaseException | None = None
+        self.offered = 0
+        self.through_at_first_write: int | None = None  # clips offered when the first sample was written
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if error is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            if self._builder is not None:
+                self._builder.abandon()
+
+    def offer(self, clip_id: str, entry: SampleEntry | None) -> None:
+        """Clip ``clip_id`` is through its stages: ``entry``, or None when it has no sample
+        (a stage failed)."""
+        self.offered += 1
+        self._waiting[clip_id] = entry
+        while self._next < len(self._order) and self._order[self._next] in self._waiting:
+            clip = self._order[self._next]
+            self._next += 1
+            self._release(clip, self._waiting.pop(clip))
+
+    def _release(self, clip_id: str, entry: SampleEntry | None) -> None:
+        if self._builder is None:
+            if self._published.get(clip_id) == (entry.digest if entry else None):
+                if entry is not None:
+                    self._held.append(entry)
+                return
+            self._builder = ShardSetBuilder(self.ws, self.cfg, self.recipe, self.open_file)
+            for held in self._held:
+                self._pool.submit(self._write, held)
+            self._held = []
+        if entry is not None:
+            self._pool.submit(self._write, entry)
+
+    def _write(self, entry: SampleEntry) -> None:
+        if self._error is not None:
+            return
+        if self.through_at_first_write is None:
+            self.through_at_first_write = self.offered
+        try:
+            self._builder.add(entry)  # type: ignore[union-attr]
+        except BaseException as error:  # raised by finish, in the caller's thread
+            self._error = error
+
+    def finish(self) -> ShardSummary | None:
+        """Publish the set written (None: nothing was, every clip so far is the published
+        set's); raises what writing met, or RuntimeError when clips were never offered."""
+        self._pool.shutdown(wait=True)
+        if self._builder is None:
+            return None
+        if self._error is not None or self._next < len(self._order):
+            self._builder.abandon()
+            if self._error is not None:
+                raise self._error
+            raise RuntimeError(
+                f"{len(self._order) - self._next} clip(s) never came through, e.g. {self._order[self._next]}"
+            )
+        return self._builder.finish()

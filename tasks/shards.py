@@ -19,9 +19,14 @@ from tasks.common import code_version, retry_transient
 SHARDS_CODE = code_version(shards, data_schemas.shard)
 
 
+def shards_recipe(config: ShardConfig) -> str:
+    """What decides a set's bytes besides its clips: the shard config and our code."""
+    return f"{config.digest()}-{SHARDS_CODE}"
+
+
 def _shards_cache_key(context: TaskRunContext, parameters: dict) -> str:
     # inputs: a digest of the content of every clip, poses and masks of ``records``, made by the flow.
-    return f"shards-{parameters['inputs']}-{parameters['config'].digest()}-{SHARDS_CODE}"
+    return f"shards-{parameters['inputs']}-{shards_recipe(parameters['config'])}"
 
 
 @task(
@@ -39,8 +44,9 @@ def write_shards(
     quality: dict[str, ClipQuality] | None = None,
 ) -> ShardSummary:
     """All samples of ``records`` (clip, poses, masks) the filters keep into WebDataset shards
-    (see preprocess.shards)."""
-    summary = shards.write_shards(workspace, config, records, quality=quality)
+    (see preprocess.shards); a set already published from the same inputs (the one the flow
+    wrote as clips finished) is kept."""
+    summary = shards.write_shards(workspace, config, records, quality=quality, recipe=shards_recipe(config))
     get_run_logger().info(
         "%d sample(s) in %d shard(s): %d train, %d val; published as %s; %d clip(s) left out by the filters %s",
         summary.num_samples,

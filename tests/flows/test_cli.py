@@ -121,7 +121,7 @@ def test_demo_produces_the_documented_files(tmp_path):
         | per_clip
         | reports
         | shards
-        | {f"{current}/index.parquet", "shard-sets/.lock"}
+        | {f"{current}/index.parquet", f"{current}/inputs.json", "shard-sets/.lock"}
     )
     expected |= {f"shard-sets/.{current.split('/')[-1]}.readers"}  # the training run's shared lock on the set it read
     # the lock a generation job holds while it fills the prompt cache

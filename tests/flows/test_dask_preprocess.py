@@ -1,6 +1,7 @@
 """The preprocess flow on a real local Dask cluster whose worker processes each declare one
 (fake) GPU: pose and segment tasks spread over the workers, each worker builds its models
-once, a clip's segmentation starts while other clips are still being posed, and every
+once, a clip's segmentation starts while other clips are still being posed, shards are
+written as clips finish, and every
 product is the same bytes as a one-worker run's. A cluster without GPU workers is refused
 with a message saying how to start them."""
 
@@ -120,6 +121,8 @@ def test_preprocess_on_two_gpu_workers(tmp_path, prefect_api, monkeypatch):
     segment_starts = [r.start_time for r in runs if r.name.startswith("segment ")]
     assert len(pose_ends) == len(segment_starts) == NUM_CLIPS
     assert min(segment_starts) < max(pose_ends), (segment_starts, pose_ends)
+    # ... and the shards were written as clips finished: the first sample before the last clip was through.
+    assert summary.first_sample_after is not None and summary.first_sample_after < NUM_CLIPS, summary
 
 
 def test_a_cluster_without_gpu_workers_is_refused(prefect_api):

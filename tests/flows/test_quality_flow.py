@@ -35,6 +35,7 @@ def test_filters_leave_out_clips_by_their_measures(tmp_path, prefect_api):
     index = read_records(Workspace(workspace).shards_index, ShardSample)
     assert {s.key for s in index} == set(rows) - {alone}
     assert (summary.num_samples, summary.num_left_out, summary.left_out) == (2, 1, {"min_persons": 1})
+    assert summary.first_sample_after is not None  # written as clips finished
     card = Workspace(workspace).data_card.read_text()
     assert "| min_persons | 1 |" in card and (Workspace(workspace).data_card_figures / "motion.png").is_file()
 
