@@ -6,15 +6,19 @@
   ``prefect server start`` (``PREFECT_API_URL``: the documented route for frequent reruns).
   Printed before it: the same rerun on Prefect's temporary server (no ``PREFECT_API_URL``),
   ``noop_rerun_temporary_server_s``, and each route's first run.
-* overhead_per_clip_ms: a flow that pushes N clips through ``flows.runtime.run_cached``, one
-  cached, persisted task per clip, as the stages do. The stand-in for a stage's work is
-  ``stand_in_work``: SHA-256 over 64 KiB derived from the clip id, returning a small record
-  (about 0.1 ms, so what is measured is the orchestration). Overhead = (time from the flow's
-  call until the server has recorded every task run as completed, or stopped recording any
-  more for 60 s - the same function over the same clips in a plain loop) / N, at N = 10,000;
-  also printed: until the flow returned, at 1,000 clips, and as one task per batch of BATCH.
+* overhead_per_clip_ms: a flow that pushes N clips through ``flows.runtime.run_cached``, a
+  cached, persisted per-clip task as the stages' are, with the granularity ``run_pipeline``
+  chooses (``flows.runtime.batch_size``: a task run per clip up to 1,000 clips, beyond that
+  one per batch of ceil(N / 1,000) clips, each clip cached on its own). The stand-in for a
+  stage's work is ``stand_in_work``: SHA-256 over 64 KiB derived from the clip id, returning
+  a small record (about 0.1 ms, so what is measured is the orchestration). Overhead = (time
+  from the flow's call until the server has recorded every task run as completed, or stopped
+  recording any more for 60 s - the same function over the same clips in a plain loop) / N,
+  at N = 10,000; also printed: until the flow returned, at 1,000 clips, and at 10,000 clips
+  with a task run per clip (``batch=1``, "per-clip tasks"), the granularity before batches.
 * flow_rss_growth_10k_vs_1k: peak RSS of the process that runs that flow (a fresh process
-  per count, Prefect and the flow module imported, as the CLI's) at 10,000 clips over 1,000.
+  per count, Prefect and the flow module imported, as the CLI's) at 10,000 clips over 1,000,
+  with the chosen granularity; the same with per-clip tasks is printed before it.
 * preprocess_2workers_vs_1: the preprocess flow (tiny random-weight models, so the stages do
   real CPU work) over 8 synthetic clips (3 s, 320x240, two persons) on a 2-worker Dask
   LocalCluster whose workers each declare resources={"GPU": 1}, over the same on 1 worker
@@ -32,13 +36,24 @@ behind the flow, answering 503 meanwhile); at 10,000 clips its queue of 10,000 e
 overflowed and it recorded 3,606 of the 10,000 task runs. The flow process kept 51 KiB per
 task run until the flow ended (Prefect links each result to its state in the flow run's
 context; the thread-pool runner keeps a cancel event per task): 225 MiB at 1,000 clips, 676
-MiB at 10,000 (x3.0), some 5 GiB at 100,000. Batches of 100 clips per task: 0.28 ms per
-clip in the flow, 0.66 ms with the server's recording, every task run recorded, 195 MiB at
-10,000 clips. So: per-clip tasks are fine up to ~1,000 clips per flow run (the stages' work
-is seconds per clip); beyond, one task per batch of clips, at least clips / 1,000 per batch,
-each batch skipping the clips whose products already exist (per-clip caching survives).
+MiB at 10,000 (x3.0), some 5 GiB at 100,000. Batches of 100 clips per task (then a
+stand-in with one result file per batch): 0.28 ms per clip in the flow, 0.66 ms with the
+server's recording, every task run recorded, 195 MiB at 10,000 clips. So: per-clip tasks
+are fine up to ~1,000 clips per flow run (the stages' work is seconds per clip); beyond, one task per batch of clips, at least clips / 1,000 per batch,
+each batch skipping the clips whose results are cached (per-clip caching survives).
 
-    python bench/scale.py [--part noop|overhead|dask ...] [--clips 1000 10000] [--batch 100]
+That is what ``flows.runtime.run_pipeline`` now does by default (``batch_size``; the batch
+task is ``tasks.batch.run_batch``, which still reads and writes one result file per clip).
+Measured with it (same machine): 10,000 clips in 1,000 task runs of 10 clips cost the flow
+2.0 ms per clip and 3.7 ms until the server had recorded every task run (1,000 of 1,000);
+flow peak RSS 194 MiB against 185 MiB at 1,000 clips (per-clip tasks there: 8.5 ms per clip
+in the flow, 43.0 ms recorded), so flow_rss_growth_10k_vs_1k 1.05. Per-clip tasks on the
+same 10,000 clips, in the same run: 11.1 ms per clip in the flow, the server recorded 3,613
+of the 10,000 task runs before it stopped (its 23.2 ms per clip counts only those), 575 MiB
+(x3.10). An earlier run, on a busier machine: 3.3 and 6.1 ms per clip, x1.10 (per-clip
+tasks: 16.9 ms, 4,045 of 10,000 recorded, x2.93).
+
+    python bench/scale.py [--part noop|overhead|dask ...] [--clips 1000 10000]
 
 Headline figures, printed last: preprocess_2workers_vs_1 (goal <= 0.6), overhead_per_clip_ms,
 flow_rss_growth_10k_vs_1k (goal <= 2), noop_rerun_s (goal <= 8).
@@ -115,10 +130,6 @@ def stand_in_work(clip_id: str) -> dict:
     return {"clip_id": clip_id, "digest": hashlib.sha256(block).hexdigest()}
 
 
-def stand_in_batch(clip_ids: list[str]) -> list[dict]:
-    return [stand_in_work(c) for c in clip_ids]
-
-
 class PeakRss:
     """The process's resident memory, sampled every 50 ms while running (MiB)."""
 
@@ -174,31 +185,32 @@ def wait_until_recorded(flow_run_id, count: int, stalled_s: float = 60) -> tuple
         time.sleep(1.0)
 
 
-def overhead_child(workspace: Path, clips: int, batch: int) -> dict:
-    """In a fresh process (the CLI's set-up first): the plain loop, then the flow."""
+def overhead_child(workspace: Path, clips: int, batch: int | None) -> dict:
+    """In a fresh process (the CLI's set-up first): the plain loop, then the flow, with
+    ``batch`` clips per task run (None: as ``run_pipeline`` chooses)."""
     from flows.runtime import use_workspace
 
     use_workspace(workspace)
     from prefect import flow, task
 
-    from flows.runtime import run_cached
+    from flows.runtime import batch_size, run_cached
     from tasks.common import retry_transient
 
-    clip_ids = [f"{i:016x}-000" for i in range(clips)]
-    if batch > 1:
-        keys = {f"batch-{i:06d}": (clip_ids[i : i + batch],) for i in range(0, clips, batch)}
-        fn, key_fn = stand_in_batch, lambda ctx, p: f"stand-in-{p['clip_ids'][0]}-{len(p['clip_ids'])}"
-    else:
-        keys = {c: (c,) for c in clip_ids}
-        fn, key_fn = stand_in_work, lambda ctx, p: f"stand-in-{p['clip_id']}"
+    keys = {c: (c,) for c in (f"{i:016x}-000" for i in range(clips))}
+    batch = batch or batch_size(clips)
     # As the stage tasks are declared: a cache key of the inputs, results persisted, one retry.
     stand_in = task(
-        fn, name="stand-in", cache_key_fn=key_fn, persist_result=True, retries=1, retry_condition_fn=retry_transient
+        stand_in_work,
+        name="stand-in",
+        cache_key_fn=lambda ctx, p: f"stand-in-{p['clip_id']}",
+        persist_result=True,
+        retries=1,
+        retry_condition_fn=retry_transient,
     )
 
     @flow(name="scale-stand-in")
     def stand_in_flow(keys: dict) -> int:
-        outcomes = run_cached(stand_in, workspace, keys, lambda record: [], "stand-in")
+        outcomes = run_cached(stand_in, workspace, keys, lambda record: [], "stand-in", batch=batch)
         failed = [k for k, o in outcomes.items() if isinstance(o, BaseException)]
         if failed:
             raise RuntimeError(f"{len(failed)} stand-in task(s) failed, e.g. {outcomes[failed[0]]!r}")
@@ -206,7 +218,7 @@ def overhead_child(workspace: Path, clips: int, batch: int) -> dict:
 
     start = time.perf_counter()
     for args in keys.values():
-        fn(*args)
+        stand_in_work(*args)
     loop_s = time.perf_counter() - start
     stand_in_flow({"warm-up": keys[next(iter(keys))]})  # the first flow run's one-off costs
     rss_before = PeakRss.now()
@@ -215,14 +227,15 @@ def overhead_child(workspace: Path, clips: int, batch: int) -> dict:
         state = stand_in_flow(keys, return_state=True)
         flow_s = time.perf_counter() - start
         state.result()
-        waited_s, recorded = wait_until_recorded(state.state_details.flow_run_id, len(keys))
+        tasks = -(-clips // batch)
+        waited_s, recorded = wait_until_recorded(state.state_details.flow_run_id, tasks)
     return {
         "clips": clips,
         "batch": batch,
         "loop_s": loop_s,
         "flow_s": flow_s,
         "recorded_s": flow_s + waited_s,
-        "tasks": len(keys),
+        "tasks": tasks,
         "tasks_recorded": recorded,
         "rss_before_mib": rss_before,
         "rss_peak_mib": rss.peak,
@@ -247,18 +260,19 @@ def run_child(args: list[str], api_url: str, log: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def overhead(tmp: Path, api_url: str, counts: list[int], batch: int) -> dict[str, dict]:
+def overhead(tmp: Path, api_url: str, counts: list[int]) -> dict[str, dict]:
+    """Each count with the chosen granularity, then the largest with per-clip tasks."""
     runs = {}
     for clips in counts:
         runs[f"{clips}"] = run_child(
-            ["overhead", str(tmp / f"ws-{clips}"), str(clips), "1"], api_url, tmp / f"{clips}.log"
+            ["overhead", str(tmp / f"ws-{clips}"), str(clips), "chosen"], api_url, tmp / f"{clips}.log"
         )
-        print(f"per-clip tasks, {json.dumps(runs[f'{clips}'])}", flush=True)
+        print(f"chosen granularity, {json.dumps(runs[f'{clips}'])}", flush=True)
     clips = max(counts)
-    runs[f"{clips}-batched"] = run_child(
-        ["overhead", str(tmp / f"ws-{clips}-b"), str(clips), str(batch)], api_url, tmp / f"{clips}-b.log"
+    runs[f"{clips}-per-clip"] = run_child(
+        ["overhead", str(tmp / f"ws-{clips}-per-clip"), str(clips), "1"], api_url, tmp / f"{clips}-per-clip.log"
     )
-    print(f"batches of {batch}, {json.dumps(runs[f'{clips}-batched'])}", flush=True)
+    print(f"per-clip tasks, {json.dumps(runs[f'{clips}-per-clip'])}", flush=True)
     return runs
 
 
@@ -329,7 +343,7 @@ def two_workers_vs_one(tmp: Path, api_url: str, clips: int) -> dict[str, float]:
 def child(argv: list[str]) -> None:
     part, *rest = argv
     if part == "overhead":
-        outcome = overhead_child(Path(rest[0]), int(rest[1]), int(rest[2]))
+        outcome = overhead_child(Path(rest[0]), int(rest[1]), None if rest[2] == "chosen" else int(rest[2]))
     else:
         outcome = dask_child(Path(rest[0]), Path(rest[1]), int(rest[2]))
     print(json.dumps(outcome))
@@ -342,7 +356,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", nargs="+", choices=PARTS, default=list(PARTS), help="which figures to measure")
     parser.add_argument("--clips", nargs=2, type=int, default=[1000, 10000], help="the two trivial clip counts")
-    parser.add_argument("--batch", type=int, default=100, help="clips per task of the batched variant")
     parser.add_argument("--dask-clips", type=int, default=8, help="synthetic clips of the 2-vs-1 worker run")
     args = parser.parse_args()
     from tests.helpers.prefect_server import prefect_server
@@ -358,7 +371,7 @@ def main() -> None:
                     walls = two_workers_vs_one(tmp / part, url, args.dask_clips)
                     lines.append(f"preprocess_2workers_vs_1: {walls[2] / walls[1]:.3f}")
                 elif part == "overhead":
-                    lines += overhead_figures(overhead(tmp / part, url, sorted(args.clips), args.batch), args.batch)
+                    lines += overhead_figures(overhead(tmp / part, url, sorted(args.clips)))
                 else:
                     figures = noop_rerun(tmp / part, url)
                     for name, value in figures.items():
@@ -369,24 +382,31 @@ def main() -> None:
         print(line)
 
 
-def overhead_figures(runs: dict[str, dict], batch: int) -> list[str]:
-    """Prints the supporting figures; returns the two headline lines."""
+def overhead_figures(runs: dict[str, dict]) -> list[str]:
+    """Prints the supporting figures; returns the two headline lines (the chosen granularity)."""
     small, large = (runs[k] for k in sorted((k for k in runs if k.isdigit()), key=int))
-    batched = runs[f"{large['clips']}-batched"]
+    per_clip = runs[f"{large['clips']}-per-clip"]
 
     def per_clip_ms(run: dict, until: str = "recorded_s") -> float:
         return (run[until] - run["loop_s"]) / run["clips"] * 1000
 
-    for name, run in ((str(small["clips"]), small), (str(large["clips"]), large), (f"batched_{batch}", batched)):
+    for name, run in ((str(small["clips"]), small), (str(large["clips"]), large)):
         print(
             f"overhead_per_clip_ms_{name}: flow returned {per_clip_ms(run, 'flow_s'):.2f}, server recorded {per_clip_ms(run):.2f}"
         )
-    for run in (small, large, batched):
+    print(
+        f"per-clip tasks at {per_clip['clips']} clips: overhead_per_clip_ms flow returned "
+        f"{per_clip_ms(per_clip, 'flow_s'):.2f}, server recorded {per_clip_ms(per_clip):.2f}; "
+        f"flow_rss_growth_10k_vs_1k {per_clip['rss_peak_mib'] / small['rss_peak_mib']:.3f} "
+        f"(peak {per_clip['rss_peak_mib']:.0f} MiB)"
+    )
+    for run in (small, large, per_clip):
         print(
             f"task runs the server recorded at {run['clips']} clips, batch {run['batch']}: {run['tasks_recorded']}/{run['tasks']}"
         )
-    extra_kib = (large["rss_peak_mib"] - small["rss_peak_mib"]) * 1024 / (large["clips"] - small["clips"])
-    print(f"rss_per_extra_clip_kib: {extra_kib:.1f} (per-clip tasks), batched peak {batched['rss_peak_mib']:.0f} MiB")
+    print(
+        f"flow peak RSS: {small['rss_peak_mib']:.0f} MiB at {small['clips']} clips, {large['rss_peak_mib']:.0f} MiB at {large['clips']}"
+    )
     return [
         f"overhead_per_clip_ms: {per_clip_ms(large):.2f}",
         f"flow_rss_growth_10k_vs_1k: {large['rss_peak_mib'] / small['rss_peak_mib']:.3f}",

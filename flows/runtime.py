@@ -7,6 +7,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import os
 import queue
@@ -429,11 +430,31 @@ class Stage:
     gpu: bool = False  # submitted inside gpu_slot
 
 
+# One task run per key costs the flow ~13 ms and Prefect's SQLite server ~35-59 ms to record,
+# and the flow keeps ~51 KiB per task run until it ends; at 10,000 the server dropped events
+# (bench/scale.py). Up to this many keys a stage runs a task per key, beyond as many batches.
+PER_KEY_TASKS_UP_TO = 1000
+
+
+def batch_size(num_keys: int) -> int:
+    """Keys per task run of a ``run_pipeline`` over ``num_keys`` keys: 1 (a task per key) up to
+    PER_KEY_TASKS_UP_TO keys, beyond that ceil(num_keys / PER_KEY_TASKS_UP_TO), so that a
+    stage never has more than about PER_KEY_TASKS_UP_TO task runs."""
+    return max(1, -(-num_keys // PER_KEY_TASKS_UP_TO))
+
+
 def run_cached(
-    task, workspace: Path, arguments: dict, products: Callable[[Any], Iterable[str]], label: str, gpu: bool = False
+    task,
+    workspace: Path,
+    arguments: dict,
+    products: Callable[[Any], Iterable[str]],
+    label: str,
+    gpu: bool = False,
+    batch: int | None = None,
 ) -> dict:
     """Submit a cached task once per key of ``arguments``; returns each key's record, or the
-    exception its task ended with (the others go on). A one-stage ``run_pipeline``.
+    exception its task ended with (the others go on). A one-stage ``run_pipeline`` (``batch``
+    as there).
 
     Results persist as JSON under the workspace (``tasks.common.persisted``); a result file
     at a key that is not one our serializer wrote (a pickle, someone else's class) is removed
@@ -442,7 +463,7 @@ def run_cached(
     disappeared is computed again. A progress bar shows on a terminal.
     """
     stage = Stage(task, lambda key, _: arguments[key], products, label, gpu)
-    return run_pipeline([stage], workspace, list(arguments))[0]
+    return run_pipeline([stage], workspace, list(arguments), batch=batch)[0]
 
 
 def run_pipeline(
@@ -451,6 +472,7 @@ def run_pipeline(
     keys: Iterable,
     window: int | None = None,
     on_final: Callable[[Any, tuple], None] | None = None,
+    batch: int | None = None,
 ) -> list[dict]:
     """Each key through the cached tasks of ``stages`` in turn: a key's next stage is submitted
     as soon as its previous one finished (not after every key's), at most ``window`` tasks
@@ -460,30 +482,41 @@ def run_pipeline(
     calling thread) as soon as a key is through: its outcomes of every stage it reached, the
     last an exception when it failed there.
 
+    ``batch``: keys per task run (default ``batch_size`` of the number of keys). 1 runs each
+    stage's task per key; more groups consecutive keys, each stage of a group one run of
+    ``tasks.batch.run_batch``, whose keys keep the per-key task's cache entries (a key
+    cached by either is a hit for both) and fail alone; the keys of a group that come
+    through a stage go on together.
+
     Caching as ``run_cached``: a result file our serializer did not write is removed first;
-    a cache hit whose ``products`` are gone runs again (refreshing its cache). On Dask, later
-    stages have priority: workers finish clips under way before starting new ones."""
+    a cache hit whose ``products`` are gone runs again (refreshing its cache, for those keys
+    only). On Dask, later stages have priority: workers finish clips under way before
+    starting new ones."""
+    from prefect import tags
     from prefect.logging import get_run_logger
     from rich.progress import Progress
 
+    from tasks.batch import run_batch
     from tasks.common import persisted, remove_foreign_results
 
+    if batch is None:
+        keys = list(keys)
+        batch = batch_size(len(keys))
+    if batch < 1:
+        raise ValueError(f"batch: {batch} keys per task run; give 1 or more (or None to choose)")
     workspace = Path(workspace)
     cached = [persisted(s.task, workspace) for s in stages]
     refreshing = [t.with_options(refresh_cache=True) for t in cached]
     outcomes: list[dict] = [{} for _ in stages]
     order: list = []  # keys as they came: the order of the outcomes
-    ready: collections.deque = collections.deque()  # (stage, key, refresh): later stages of started keys first
-    pending = SubmissionWindow(window or submission_window())  # tagged (stage, key, refresh)
+    ready: collections.deque = collections.deque()  # (stage, keys, refresh): later stages of started keys first
+    pending = SubmissionWindow(window or submission_window())  # tagged (stage, keys, refresh)
     fresh = iter(keys)
     lost = [0] * len(stages)
     on_dask = dask_runner() is not None
 
-    def submit(i: int, key, refresh: bool) -> None:
-        args = stages[i].arguments(key, tuple(outcomes[j][key] for j in range(i)))
-        if not refresh:
-            for path, why in remove_foreign_results(stages[i].task, workspace, [args]):
-                get_run_logger().warning("removed %s: %s; it is computed again", path, why)
+    def submit(i: int, group: tuple, refresh: bool) -> None:
+        calls = [stages[i].arguments(key, tuple(outcomes[j][key] for j in range(i))) for key in group]
         with contextlib.ExitStack() as annotations:
             if stages[i].gpu:
                 annotations.enter_context(gpu_slot())
@@ -491,7 +524,15 @@ def run_pipeline(
                 import dask
 
                 annotations.enter_context(dask.annotate(priority=i))
-            pending.add((refreshing if refresh else cached)[i].submit(*args), (i, key, refresh))
+            if batch == 1:
+                if not refresh:
+                    for path, why in remove_foreign_results(stages[i].task, workspace, calls):
+                        get_run_logger().warning("removed %s: %s; it is computed again", path, why)
+                future = (refreshing if refresh else cached)[i].submit(*calls[0])
+            else:  # the per-key task's tags on the batch: a concurrency limit on them holds
+                annotations.enter_context(tags(*stages[i].task.tags))
+                future = run_batch.submit(stages[i].task, workspace, list(group), calls, refresh)
+            pending.add(future, (i, group, refresh))
 
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         bars = [progress.add_task(s.label, total=None) for s in stages]
@@ -500,31 +541,38 @@ def run_pipeline(
                 if ready:
                     submit(*ready.popleft())
                     continue
-                key = next(fresh, _END)
-                if key is _END:
+                group = tuple(itertools.islice(fresh, batch))
+                if not group:
                     break
-                order.append(key)
+                order.extend(group)
                 progress.update(bars[0], total=len(order))
-                submit(0, key, False)
+                submit(0, group, False)
             if not pending:
                 break
-            (i, key, refresh), outcome = pending.next_done()
-            ok = not isinstance(outcome, BaseException)
-            if ok and not refresh and not all((workspace / p).exists() for p in stages[i].products(outcome)):
-                lost[i] += 1
-                ready.appendleft((i, key, True))
-                continue
-            outcomes[i][key] = outcome
-            progress.advance(bars[i])
-            if ok and i + 1 < len(stages):
-                ready.appendleft((i + 1, key, False))
-                progress.update(bars[i + 1], total=(progress.tasks[i + 1].total or 0) + 1)
-            elif on_final is not None:
-                on_final(key, tuple(outcomes[j][key] for j in range(i + 1)))
+            (i, group, refresh), result = pending.next_done()
+            if batch == 1:
+                per_key = [result]
+            else:  # a batch's list, or what the batch task itself ended with (a lost worker): every key's
+                per_key = result if isinstance(result, list) else [result] * len(group)
+            lost_keys, going_on = [], []
+            for key, outcome in zip(group, per_key, strict=True):
+                ok = not isinstance(outcome, BaseException)
+                if ok and not refresh and not all((workspace / p).exists() for p in stages[i].products(outcome)):
+                    lost_keys.append(key)
+                    continue
+                outcomes[i][key] = outcome
+                progress.advance(bars[i])
+                if ok and i + 1 < len(stages):
+                    going_on.append(key)
+                elif on_final is not None:
+                    on_final(key, tuple(outcomes[j][key] for j in range(i + 1)))
+            if lost_keys:
+                lost[i] += len(lost_keys)
+                ready.appendleft((i, tuple(lost_keys), True))
+            if going_on:
+                ready.appendleft((i + 1, tuple(going_on), False))
+                progress.update(bars[i + 1], total=(progress.tasks[i + 1].total or 0) + len(going_on))
     for stage, count in zip(stages, lost):
         if count:
             get_run_logger().warning("%s: %d cached result(s) lost their files; recomputed", stage.label, count)
     return [{k: o[k] for k in order if k in o} for o in outcomes]
-
-
-_END = object()

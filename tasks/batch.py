@@ -1,0 +1,93 @@
+"""One task run for a batch of keys of a cached per-key task (``flows.runtime.run_pipeline``
+beyond ``PER_KEY_TASKS_UP_TO`` keys): a task run per key costs the flow and Prefect's server
+more than a stage's work once there are thousands (bench/scale.py).
+
+Each key keeps its own cache entry, the per-key task's: the same key (its ``cache_key_fn``),
+the same result file, storage and serializer, read and written through Prefect's
+``ResultStore``. A key that a per-key run computed is a hit here and the other way round,
+whichever batch it falls in: the batches' membership shifts as a folder grows, so the batch
+task has no cache of its own."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from prefect.results import ResultStore
+
+from tasks.common import foreign_result, is_transient, persisted, result_storage
+
+
+def batch_title(per_key: Task, keys: list) -> str:
+    """A batch's task run name: the stage, the count and the keys, e.g. "pose ×10 (c000…c009)"."""
+    span = str(keys[0]) if len(keys) == 1 else f"{keys[0]}…{keys[-1]}"
+    return f"{per_key.name} ×{len(keys)} ({span})"
+
+
+def _run_name(parameters: dict) -> str:
+    return batch_title(parameters["per_key"], parameters["keys"])
+
+
+@task(name="batch", task_run_name=_run_name, cache_policy=NO_CACHE, persist_result=False, retries=0)
+def run_batch(per_key: Task, workspace: Path, keys: list, calls: list[tuple], refresh: bool = False) -> list:
+    """``per_key``'s function on each of ``calls`` (its positional arguments, one tuple per key
+    of ``keys``), each through ``per_key``'s cache under ``workspace`` (``refresh``: computed
+    and written again, as ``refresh_cache``). Returns per key its record, or the exception
+    it ended with: a failing key fails alone. A transient error (``tasks.common.is_transient``)
+    is retried as often as ``per_key`` retries."""
+    assert per_key.cache_key_fn is not None, "a batch shares the per-key cache through the task's key function"
+    store = ResultStore().update_for_task(persisted(per_key, workspace), _sync=True)
+    folder, logger = result_storage(workspace), get_run_logger()
+    outcomes: list[Any] = []
+    for key, args in zip(keys, calls, strict=True):
+        try:
+            outcomes.append(_through_cache(per_key, store, folder, key, args, refresh))
+        except Exception as exc:  # that key's outcome, as its own task run's would be; logged as Prefect logs one
+            logger.error("%s failed: %r", key, exc, exc_info=exc)
+            outcomes.append(exc)
+    return outcomes
+
+
+def cache_key(per_key: Task, args: tuple) -> str:
+    """The key ``per_key``'s own run on ``args`` caches under: its key function on the bound
+    parameters, as Prefect calls it (tasks.common.remove_foreign_results does the same)."""
+    bound = inspect.signature(per_key.fn).bind(*args)
+    bound.apply_defaults()
+    return per_key.cache_key_fn(None, bound.arguments)  # our key functions read only the parameters
+
+
+def _through_cache(per_key: Task, store: ResultStore, folder: Path, key, args: tuple, refresh: bool):
+    result_key = cache_key(per_key, args)
+    if not refresh:
+        path = folder / result_key
+        # Checked before Prefect reads it: Prefect decodes a file with the serializer it names.
+        why = foreign_result(path) if path.exists() or path.is_symlink() else None
+        if why is not None:
+            path.unlink()
+            get_run_logger().warning("removed %s: %s; it is computed again", path, why)
+        elif store.exists(result_key):  # as a per-key run's transaction: an unreadable record is computed again
+            return store.read(result_key).result
+    record = _call(per_key, key, args)
+    store.write(obj=record, key=result_key)
+    return record
+
+
+def _call(per_key: Task, key, args: tuple):
+    """``per_key``'s function, retried on transient errors as the stage tasks' retry_transient does."""
+    for attempt in range(per_key.retries):
+        try:
+            return per_key.fn(*args)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            delay = per_key.retry_delay_seconds or 0
+            if isinstance(delay, list):
+                delay = delay[min(attempt, len(delay) - 1)]
+            get_run_logger().warning("%s: %r, a transient error; trying again in %s s", key, exc, delay)
+            time.sleep(delay)
+    return per_key.fn(*args)
