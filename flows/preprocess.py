@@ -14,7 +14,7 @@ from data_schemas.pose import PreprocessSummary
 from data_schemas.quality import ClipQuality
 from data_schemas.workspace import ClipRef, Workspace
 from flows.ingest import ingest
-from flows.runtime import Stage, run_cached, run_pipeline, workspace_lock
+from flows.runtime import Stage, on_this_cluster, run_cached, run_pipeline, workspace_lock
 from flows.stages import StageModels, pose_and_segment_stages, split_failures
 from preprocess.pose.stage import resolve_models
 from preprocess.shards import SampleEntry, ShardStream, left_out_by
@@ -35,7 +35,7 @@ def _preprocess(folder: Path, workspace: Path, config: ProjectConfig) -> Preproc
     logger = get_run_logger()
     ws = Workspace(workspace)
     models = StageModels.of(config, resolve_models(config.pose, ws))  # fails first, naming any missing weights
-    ingest(folder, workspace, config.ingest)
+    on_this_cluster(ingest)(folder, workspace, config.ingest)
     clips = {c.clip_id: c for c in read_records(ws.clips_manifest, ClipRecord)}
 
     refs = {i: ClipRef(c, ws) for i, c in sorted(clips.items())}

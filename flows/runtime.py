@@ -352,6 +352,18 @@ def dask_runner():
     return runner if any(c.__name__ == "DaskTaskRunner" for c in type(runner).__mro__) else None
 
 
+def on_this_cluster(subflow):
+    """``subflow`` to be called from the running flow, on that flow's Dask cluster when it runs
+    on one: a subflow otherwise takes a task runner of its own (a thread pool in the flow's
+    process), so an ingest of a large folder would never reach the other workers and nodes."""
+    runner = dask_runner()
+    if runner is None:
+        return subflow
+    from prefect_dask import DaskTaskRunner
+
+    return subflow.with_options(task_runner=DaskTaskRunner(address=runner.client.scheduler.address))
+
+
 @contextlib.contextmanager
 def gpu_slot() -> Iterator[None]:
     """Tasks submitted inside run on a Dask worker that owns a GPU, one at a time per GPU;

@@ -96,6 +96,7 @@ def test_preprocess_on_two_gpu_workers(tmp_path, prefect_api, monkeypatch):
         assert summary.num_segmented == summary.num_clips == summary.num_samples == NUM_CLIPS, summary
         # Pose and segment tasks ran on both workers; each worker built each model once.
         assert len(ran_on["extract_poses"]) == len(ran_on["segment_clip"]) == 2, ran_on
+        assert ran_on["ingest_video"], ran_on  # the ingest subflow ran on the cluster too
         assert list(builds.values()) == [{"pose": 1, "segment": 1}] * 2, builds
 
         # The same cluster with one worker: the same bytes, and the worker kept its SAM2 (the
