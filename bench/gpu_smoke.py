@@ -8,7 +8,8 @@
    gives the no-offload video and leaves no hooks);
 2. generation on the real-architecture profile (bf16 base) with each offload mode: seconds
    and peak GPU memory, the LoRA merged;
-3. DWPose on onnxruntime's CUDA provider (tiny models of the real I/O signatures).
+3. DWPose on onnxruntime's CUDA provider (tiny models of the real I/O signatures);
+4. ``multianimate preprocess --gpus N`` on every visible GPU (needs the 'gpu' extra's dask-cuda).
 
     python bench/gpu_smoke.py [--weights FOLDER] [--frames 33] [--height 480] [--width 832]
 
@@ -109,6 +110,32 @@ def dwpose_figures() -> dict[str, str]:
     }
 
 
+def local_gpus_figures() -> dict[str, str]:
+    """``multianimate preprocess --gpus N`` (N: every visible GPU; dask-cuda's LocalCUDACluster)
+    over 4 synthetic two-person videos with the tiny models: its exit code and seconds."""
+    import torch
+
+    from preprocess.synthetic import SyntheticSpec, make_synthetic_video
+    from tests.helpers.cli import cli_env
+
+    tmp = Path(tempfile.mkdtemp(prefix="gpus-"))
+    for i in range(4):
+        make_synthetic_video(
+            SyntheticSpec(width=320, height=240, num_frames=50, num_persons=2, seed=i), tmp / "in", f"v{i}"
+        )
+    gpus = torch.cuda.device_count()
+    cmd = [sys.executable, "-m", "flows.cli", "preprocess", str(tmp / "in"), "-w", str(tmp / "ws"), "--gpus", str(gpus)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        print(done.stdout[-2000:], done.stderr[-4000:], sep="\n")
+    return {
+        "local_gpus": str(gpus),
+        "local_gpus_rc": str(done.returncode),
+        "local_gpus_s": f"{time.perf_counter() - start:.1f}",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, help="a --random-real-architecture folder (written when absent)")
@@ -127,6 +154,7 @@ def main() -> None:
     profile = write_random_real_architecture(args.weights or Path(tempfile.mkdtemp(prefix="real-arch-")) / "weights")
     figures |= offload_figures(profile, args.frames, args.height, args.width)
     figures |= dwpose_figures()
+    figures |= local_gpus_figures()
     for name, value in figures.items():
         print(f"{name}: {value}")
 
