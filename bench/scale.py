@@ -29,9 +29,10 @@
   real weights are. Printed before the ratio: the CPU seconds of the workers (the stages'
   work), of the flow's process and of the Prefect server recording the runs, and how many
   cores the last two kept busy on average: on 2 cores that share is taken from the workers.
-  Measured on an idle machine, three runs of this code: 0.605, 0.701, 0.505 (the 1-worker
-  wall time alone ranged 46.6-66.6 s for the same 50 CPU-s of stage work); the flow and
-  the server kept 0.21 (1 worker) and 0.28 (2 workers) of a core busy.
+  Measured on an idle machine, four runs of this code: 0.605, 0.701, 0.505, 0.686 (the
+  1-worker wall time alone ranged 46.6-66.6 s for the same ~50 CPU-s of stage work; two
+  workers spent 46-56 CPU-s, each building its models); the flow and the server kept
+  0.21 (1 worker) and 0.28-0.30 (2 workers) of a core busy.
 
 Every part runs in fresh processes, against one ``prefect server start`` the benchmark starts
 (its own start is not counted, except in the temporary-server figure, which includes it).
