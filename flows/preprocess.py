@@ -14,7 +14,7 @@ from data_schemas.pose import PreprocessSummary
 from data_schemas.quality import ClipQuality
 from data_schemas.workspace import ClipRef, Workspace
 from flows.ingest import ingest
-from flows.runtime import Stage, on_this_cluster, one_line, run_cached, run_pipeline, workspace_lock
+from flows.runtime import Stage, describe, on_this_cluster, run_cached, run_pipeline, workspace_lock
 from flows.stages import StageModels, pose_and_segment_stages, split_failures
 from preprocess.pose.stage import resolve_models
 from preprocess.shards import SampleEntry, ShardStream, left_out_by
@@ -73,13 +73,13 @@ def _preprocess(folder: Path, workspace: Path, config: ProjectConfig) -> Preproc
     failed = list(failures)
     # the cause here, the traceback in the clip's task run (a batch's, beyond 1,000 clips)
     for clip_id, error in failures.items():
-        logger.error("clip %s failed: %s", clip_id, one_line(f"{type(error).__name__}: {error}", 300))
+        logger.error("clip %s failed: %s", clip_id, describe(error))
     quality, quality_failed = split_failures(measured)
     for clip_id, error in quality_failed.items():
         logger.error(
             "clip %s: quality measures failed (%s); the filters leave it out",
             clip_id,
-            one_line(f"{type(error).__name__}: {error}", 300),
+            describe(error),
         )
 
     write_records(list(poses.values()), PoseRecord, ws.poses_manifest)

@@ -243,19 +243,20 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-def one_line(text: str, limit: int = 600) -> str:
-    """``text`` on one line, cut to ``limit`` characters."""
+def _one_line(text: str, limit: int = 600) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
+    """An exception on one line: ours (ValueError) as they say it, a Prefect API error by its
+    status and call, others with their type."""
     if isinstance(exc, ValueError):  # ours name the file and the reason
-        return one_line(str(exc))
+        return _one_line(str(exc))
     try:  # an HTTP error of the Prefect client: its status and call, without the long URL and advice
         return f"the Prefect API answered {exc.response.status_code} {exc.response.reason_phrase} ({exc.request.method} {exc.request.url.path})"
     except (AttributeError, RuntimeError):
-        return one_line(f"{type(exc).__name__}: {exc}")
+        return _one_line(f"{type(exc).__name__}: {exc}")
 
 
 def _describe_os_error(exc: OSError) -> str:
@@ -265,7 +266,7 @@ def _describe_os_error(exc: OSError) -> str:
     )
     if str(exc) != str(OSError(exc.errno, os.strerror(exc.errno), *((exc.filename,) if exc.filename else ()))):
         text += f" ({type(exc).__name__}: {exc})"
-    return one_line(text)
+    return _one_line(text)
 
 
 # Texts of a full disk from code that drops the errno (SQLite, some C++ libraries)
@@ -292,19 +293,19 @@ def failure_cause(exc: BaseException) -> str:
     disk = next(((folder, problem) for folder in places if (problem := probe_writes(folder)) is not None), None)
     if disk is not None and (os_error is None or os_error.errno != disk[1].errno):
         folder, problem = disk
-        return one_line(
+        return _one_line(
             f"{os.strerror(problem.errno)} [{errno.errorcode.get(problem.errno, problem.errno)}] writing under {folder} "
-            f"(the run failed with: {_describe(chain[-1])})"
+            f"(the run failed with: {describe(chain[-1])})"
         )
     if os_error is not None:
         return _describe_os_error(os_error)
     for e in reversed(chain):
         if any(text in str(e).lower() for text in _FULL_DISK_TEXTS):
-            return one_line(f"{os.strerror(errno.ENOSPC)} [ENOSPC]: {_describe(e)}")
+            return _one_line(f"{os.strerror(errno.ENOSPC)} [ENOSPC]: {describe(e)}")
     api = next((e for e in chain if _is_api_failure(e)), None)
     if api is not None and api is chain[-1]:
-        return one_line(f"{_describe(api)}; the server's own error is in its log above")
-    return _describe(chain[-1])
+        return _one_line(f"{describe(api)}; the server's own error is in its log above")
+    return describe(chain[-1])
 
 
 # ---- task runners and cached tasks --------------------------------------------------------

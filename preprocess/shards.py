@@ -348,7 +348,7 @@ def published_inputs(workspace: Workspace | Path, recipe: str | None) -> dict[st
 def _published_summary(ws: Workspace, recipe: str | None, entries: list[SampleEntry]) -> ShardSummary | None:
     """The published set's summary when it was built from exactly ``entries`` by ``recipe``
     and is whole; else None."""
-    if not entries and recipe is None:
+    if recipe is None:  # no recipe, no telling how the published set was built
         return None
     if published_inputs(ws, recipe) != {e.clip.clip_id: e.digest for e in entries} or verify_shard_set(ws.shards):
         return None

@@ -10,7 +10,6 @@ task has no cache of its own."""
 
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.results import ResultStore
 
-from tasks.common import foreign_result, is_transient, persisted, result_storage
+from tasks.common import cache_key, is_transient, persisted, remove_foreign_results
 
 
 def batch_title(per_key: Task, keys: list) -> str:
@@ -42,35 +41,24 @@ def run_batch(per_key: Task, workspace: Path, keys: list, calls: list[tuple], re
     is retried as often as ``per_key`` retries."""
     assert per_key.cache_key_fn is not None, "a batch shares the per-key cache through the task's key function"
     store = ResultStore().update_for_task(persisted(per_key, workspace), _sync=True)
-    folder, logger = result_storage(workspace), get_run_logger()
+    logger = get_run_logger()
     outcomes: list[Any] = []
     for key, args in zip(keys, calls, strict=True):
         try:
-            outcomes.append(_through_cache(per_key, store, folder, key, args, refresh))
+            outcomes.append(_through_cache(per_key, store, workspace, key, args, refresh))
         except Exception as exc:  # that key's outcome, as its own task run's would be; logged as Prefect logs one
             logger.error("%s failed: %r", key, exc, exc_info=exc)
             outcomes.append(exc)
     return outcomes
 
 
-def cache_key(per_key: Task, args: tuple) -> str:
-    """The key ``per_key``'s own run on ``args`` caches under: its key function on the bound
-    parameters, as Prefect calls it (tasks.common.remove_foreign_results does the same)."""
-    bound = inspect.signature(per_key.fn).bind(*args)
-    bound.apply_defaults()
-    return per_key.cache_key_fn(None, bound.arguments)  # our key functions read only the parameters
-
-
-def _through_cache(per_key: Task, store: ResultStore, folder: Path, key, args: tuple, refresh: bool):
+def _through_cache(per_key: Task, store: ResultStore, workspace: Path, key, args: tuple, refresh: bool):
     result_key = cache_key(per_key, args)
     if not refresh:
-        path = folder / result_key
         # Checked before Prefect reads it: Prefect decodes a file with the serializer it names.
-        why = foreign_result(path) if path.exists() or path.is_symlink() else None
-        if why is not None:
-            path.unlink()
+        for path, why in remove_foreign_results(per_key, workspace, [args]):
             get_run_logger().warning("removed %s: %s; it is computed again", path, why)
-        elif store.exists(result_key):  # as a per-key run's transaction: an unreadable record is computed again
+        if store.exists(result_key):  # as a per-key run's transaction: an unreadable record is computed again
             return store.read(result_key).result
     record = _call(per_key, key, args)
     store.write(obj=record, key=result_key)

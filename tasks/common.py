@@ -127,18 +127,23 @@ def remove_incomplete_results(workspace: Path) -> list[Path]:
     return removed
 
 
+def cache_key(task, args: tuple) -> str:
+    """The key ``task`` (one with a ``cache_key_fn``) caches its run on ``args`` (its
+    positional arguments) under: its key function on the parameters as Prefect hands them."""
+    bound = inspect.signature(task.fn).bind(*args)
+    bound.apply_defaults()
+    return task.cache_key_fn(None, bound.arguments)  # our key functions read only the parameters
+
+
 def remove_foreign_results(task, workspace: Path, calls: Iterable[tuple]) -> list[tuple[Path, str]]:
     """Before a cached task runs on each of ``calls`` (its positional arguments): delete the
     result file at each call's cache key that ``foreign_result`` refuses, so that Prefect
     computes it again instead of decoding it. Returns (file, why) of each removed."""
-    key_of = getattr(task, "cache_key_fn", None)
-    if key_of is None:  # keys that hold the run id cannot be planted in advance
+    if getattr(task, "cache_key_fn", None) is None:  # keys that hold the run id cannot be planted in advance
         return []
-    signature, folder, removed = inspect.signature(task.fn), result_storage(workspace), []
+    folder, removed = result_storage(workspace), []
     for args in calls:
-        bound = signature.bind(*args)
-        bound.apply_defaults()  # the parameters as Prefect hands them to the key function
-        path = folder / key_of(None, bound.arguments)  # our key functions read only the parameters
+        path = folder / cache_key(task, args)
         if not (path.exists() or path.is_symlink()):
             continue
         why = foreign_result(path)
