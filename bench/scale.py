@@ -314,10 +314,12 @@ def dask_child(folder: Path, workspace: Path, workers: int, dwpose: Path) -> dic
     config = ProjectConfig.model_validate(
         {"pose": {"models": "files", "detector_path": detector, "pose_model_path": pose_model}}
     )
+    from flows.cluster import warm_workers
     from flows.preprocess import preprocess
     from flows.runtime import GPU_RESOURCE, make_task_runner
 
     cores = sorted(os.sched_getaffinity(0))
+    started = time.perf_counter()
     with (
         LocalCluster(
             n_workers=workers,
@@ -326,9 +328,11 @@ def dask_child(folder: Path, workspace: Path, workers: int, dwpose: Path) -> dic
             resources={GPU_RESOURCE: 1},
             host="127.0.0.1",
             dashboard_address=None,
+            **warm_workers(("preprocess",)),  # warm workers, as the README starts them
         ) as cluster,
         Client(cluster) as client,
     ):
+        cluster_start = time.perf_counter() - started
         addresses = sorted(client.scheduler_info()["workers"])
         client.run(pin_to_core, {a: cores[i % len(cores)] for i, a in enumerate(addresses)})
         runner = make_task_runner(dask_address=cluster.scheduler_address)
@@ -343,6 +347,7 @@ def dask_child(folder: Path, workspace: Path, workers: int, dwpose: Path) -> dic
     return {
         "workers": workers,
         "wall_s": took,
+        "cluster_start_s": cluster_start,  # workers started and warmed, before the flow
         "clips": summary.num_clips,
         "workers_cpu_s": workers_cpu,  # the stages' work (with ffmpeg's)
         "flow_cpu_s": flow_cpu,  # the flow's process: submitting, streaming shards, reports (with ffmpeg's)

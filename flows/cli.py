@@ -209,7 +209,7 @@ def preprocess(
     from flows.runtime import make_task_runner
 
     try:  # a cluster without GPU workers is refused here, before the flow starts
-        runner = make_task_runner(dask_address, workers, gpus, gpu_stages=True)
+        runner = make_task_runner(dask_address, workers, gpus, stages=("preprocess",))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     summary = preprocess_flow.with_options(task_runner=runner)(folder, workspace, cfg)
@@ -450,7 +450,7 @@ def generate(
     from data_schemas.job import read_record
     from flows.generate import generate as generate_flow
 
-    summary = _on_cluster(generate_flow, dask_address, gpus)(workspace, cfg, retry_failed=retry_failed)
+    summary = _on_cluster(generate_flow, dask_address, gpus, "generate")(workspace, cfg, retry_failed=retry_failed)
     table = Table(title="generate")
     for column in ("queued", "finished before", "ok", "failed", "done by another run"):
         table.add_column(column, justify="right")
@@ -597,15 +597,16 @@ def evaluate(
     _print_evaluation(workspace, outcome)
 
 
-def _on_cluster(flow, dask_address: str | None, gpus: int | None):
+def _on_cluster(flow, dask_address: str | None, gpus: int | None, stage: str):
     """The flow on the Dask cluster (--dask-address) or the local GPU workers (--gpus) its
-    GPU tasks need; unchanged without them. Bad options are refused before it starts."""
+    GPU tasks (those of ``stage``, a ``flows.dask_worker`` stage) need; unchanged without
+    them. Bad options are refused before it starts."""
     if not (dask_address or gpus):
         return flow
     from flows.runtime import make_task_runner
 
     try:
-        return flow.with_options(task_runner=make_task_runner(dask_address=dask_address, gpus=gpus, gpu_stages=True))
+        return flow.with_options(task_runner=make_task_runner(dask_address=dask_address, gpus=gpus, stages=(stage,)))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
 
@@ -630,7 +631,7 @@ def embed(
     workspace = use_workspace(workspace, wait)
     from flows.embed import embed as embed_flow
 
-    summary = _on_cluster(embed_flow, dask_address, gpus)(workspace, model.profile, model.wan_folder)
+    summary = _on_cluster(embed_flow, dask_address, gpus, "embed")(workspace, model.profile, model.wan_folder)
     console.print(
         f"{summary.num_texts} text(s) for encoder {summary.encoder_id}: {summary.num_new} new, {summary.num_existing} cached"
     )

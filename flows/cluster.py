@@ -15,6 +15,7 @@ import time
 
 from distributed import Client, WorkerPlugin
 
+from flows import dask_worker
 from flows.runtime import GPU_RESOURCE
 
 # How long a cluster may take to show a GPU worker (workers joining a fresh scheduler).
@@ -25,7 +26,8 @@ GPU_EXTRA = "pip install 'multianimate[gpu,dask]'"
 HOW_TO_START_WORKERS = (
     "start one worker per GPU, each declaring the GPU resource: "
     "CUDA_VISIBLE_DEVICES=0 dask worker tcp://HOST:8786 --resources GPU=1 --nworkers 1 --nthreads 1 "
-    "(then CUDA_VISIBLE_DEVICES=1, ...), or on each node: dask cuda worker tcp://HOST:8786 --resources GPU=1; "
+    "--preload flows.dask_worker (then CUDA_VISIBLE_DEVICES=1, ...), or on each node: "
+    "dask cuda worker tcp://HOST:8786 --resources GPU=1 --preload flows.dask_worker; "
     "or run on this node's GPUs with --gpus N instead of --dask-address"
 )
 
@@ -114,9 +116,10 @@ def check_address(address: str) -> list[str]:
         return require_gpu_workers(client)
 
 
-def local_gpu_cluster_kwargs(gpus: int) -> dict:
-    """The LocalCUDACluster of one worker per GPU for ``--gpus N``: its keyword arguments,
-    after checking that dask-cuda is installed and torch sees N GPUs (ValueError otherwise)."""
+def local_gpu_cluster_kwargs(gpus: int, stages: tuple[str, ...] = ()) -> dict:
+    """The LocalCUDACluster of one worker per GPU for ``--gpus N``, its workers warmed for
+    ``stages`` (all without; ``flows.dask_worker``): its keyword arguments, after checking
+    that dask-cuda is installed and torch sees N GPUs (ValueError otherwise)."""
     try:
         import dask_cuda  # noqa: F401 - only checked here; the task runner imports it by name
     except ImportError as exc:
@@ -134,4 +137,12 @@ def local_gpu_cluster_kwargs(gpus: int) -> dict:
         "threads_per_worker": 1,  # one GPU task at a time per GPU
         "CUDA_VISIBLE_DEVICES": list(range(gpus)),  # dask-cuda pins worker i to GPU i
         "resources": {GPU_RESOURCE: 1},
+        **warm_workers(stages),
     }
+
+
+def warm_workers(stages: tuple[str, ...] = ()) -> dict:
+    """The keyword arguments of a Dask cluster (or ``Nanny``) whose workers import the
+    libraries of ``stages`` as they start (``flows.dask_worker``; every stage without)."""
+    argv = ["--stages", ",".join(stages)] if stages else []
+    return {"preload": [dask_worker.__name__], "preload_argv": argv}

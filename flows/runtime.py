@@ -312,13 +312,17 @@ def failure_cause(exc: BaseException) -> str:
 
 
 def make_task_runner(
-    dask_address: str | None = None, max_workers: int | None = None, gpus: int | None = None, gpu_stages: bool = False
+    dask_address: str | None = None,
+    max_workers: int | None = None,
+    gpus: int | None = None,
+    stages: tuple[str, ...] = (),
 ):
     """A local thread pool of ``max_workers`` threads (the work runs in ffmpeg child
-    processes); a Dask cluster at ``dask_address`` (``gpu_stages``: the flow has GPU stages,
-    so ValueError, saying how to start them, when none of its workers declares the GPU
-    resource); or, for ``gpus``, a local cluster of one Dask worker per GPU, started with
-    the flow and closed with it."""
+    processes); a Dask cluster at ``dask_address``; or, for ``gpus``, a local cluster of one
+    Dask worker per GPU, started with the flow and closed with it. ``stages``: the flow's GPU
+    stages (``flows.dask_worker.STAGES``), so a cluster none of whose workers declares the GPU
+    resource is refused (ValueError saying how to start them), and ``--gpus`` workers import
+    those stages' libraries as they start."""
     if dask_address and gpus:
         raise ValueError("--dask-address and --gpus both choose the cluster: pass one of them")
     if not (dask_address or gpus):
@@ -333,9 +337,9 @@ def make_task_runner(
         raise ValueError("--dask-address and --gpus need the 'dask' extra: pip install 'multianimate[dask]'") from exc
     if gpus:
         return DaskTaskRunner(
-            cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs=cluster.local_gpu_cluster_kwargs(gpus)
+            cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs=cluster.local_gpu_cluster_kwargs(gpus, stages)
         )
-    if gpu_stages:
+    if stages:
         cluster.check_address(dask_address)
     return DaskTaskRunner(address=dask_address)
 

@@ -1,13 +1,15 @@
 """The preprocess flow on a real local Dask cluster whose worker processes each declare one
-(fake) GPU: pose and segment tasks spread over the workers, each worker builds its models
-once, a clip's segmentation starts while other clips are still being posed, shards are
-written as clips finish, and every
-product is the same bytes as a one-worker run's. A cluster without GPU workers is refused
-with a message saying how to start them."""
+(fake) GPU and are warmed (``--preload flows.dask_worker``): pose and segment tasks spread
+over the workers, each worker builds its models once and imports none of the stages'
+libraries in its tasks, a clip's segmentation starts while other clips are still being
+posed, shards are written as clips finish, and every product is the same bytes as a
+one-worker run's. A cluster without GPU workers is refused with a message saying how to
+start them."""
 
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from pathlib import Path
 
@@ -15,9 +17,8 @@ import pytest
 
 from data_schemas import ProjectConfig
 from data_schemas.workspace import Workspace
+from flows.dask_worker import STAGE_MODULES, parse_stages
 from preprocess.synthetic import SyntheticSpec, make_synthetic_video
-
-pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 NUM_CLIPS = 6
 # The tiny DWPose and tiny SAM2, both built in each worker (the build counts mean something);
@@ -34,6 +35,8 @@ CONFIG = {
 def _cluster(workers: int, gpu: bool = True):
     from distributed import LocalCluster
 
+    from flows.cluster import warm_workers
+
     return LocalCluster(
         n_workers=workers,
         threads_per_worker=1,
@@ -41,7 +44,12 @@ def _cluster(workers: int, gpu: bool = True):
         resources={"GPU": 1} if gpu else None,
         host="127.0.0.1",
         dashboard_address=":0",
+        **(warm_workers(("preprocess",)) if gpu else {}),
     )
+
+
+def _loaded_modules(dask_worker=None) -> set[str]:
+    return set(sys.modules)
 
 
 def _products(workspace: Path) -> dict[str, str]:
@@ -69,7 +77,7 @@ def _run(cluster, folder: Path, workspace: Path):
     from flows.preprocess import preprocess
     from flows.runtime import make_task_runner
 
-    runner = make_task_runner(dask_address=cluster.scheduler_address, gpu_stages=True)
+    runner = make_task_runner(dask_address=cluster.scheduler_address, stages=("preprocess",))
     with Client(cluster) as client, get_task_stream(client) as stream:
         state = preprocess.with_options(task_runner=runner)(
             folder, workspace, ProjectConfig.model_validate(CONFIG), return_state=True
@@ -81,6 +89,8 @@ def _run(cluster, folder: Path, workspace: Path):
     return state.result(), state.state_details.flow_run_id, builds, ran_on
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_preprocess_on_two_gpu_workers(tmp_path, prefect_api, monkeypatch):
     from distributed import Client
 
@@ -92,7 +102,9 @@ def test_preprocess_on_two_gpu_workers(tmp_path, prefect_api, monkeypatch):
     # Workers are separate processes: they reach the same Prefect API through the environment.
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
     with _cluster(2) as cluster, Client(cluster) as client:
+        before = client.run(_loaded_modules)
         summary, flow_run_id, builds, ran_on = _run(cluster, folder, tmp_path / "two")
+        after = client.run(_loaded_modules)
         assert summary.num_segmented == summary.num_clips == summary.num_samples == NUM_CLIPS, summary
         # Pose and segment tasks ran on both workers; each worker built each model once.
         assert len(ran_on["extract_poses"]) == len(ran_on["segment_clip"]) == 2, ran_on
@@ -112,6 +124,16 @@ def test_preprocess_on_two_gpu_workers(tmp_path, prefect_api, monkeypatch):
         client.unregister_worker_plugin(PLUGIN_NAME)
         assert set(client.run(held_stage_models).values()) == {0}
 
+    # Warm workers: the preprocess stages' libraries were imported as each worker started
+    # (and only theirs); its tasks imported nothing of them and next to nothing else (a few
+    # lazily loaded modules: building the SAM2 processor loads transformers' tokenizer
+    # modules and sentencepiece).
+    preloaded = {m.split(".")[0] for m in STAGE_MODULES["preprocess"]} - {"transformers"}
+    for worker, modules in before.items():
+        assert set(STAGE_MODULES["preprocess"]) <= modules and "diffusers" not in modules
+        new = after[worker] - modules
+        assert not [m for m in new if m.split(".")[0] in preloaded] and len(new) < len(modules) // 50, sorted(new)
+
     two, ref = _products(tmp_path / "two"), _products(tmp_path / "one")
     assert len(two) >= 2 * NUM_CLIPS + 5 and two == ref
     assert (one.num_samples, one.shards_index) == (NUM_CLIPS, str(Workspace(tmp_path / "one").shards_index))
@@ -126,6 +148,15 @@ def test_preprocess_on_two_gpu_workers(tmp_path, prefect_api, monkeypatch):
     assert summary.first_sample_after is not None and summary.first_sample_after < NUM_CLIPS, summary
 
 
+def test_warm_stages_are_parsed_and_unknown_ones_named():
+    assert parse_stages("preprocess, generate") == ("preprocess", "generate")
+    assert parse_stages("") == tuple(STAGE_MODULES)
+    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['pose'\]: choose among preprocess, embed, generate"):
+        parse_stages("preprocess,pose")
+
+
+@pytest.mark.slow
+@pytest.mark.server
 def test_a_cluster_without_gpu_workers_is_refused(prefect_api):
     from prefect import flow
 
@@ -135,7 +166,7 @@ def test_a_cluster_without_gpu_workers_is_refused(prefect_api):
     with _cluster(1, gpu=False) as cluster:
         # before the flow (the command line's check) ...
         with pytest.raises(NoGpuWorkers) as before:
-            make_task_runner(dask_address=cluster.scheduler_address, gpu_stages=True)
+            make_task_runner(dask_address=cluster.scheduler_address, stages=("preprocess",))
         message = str(before.value)
         assert cluster.scheduler_address in message and "1 worker(s), none declaring the 'GPU' resource" in message
         assert "--resources GPU=1" in message and "CUDA_VISIBLE_DEVICES" in message and "dask cuda worker" in message
