@@ -66,7 +66,7 @@ from flows.stages import StageModels, pose_and_segment
 from preprocess.job_inputs import check_job_inputs
 from preprocess.pose.stage import resolve_models
 from tasks.generate import generate_job, publish_jobs, run_claimed_job
-from tasks.ingest import hash_file, ingest_video
+from tasks.ingest import hash_files, ingest_video
 
 
 def driving_ingest_config(base: IngestConfig, fps: float) -> IngestConfig:
@@ -130,10 +130,8 @@ def _prepare_driving(
     same pose and segment sequence as preprocessing: flows.stages.pose_and_segment)."""
     out: dict[str, tuple[Path, Path] | BaseException] = {}
     ws = Workspace(workspace)
-    hashes = {
-        p: hash_file(p, return_state=True).result(raise_on_failure=False)
-        for p in sorted({s.driving_video for s in jobs.values()})
-    }
+    videos = sorted({s.driving_video for s in jobs.values()})
+    hashes: dict[Path, str | BaseException] = dict(zip(videos, hash_files(videos) if videos else [], strict=True))
     models = StageModels.of(config, pose_files)
     for fps in sorted({s.fps for s in jobs.values()}):
         held = Workspace(ws.driving_at(fps))  # laid out like a workspace, apart from the training clips

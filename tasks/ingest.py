@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import task
@@ -14,15 +15,35 @@ from data_schemas.config import IngestConfig
 from data_schemas.video import VideoRecord
 from preprocess import media, video
 from preprocess.video import IngestResult
-from tasks.common import code_version, retry_transient
+from tasks.common import code_version, is_transient, retry_transient
 
 INGEST_CODE = code_version(video, media, data_schemas.video)
 
 
-@task(name="hash-file", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_transient)
-def hash_file(path: Path) -> str:
-    """sha256 of a file's content. Never cached: the content is what we do not know yet."""
-    return video.sha256_file(path)
+def _hash_run_name() -> str:
+    from prefect.runtime import task_run
+
+    paths = task_run.parameters["paths"]
+    return f"hash {Path(paths[0]).name}" + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+
+
+@task(name="hash-files", task_run_name=_hash_run_name)
+def hash_files(paths: list[Path], attempts: int = 3, delay_s: float = 1.0) -> list[str | OSError]:
+    """sha256 of each file's content, in order. A file that cannot be read gives its error in its place, a transient one after
+    ``attempts`` tries, and the other files go on. Never cached: the content is what we do
+    not know yet."""
+    digests: list[str | OSError] = []
+    for path in paths:
+        for attempt in range(1, attempts + 1):
+            try:
+                digests.append(video.sha256_file(path))
+                break
+            except OSError as exc:
+                if attempt == attempts or not is_transient(exc):
+                    digests.append(exc)
+                    break
+                time.sleep(delay_s)
+    return digests
 
 
 def _ingest_cache_key(context: TaskRunContext, parameters: dict) -> str:

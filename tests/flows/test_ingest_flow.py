@@ -98,10 +98,13 @@ def test_rerun_redoes_nothing(media_folder, ingested):
     manifest_before = read_records(Workspace(workspace).videos_manifest, VideoRecord)
     _, run_id = run_ingest(media_folder, workspace)
     num_contents = len({r.sha256 for r in manifest_before if r.sha256})
-    num_hashed = sum(r.sha256 is not None for r in manifest_before)
-    states = task_states(run_id, expected=num_contents + num_hashed)
+    states = task_states(run_id, expected=num_contents + 1)
     ingest_states = {name: state for name, state in states.items() if name.startswith("ingest ")}
     assert len(ingest_states) == num_contents
+    # the folder's small files hashed by one task run (a run per file only beyond 256 MiB)
+    num_hashed = sum(r.sha256 is not None for r in manifest_before)
+    hash_runs = [name for name in states if name.startswith("hash ")]
+    assert len(hash_runs) == 1 and hash_runs[0].endswith(f" and {num_hashed - 1} more"), states
     assert set(ingest_states.values()) == {"Cached"}, ingest_states
     assert clip_stats(workspace) == before  # no clip was rewritten
     assert read_records(Workspace(workspace).videos_manifest, VideoRecord) == manifest_before
@@ -118,7 +121,7 @@ def test_file_changed_in_place_is_processed_again(tmp_path, prefect_api):
     make_synthetic_video(SyntheticSpec(num_frames=40, seed=7), folder, "a")  # same name, new content
     _, run_id = run_ingest(folder, workspace)
     ingest_states = {
-        name: state for name, state in task_states(run_id, expected=4).items() if name.startswith("ingest ")
+        name: state for name, state in task_states(run_id, expected=3).items() if name.startswith("ingest ")
     }
     assert ingest_states == {"ingest a.mp4": "Completed", "ingest b.mp4": "Cached"}
     second = {r.path: r.sha256 for r in read_records(Workspace(workspace).videos_manifest, VideoRecord)}
@@ -138,3 +141,56 @@ def test_deleted_clips_are_made_again(tmp_path, prefect_api):
     clip_file.unlink()
     run_ingest(folder, workspace)
     assert clip_file.exists()
+
+
+def test_files_are_hashed_in_batches_of_256_mib_and_at_most_1000_batches():
+    from flows.ingest import HASH_BATCH_BYTES, hash_batches
+    from preprocess.video import FoundFile
+
+    def files(sizes):
+        return [FoundFile(Path(f"f{i}"), size) for i, size in enumerate(sizes)]
+
+    def shape(found):
+        return [len(batch) for batch in hash_batches(found)]
+
+    big, small = 300 << 20, 1 << 10
+    assert shape(files([small] * 10)) == [10]  # a folder of small files: one task run
+    assert shape(files([big] * 3)) == [1, 1, 1]  # raw videos: a run per file
+    assert shape(files([small] * 5 + [big] + [small] * 3)) == [6, 3]
+    assert shape(files([HASH_BATCH_BYTES // 2] * 5)) == [2, 2, 1]
+    many = files([big] * 2500)
+    batches = hash_batches(many)
+    assert len(batches) <= 1000 and {len(b) for b in batches} == {3, 1}  # ceil(2500 / 1000) files each
+    assert [f for b in batches for f in b] == many  # each file once, in order
+    assert hash_batches([]) == []
+
+
+def test_a_hash_batch_retries_transient_errors_and_names_each_unreadable_file(tmp_path, monkeypatch):
+    import errno
+    import hashlib
+
+    from preprocess import video
+    from tasks.ingest import hash_files
+
+    good, flaky, failing = (tmp_path / n for n in ("good.mp4", "flaky.mp4", "failing.mp4"))
+    for path in (good, flaky, failing):
+        path.write_bytes(path.name.encode())
+    dangling = tmp_path / "dangling.mp4"
+    dangling.symlink_to(tmp_path / "gone.mp4")
+    calls: dict[str, int] = {}
+    real = video.sha256_file
+
+    def disk(path):
+        calls[path.name] = calls.get(path.name, 0) + 1
+        if path == failing or (path == flaky and calls[path.name] == 1):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path)
+
+    monkeypatch.setattr(video, "sha256_file", disk)
+    digests = hash_files.fn([good, dangling, flaky, failing], delay_s=0)
+    assert (
+        digests[0] == hashlib.sha256(b"good.mp4").hexdigest() and digests[2] == hashlib.sha256(b"flaky.mp4").hexdigest()
+    )
+    assert isinstance(digests[1], FileNotFoundError) and calls["dangling.mp4"] == 1  # permanent: not retried
+    assert isinstance(digests[3], OSError) and digests[3].errno == errno.EIO and calls["failing.mp4"] == 3
+    assert calls["flaky.mp4"] == 2
