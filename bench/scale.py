@@ -37,10 +37,11 @@
   1-worker wall, which no schedule can beat.
   Measured on an idle machine: before warm workers, one pair per run, 0.605, 0.701, 0.505,
   0.686 and 0.646; with warm workers (and hashing batched, the data card 0.6 s quicker),
-  0.637 (rounds 0.652, 0.623) and 0.717 (rounds 0.754, 0.680; floor 0.561). The 1-worker
-  wall ranged 48.6-52.7 s; the workers spent 33-41 CPU-s on 1 and 41-48 CPU-s on 2 (the
-  same work runs slower with both cores busy), the flow and the server 11-12.5 CPU-s per
-  run (0.23 of a core on 1 worker, 0.32 on 2, taken from the workers on 2 cores), so the
+  0.637 (rounds 0.652, 0.623), 0.717 (rounds 0.754, 0.680; floor 0.561) and 0.702 (rounds
+  0.755, 0.664; floor 0.553). The 1-worker wall ranged 39.2-53.7 s, within one run as well
+  (the machine's speed drifts by a third); the workers spent 30-41 CPU-s on 1 and 38-48 on 2 (the
+  same work runs slower with both cores busy), the flow and the server 9-12.5 CPU-s per
+  run (0.21-0.24 of a core on 1 worker, 0.32-0.33 on 2, taken from the workers on 2 cores), so the
   floor alone is ~0.56 and the serial parts (flow start, the ingest subflow's end, reports:
   ~4 s) put the reachable figure at ~0.6 on this machine. Tried and dropped: holding GPU
   tasks until a GPU is free (Dask gives a resource-restricted task to a worker as it is
