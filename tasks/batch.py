@@ -10,7 +10,6 @@ task has no cache of its own."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.results import ResultStore
 
-from tasks.common import cache_key, is_transient, persisted, remove_foreign_results
+from tasks.common import cache_key, call_retrying, persisted, remove_foreign_results
 
 
 def batch_title(per_key: Task, keys: list) -> str:
@@ -67,15 +66,4 @@ def _through_cache(per_key: Task, store: ResultStore, workspace: Path, key, args
 
 def _call(per_key: Task, key, args: tuple):
     """``per_key``'s function, retried on transient errors as the stage tasks' retry_transient does."""
-    for attempt in range(per_key.retries):
-        try:
-            return per_key.fn(*args)
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            delay = per_key.retry_delay_seconds or 0
-            if isinstance(delay, list):
-                delay = delay[min(attempt, len(delay) - 1)]
-            get_run_logger().warning("%s: %r, a transient error; trying again in %s s", key, exc, delay)
-            time.sleep(delay)
-    return per_key.fn(*args)
+    return call_retrying(per_key.fn, args, per_key.retries, per_key.retry_delay_seconds, key)

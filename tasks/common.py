@@ -7,10 +7,13 @@ import errno
 import hashlib
 import inspect
 import json
+import logging
+import time
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from data_schemas.workspace import Workspace
 
@@ -158,6 +161,33 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno not in _PERMANENT_ERRNOS
     return isinstance(exc, TimeoutError)
+
+
+def call_retrying(fn, args: tuple, retries: int, delay: float | list[float] | None, label) -> Any:
+    """``fn(*args)``, tried again up to ``retries`` times when it fails on a transient error,
+    as a task with ``retry_transient`` is: ``delay`` seconds before each new try (a number,
+    or one per try as Prefect's ``retry_delay_seconds``). The last try's error is raised."""
+    for attempt in range(retries):
+        try:
+            return fn(*args)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            wait = delay[min(attempt, len(delay) - 1)] if isinstance(delay, list) else delay or 0
+            _run_logger().warning("%s: %r, a transient error; trying again in %s s", label, exc, wait)
+            time.sleep(wait)
+    return fn(*args)
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The task run's logger; the module's outside a run (a task's function called directly)."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
 def retry_transient(task, task_run, state) -> bool:

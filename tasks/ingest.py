@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from prefect import task
@@ -15,7 +14,7 @@ from data_schemas.config import IngestConfig
 from data_schemas.video import VideoRecord
 from preprocess import media, video
 from preprocess.video import IngestResult
-from tasks.common import code_version, is_transient, retry_transient
+from tasks.common import call_retrying, code_version, retry_transient
 
 INGEST_CODE = code_version(video, media, data_schemas.video)
 
@@ -29,20 +28,15 @@ def _hash_run_name() -> str:
 
 @task(name="hash-files", task_run_name=_hash_run_name)
 def hash_files(paths: list[Path], attempts: int = 3, delay_s: float = 1.0) -> list[str | OSError]:
-    """sha256 of each file's content, in order. A file that cannot be read gives its error in its place, a transient one after
-    ``attempts`` tries, and the other files go on. Never cached: the content is what we do
-    not know yet."""
+    """sha256 of each file's content, in order. A file that cannot be read gives its error in
+    its place (a transient one after ``attempts`` tries) and the other files go on. Never
+    cached: the content is what we do not know yet."""
     digests: list[str | OSError] = []
     for path in paths:
-        for attempt in range(1, attempts + 1):
-            try:
-                digests.append(video.sha256_file(path))
-                break
-            except OSError as exc:
-                if attempt == attempts or not is_transient(exc):
-                    digests.append(exc)
-                    break
-                time.sleep(delay_s)
+        try:
+            digests.append(call_retrying(video.sha256_file, (path,), attempts - 1, delay_s, path))
+        except OSError as exc:
+            digests.append(exc)
     return digests
 
 
